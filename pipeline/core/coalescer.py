@@ -1,0 +1,226 @@
+"""Tier 1's reduction: a stream of events becomes, per flush window, one partial
+aggregate per (source partition, root partition).
+
+Memory is bounded by the number of active cells (metric, channel, key, bucket)
+in the window, never by the number of events: a viral key costs one cell.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import orjson
+
+from pipeline.core.aggregates import Kind
+from pipeline.core.model import MAX_EVENT_BYTES, Cell, InvalidEvent, Partial, check_event
+from pipeline.core.topology import Topology
+from pipeline.core.windows import FlushClock, Rollup
+
+
+class Record(Protocol):
+    """What tier 1 needs of a consumed message (aiokafka's ConsumerRecord fits)."""
+
+    @property
+    def offset(self) -> int: ...
+    @property
+    def value(self) -> bytes | None: ...
+    @property
+    def timestamp(self) -> int: ...
+
+
+def root_partition(key: str, root_partitions: int) -> int:
+    """Where every sub-key of `key` meets: a stable hash, the same in every process."""
+    return zlib.crc32(key.encode()) % root_partitions
+
+
+@dataclass(slots=True)
+class DeadLetter:
+    partition: int
+    offset: int
+    raw: bytes
+    reason: str
+    field: str | None = None
+
+
+@dataclass(slots=True)
+class Flush:
+    """Everything one window produced; committed to Kafka as one transaction."""
+
+    window: int
+    partials: list[Partial]
+    next_offsets: dict[int, int]  # source partition -> offset to resume from
+    events: int = 0
+    cells: int = 0
+
+
+@dataclass(slots=True)
+class _PartitionState:
+    cells: dict[Cell, Any] = field(default_factory=dict)
+    first: int = -1
+    last: int = -1
+    events: int = 0
+    late: int = 0
+    dead: int = 0
+
+
+class Coalescer:
+    """Sans-I/O: feed it records, ask it when to flush, take the partials."""
+
+    def __init__(self, topology: Topology, root_partitions: int, now: float) -> None:
+        self.topology = topology
+        self.root_partitions = root_partitions
+        self.clock = FlushClock(topology.flush_interval_ms / 1000, now)
+        self.max_cells = topology.max_cells
+        self.window = 0
+        self._types = topology.types
+        self._plan: dict[str, tuple[tuple[int, Kind, tuple[Rollup, ...]], ...]] = {
+            t: tuple((i, m.kind, m.rollups) for i, m in metrics)
+            for t, metrics in topology.metrics_by_type.items()
+        }
+        self._parts: dict[int, _PartitionState] = {}
+        self._watermark: dict[int, int] = {}
+        self._size = 0
+
+    @property
+    def size(self) -> int:
+        """Cells (and distinct members) held: the memory bound that forces an early flush."""
+        return self._size
+
+    @property
+    def full(self) -> bool:
+        return self._size >= self.max_cells
+
+    @property
+    def pending(self) -> bool:
+        return bool(self._parts)
+
+    def due(self, now: float) -> bool:
+        return self.full or self.clock.due(now)
+
+    def add_batch(self, partition: int, records: Iterable[Record]) -> list[DeadLetter]:
+        """Fold a batch of one partition's records; return those that can never be counted."""
+        part = self._parts.get(partition)
+        if part is None:
+            part = self._parts[partition] = _PartitionState()
+        cells = part.cells
+        plan = self._plan
+        types = self._types
+        loads = orjson.loads
+        wm = self._watermark.get(partition, 0)
+        dead: list[DeadLetter] = []
+        events = late = 0
+        size = self._size
+        offset = -1
+        for record in records:
+            offset = record.offset
+            raw = record.value
+            if part.first < 0:
+                part.first = offset
+            try:
+                if raw is None:
+                    raise InvalidEvent("empty message (no value)")
+                if len(raw) > MAX_EVENT_BYTES:
+                    raise InvalidEvent(f"event is {len(raw)} bytes, over the {MAX_EVENT_BYTES} byte limit")
+                etype, key, channel, ets, value, user, _id, _sub = check_event(
+                    loads(raw), types, record.timestamp
+                )
+            except InvalidEvent as exc:
+                dead.append(DeadLetter(partition, offset, raw or b"", exc.reason, exc.field))
+                continue
+            except orjson.JSONDecodeError as exc:
+                dead.append(DeadLetter(partition, offset, raw or b"", f"not valid JSON: {exc}"))
+                continue
+            events += 1
+            if ets > wm:
+                wm = ets
+            for index, kind, rollups in plan[etype]:
+                for rollup in rollups:
+                    if rollup.size_s and rollup.is_late(ets, wm):
+                        late += 1
+                        continue
+                    cell = (index, channel, key, rollup.bucket(ets))
+                    old = cells.get(cell)
+                    if kind is Kind.COUNT:
+                        if old is None:
+                            cells[cell] = 1
+                            size += 1
+                        else:
+                            cells[cell] = old + 1
+                    elif kind is Kind.DISTINCT:
+                        if old is None:
+                            cells[cell] = old = set()
+                            size += 1
+                        if user is not None and user not in old:
+                            old.add(user)
+                            size += 1
+                    elif old is None:
+                        cells[cell] = value
+                        size += 1
+                    elif kind is Kind.SUM:
+                        cells[cell] = old + value
+                    elif kind is Kind.MIN:
+                        if value < old:
+                            cells[cell] = value
+                    elif value > old:
+                        cells[cell] = value
+        if offset >= 0:
+            part.last = offset
+        part.events += events
+        part.late += late
+        part.dead += len(dead)
+        self._watermark[partition] = wm
+        self._size = size
+        return dead
+
+    def flush(self, now: float) -> Flush:
+        """Close the window: partials for every (source partition, root partition) with something to say."""
+        self.window += 1
+        self.clock.reset(now)
+        result = Flush(self.window, [], {})
+        roots = self.root_partitions
+        for partition, part in self._parts.items():
+            if part.last < 0:
+                continue
+            result.next_offsets[partition] = part.last + 1
+            by_root: dict[int, dict[Cell, Any]] = {}
+            for cell, value in part.cells.items():
+                r = root_partition(cell[2], roots)
+                bucket = by_root.get(r)
+                if bucket is None:
+                    by_root[r] = {cell: value}
+                else:
+                    bucket[cell] = value
+            # Counters ride on one fixed root partition so they are applied exactly once too.
+            home = partition % roots
+            if (part.events or part.late or part.dead) and home not in by_root:
+                by_root[home] = {}
+            for r, cells in sorted(by_root.items()):
+                counters = r == home
+                result.partials.append(
+                    Partial(
+                        source_partition=partition,
+                        root_partition=r,
+                        window=self.window,
+                        first_offset=part.first,
+                        last_offset=part.last,
+                        cells=cells,
+                        events=part.events if counters else 0,
+                        late_dropped=part.late if counters else 0,
+                        dead=part.dead if counters else 0,
+                    )
+                )
+            result.events += part.events
+            result.cells += len(part.cells)
+        self._parts = {}
+        self._size = 0
+        return result
+
+    def forget(self, partitions: Iterable[int]) -> None:
+        """Drop state of partitions this worker no longer owns (their watermark moves with them)."""
+        for p in partitions:
+            self._parts.pop(p, None)
+            self._watermark.pop(p, None)
+        self._size = sum(len(p.cells) for p in self._parts.values())

@@ -1,0 +1,75 @@
+"""Tier 2's reduction: partials from every source partition (and every sub-key,
+which tier 1 already folded into its key) become one delta per cell.
+
+The merged batch also carries, per partials partition, the offset range it
+covers: the sink applies data and range in one atomic step, and refuses a
+range it has already applied, which is what makes the root exactly-once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from pipeline.core.aggregates import Kind, merge
+from pipeline.core.model import Cell, Partial
+from pipeline.core.topology import Topology
+
+
+@dataclass(slots=True)
+class MergedBatch:
+    cells: dict[Cell, Any] = field(default_factory=dict)
+    # partials partition -> (first offset, last offset) in this batch
+    ranges: dict[int, tuple[int, int]] = field(default_factory=dict)
+    partials: int = 0
+    events: int = 0
+    late_dropped: int = 0
+    dead: int = 0
+    bad_partials: int = 0
+
+    @property
+    def empty(self) -> bool:
+        return not self.ranges
+
+
+class Merger:
+    """Sans-I/O: feed it partial messages, take the merged batch."""
+
+    def __init__(self, topology: Topology) -> None:
+        self.topology = topology
+        self._kinds = [m.kind for m in topology.metrics]
+        self._distinct = topology.distinct_metrics
+        self._batch = MergedBatch()
+
+    def add(self, partition: int, offset: int, raw: bytes) -> Partial | None:
+        """Merge one partial message; a message that cannot be read is counted and skipped."""
+        batch = self._batch
+        first, _ = batch.ranges.get(partition, (offset, offset))
+        batch.ranges[partition] = (first, offset)
+        try:
+            partial = Partial.from_json(raw, self._distinct)
+        except (ValueError, KeyError, TypeError):
+            batch.bad_partials += 1
+            return None
+        self.add_partial(partial)
+        return partial
+
+    def add_partial(self, partial: Partial) -> None:
+        batch = self._batch
+        cells = batch.cells
+        kinds = self._kinds
+        for cell, value in partial.cells.items():
+            old = cells.get(cell)
+            if old is None:
+                cells[cell] = value
+            else:
+                kind = kinds[cell[0]]
+                cells[cell] = old + value if kind is Kind.COUNT else merge(kind, old, value)
+        batch.partials += 1
+        batch.events += partial.events
+        batch.late_dropped += partial.late_dropped
+        batch.dead += partial.dead
+
+    def take(self) -> MergedBatch:
+        batch, self._batch = self._batch, MergedBatch()
+        return batch

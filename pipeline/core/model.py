@@ -1,0 +1,230 @@
+"""Wire format: events in, partial aggregates between tiers, merged updates out.
+
+Everything that crosses a topic is defined here, with its version, so that the
+tiers and the dashboards agree on one contract (docs/CONTRACT.md). No I/O.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+FORMAT_VERSION = 1
+
+MAX_EVENT_BYTES = 64 * 1024
+MAX_KEY_CHARS = 256
+MAX_ID_CHARS = 128
+MAX_SUBKEYS = 1024
+MAX_ABS_VALUE = 1e15
+
+# Kafka message keys of sub-keys start with 0xFF, a byte that never occurs in
+# UTF-8, so no user key (whatever characters it holds) can look like a sub-key.
+SUBKEY_MARK = b"\xff"
+
+
+class InvalidEvent(ValueError):
+    """An event that can never be counted; it goes to the dead-letter topic with `reason`."""
+
+    def __init__(self, reason: str, field: str | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.field = field
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One accepted event, after validation."""
+
+    type: str
+    key: str
+    channel: str = ""
+    ts_ms: int = 0
+    value: float = 1
+    user: str | None = None
+    id: str | None = None
+    sub: int = 0
+
+    def to_json(self) -> bytes:
+        obj: dict[str, Any] = {"type": self.type, "key": self.key}
+        if self.channel:
+            obj["channel"] = self.channel
+        if self.ts_ms:
+            obj["ts"] = self.ts_ms
+        if self.value != 1:
+            obj["value"] = self.value
+        if self.user is not None:
+            obj["user"] = self.user
+        if self.id is not None:
+            obj["id"] = self.id
+        if self.sub:
+            obj["sub"] = self.sub
+        return orjson.dumps(obj)
+
+
+def message_key(key: str, sub: int = 0) -> bytes:
+    """The Kafka message key an event is partitioned by: the key, or a marked sub-key."""
+    if not sub:
+        return key.encode()
+    return SUBKEY_MARK + str(sub).encode() + SUBKEY_MARK + key.encode()
+
+
+def parse_message_key(raw: bytes) -> tuple[str, int]:
+    """Inverse of `message_key`: (key, sub)."""
+    if raw[:1] != SUBKEY_MARK:
+        return raw.decode(), 0
+    end = raw.index(SUBKEY_MARK, 1)
+    return raw[end + 1 :].decode(), int(raw[1:end])
+
+
+EventFields = tuple[str, str, str, int, float, str | None, str | None, int]
+
+
+def _text(obj: dict[str, Any], name: str, limit: int) -> str | None:
+    value = obj.get(name)
+    if value is None:
+        return None
+    if type(value) is not str:
+        raise InvalidEvent(f"field '{name}' must be a string, got {type(value).__name__}", name)
+    if len(value) > limit:
+        raise InvalidEvent(f"field '{name}' is longer than {limit} characters", name)
+    return value
+
+
+def _required(obj: dict[str, Any], name: str) -> str:
+    value = _text(obj, name, MAX_KEY_CHARS)
+    if value is None:
+        raise InvalidEvent(f"missing field '{name}'", name)
+    if not value:
+        raise InvalidEvent(f"field '{name}' must not be empty", name)
+    return value
+
+
+def check_event(obj: Any, types: frozenset[str] | None = None, default_ts_ms: int = 0) -> EventFields:
+    """Check a decoded event against the v1 schema; raise InvalidEvent naming the field.
+
+    Returns a plain tuple (type, key, channel, ts_ms, value, user, id, sub):
+    this runs once per event on tier 1's hot path, so it avoids building objects.
+    """
+    if type(obj) is not dict:
+        raise InvalidEvent(f"event must be a JSON object, got {type(obj).__name__}")
+    etype = _required(obj, "type")
+    if types is not None and etype not in types:
+        raise InvalidEvent(f"unknown event type '{etype[:64]}'", "type")
+    key = _required(obj, "key")
+    channel = _text(obj, "channel", MAX_KEY_CHARS) or ""
+    user = _text(obj, "user", MAX_KEY_CHARS)
+    event_id = _text(obj, "id", MAX_ID_CHARS)
+    ts = obj.get("ts")
+    if ts is None:
+        ts = default_ts_ms
+    elif type(ts) is not int:
+        raise InvalidEvent("field 'ts' must be an integer (milliseconds since the epoch)", "ts")
+    elif not 0 <= ts < 2**53:
+        raise InvalidEvent("field 'ts' is out of range", "ts")
+    value = obj.get("value", 1)
+    vtype = type(value)
+    if vtype is not int and vtype is not float:
+        raise InvalidEvent("field 'value' must be a number", "value")
+    if not -MAX_ABS_VALUE <= value <= MAX_ABS_VALUE:  # also false for NaN
+        raise InvalidEvent(f"field 'value' must be finite and within ±{MAX_ABS_VALUE:g}", "value")
+    sub = obj.get("sub", 0)
+    if type(sub) is not int or not 0 <= sub < MAX_SUBKEYS:
+        raise InvalidEvent(f"field 'sub' must be an integer in [0, {MAX_SUBKEYS})", "sub")
+    return etype, key, channel, ts, value, user, event_id, sub
+
+
+def validate_event(obj: Any, types: frozenset[str] | None = None, default_ts_ms: int = 0) -> Event:
+    """Like `check_event`, as an Event (for the SDK and the gateway)."""
+    return Event(*check_event(obj, types, default_ts_ms))
+
+
+def decode_event(raw: bytes, types: frozenset[str] | None = None, default_ts_ms: int = 0) -> Event:
+    """Bytes from the events topic to a validated Event, or InvalidEvent with a reason."""
+    if len(raw) > MAX_EVENT_BYTES:
+        raise InvalidEvent(f"event is {len(raw)} bytes, over the {MAX_EVENT_BYTES} byte limit")
+    try:
+        obj = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidEvent(f"not valid JSON: {exc}") from None
+    return validate_event(obj, types, default_ts_ms)
+
+
+# A cell is one aggregate: (metric index, channel, key, bucket). Its value's
+# type depends on the metric's kind (int/float for count, sum, min, max;
+# a set of user ids for distinct).
+Cell = tuple[int, str, str, str]
+
+
+@dataclass(slots=True)
+class Partial:
+    """What a tier-1 worker sends the root for one window, one source partition, one root partition."""
+
+    source_partition: int
+    root_partition: int
+    window: int
+    first_offset: int
+    last_offset: int
+    cells: dict[Cell, Any]
+    events: int = 0
+    late_dropped: int = 0
+    dead: int = 0
+
+    def to_json(self) -> bytes:
+        cells = [
+            [m, ch, k, b, sorted(v) if isinstance(v, set) else v] for (m, ch, k, b), v in self.cells.items()
+        ]
+        return orjson.dumps(
+            {
+                "v": FORMAT_VERSION,
+                "src": self.source_partition,
+                "root": self.root_partition,
+                "win": self.window,
+                "first": self.first_offset,
+                "last": self.last_offset,
+                "events": self.events,
+                "late": self.late_dropped,
+                "dead": self.dead,
+                "cells": cells,
+            }
+        )
+
+    @classmethod
+    def from_json(cls, raw: bytes, distinct_metrics: frozenset[int] = frozenset()) -> Partial:
+        obj = orjson.loads(raw)
+        if obj.get("v") != FORMAT_VERSION:
+            raise ValueError(f"unsupported partial format version {obj.get('v')!r}")
+        cells: dict[Cell, Any] = {}
+        for m, ch, k, b, v in obj["cells"]:
+            cells[(m, ch, k, b)] = set(v) if m in distinct_metrics else v
+        return cls(
+            obj["src"], obj["root"], obj["win"], obj["first"], obj["last"], cells, obj["events"], obj["late"],
+            obj["dead"],
+        )
+
+
+@dataclass(slots=True)
+class ChannelUpdate:
+    """Absolute totals for one channel after an apply, for the broadcast tier."""
+
+    channel: str
+    seq: int
+    ts_ms: int
+    values: list[tuple[str, str, float]] = field(default_factory=list)  # (metric, key, total)
+
+    def to_json(self) -> bytes:
+        return orjson.dumps(
+            {
+                "v": FORMAT_VERSION,
+                "channel": self.channel,
+                "seq": self.seq,
+                "ts": self.ts_ms,
+                "values": [list(v) for v in self.values],
+            }
+        )
+
+    @classmethod
+    def from_json(cls, raw: bytes) -> ChannelUpdate:
+        obj = orjson.loads(raw)
+        return cls(obj["channel"], obj["seq"], obj["ts"], [tuple(v) for v in obj["values"]])

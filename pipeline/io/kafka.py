@@ -1,0 +1,135 @@
+"""Kafka clients with the settings exactly-once depends on, in one place.
+
+Every worker has a stable identity: its static group membership
+(`group_instance_id`) and its transactional id are derived from it, so a
+restarted worker takes its partitions back at once and fences its own zombie.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import TopicAlreadyExistsError
+
+from pipeline.core.topology import Topology
+
+
+@dataclass(frozen=True)
+class TopicSpec:
+    name: str
+    partitions: int
+    config: dict[str, str] = field(default_factory=dict)
+
+
+def topology_topics(topology: Topology) -> list[TopicSpec]:
+    parts = topology.partitions
+    return [
+        TopicSpec(topology.topic("events"), parts.events),
+        TopicSpec(topology.topic("partials"), parts.partials),
+        TopicSpec(topology.topic("updates"), parts.updates),
+        TopicSpec(topology.topic("dead-letters"), 1),
+        TopicSpec(topology.topic("splits"), 1, {"cleanup.policy": "compact"}),
+    ]
+
+
+async def ensure_topics(bootstrap: str, specs: Iterable[TopicSpec], timeout_s: float = 30.0) -> None:
+    """Create topics explicitly, with their partition counts; existing ones are left alone."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=int(timeout_s * 1000))
+    await admin.start()
+    try:
+        existing = set(await admin.list_topics())
+        new = [
+            NewTopic(s.name, s.partitions, 1, topic_configs=s.config or None)
+            for s in specs
+            if s.name not in existing
+        ]
+        if new:
+            try:
+                await admin.create_topics(new)
+            except TopicAlreadyExistsError:
+                pass
+        await _wait_for_metadata(admin, [s.name for s in specs], timeout_s)
+    finally:
+        await admin.close()
+
+
+async def _wait_for_metadata(admin: AIOKafkaAdminClient, names: list[str], timeout_s: float) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while True:
+        if set(names) <= set(await admin.list_topics()):
+            return
+        if asyncio.get_running_loop().time() > deadline:
+            raise TimeoutError(f"topics {names} did not appear within {timeout_s} s")
+        await asyncio.sleep(0.1)
+
+
+def consumer(
+    bootstrap: str,
+    topic: str,
+    group: str,
+    instance: str,
+    *,
+    read_committed: bool = True,
+    max_records: int = 20_000,
+) -> AIOKafkaConsumer:
+    """A group consumer that never auto-commits: offsets move only with the output they produced."""
+    return AIOKafkaConsumer(
+        bootstrap_servers=bootstrap,
+        group_id=group,
+        group_instance_id=f"{group}.{instance}",
+        client_id=f"{group}.{instance}",
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        isolation_level="read_committed" if read_committed else "read_uncommitted",
+        max_poll_records=max_records,
+        fetch_max_wait_ms=100,
+        max_partition_fetch_bytes=4 * 1024 * 1024,
+        session_timeout_ms=10_000,
+        heartbeat_interval_ms=1_000,
+    )
+
+
+def transactional_producer(bootstrap: str, group: str, instance: str) -> AIOKafkaProducer:
+    """The producer a worker writes its outputs and offsets through, atomically."""
+    return AIOKafkaProducer(
+        bootstrap_servers=bootstrap,
+        client_id=f"{group}.{instance}.tx",
+        transactional_id=f"{group}.{instance}",
+        enable_idempotence=True,
+        acks="all",
+        linger_ms=5,
+        max_batch_size=512 * 1024,
+        max_request_size=8 * 1024 * 1024,
+    )
+
+
+def producer(bootstrap: str, client_id: str, *, linger_ms: int = 5) -> AIOKafkaProducer:
+    """An idempotent producer for at-least-once outputs that carry absolute values."""
+    return AIOKafkaProducer(
+        bootstrap_servers=bootstrap,
+        client_id=client_id,
+        enable_idempotence=True,
+        acks="all",
+        linger_ms=linger_ms,
+        max_batch_size=512 * 1024,
+        max_request_size=8 * 1024 * 1024,
+    )
+
+
+async def lag(consumer: AIOKafkaConsumer) -> dict[int, int]:
+    """Records behind the end of each assigned partition (for the lag gauge)."""
+    out: dict[int, int] = {}
+    for tp in consumer.assignment():
+        high = consumer.highwater(tp)
+        if high is None:
+            continue
+        try:
+            pos = await consumer.position(tp)
+        except Exception:  # the partition was revoked meanwhile
+            continue
+        out[tp.partition] = max(0, high - pos)
+    return out

@@ -1,0 +1,105 @@
+"""Applies merged batches to Redis: data, counters and the applied offset range
+in one Lua script, so a batch is applied entirely or not at all, and once.
+
+The script refuses a batch whose offset range starts at or before an offset
+already applied for that partition (a replay after a crash, or a zombie
+merger that lost its partitions); the caller then re-reads the positions and
+seeks there.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import redis.asyncio as aioredis
+
+from pipeline.core.merger import MergedBatch
+from pipeline.core.redis_layout import ApplyPlan, plan_apply, positions_key
+from pipeline.core.topology import Topology
+
+APPLY_LUA = r"""
+local p = cjson.decode(ARGV[1])
+for _, r in ipairs(p.ranges) do
+  local cur = redis.call('HGET', p.pos, tostring(r[1]))
+  if cur and tonumber(cur) >= r[2] then
+    return {0, r[1], cur}
+  end
+end
+local out = {1}
+for _, ch in ipairs(p.channels) do
+  out[#out + 1] = redis.call('HINCRBY', p.seq, ch, 1)
+end
+for _, op in ipairs(p.ops) do
+  local code, key, field, arg, ttl, zkey, ztop = op[1], op[2], op[3], op[4], op[5], op[6], op[7]
+  local nv
+  if code == 'i' then
+    nv = redis.call('HINCRBY', key, field, arg)
+  elseif code == 'f' then
+    nv = redis.call('HINCRBYFLOAT', key, field, arg)
+  elseif code == 'n' or code == 'x' then
+    local cur = redis.call('HGET', key, field)
+    local v = tonumber(arg)
+    if (not cur) or (code == 'n' and v < tonumber(cur)) or (code == 'x' and v > tonumber(cur)) then
+      redis.call('HSET', key, field, arg)
+      nv = arg
+    else
+      nv = cur
+    end
+  else
+    for i = 1, #arg, 1000 do
+      redis.call('PFADD', key, unpack(arg, i, math.min(i + 999, #arg)))
+    end
+    nv = redis.call('PFCOUNT', key)
+  end
+  if ttl > 0 then
+    redis.call('EXPIRE', key, ttl, 'NX')
+  end
+  if zkey ~= '' then
+    redis.call('ZADD', zkey, nv, field)
+    if redis.call('ZCARD', zkey) > 2 * ztop then
+      redis.call('ZREMRANGEBYRANK', zkey, 0, -(ztop + 1))
+    end
+  end
+  out[#out + 1] = tostring(nv)
+end
+for _, c in ipairs(p.counters) do
+  redis.call('HINCRBY', p.stats, c[1], c[2])
+end
+for _, r in ipairs(p.ranges) do
+  redis.call('HSET', p.pos, tostring(r[1]), r[3])
+end
+return out
+"""
+
+
+@dataclass(slots=True)
+class ApplyResult:
+    applied: bool
+    plan: ApplyPlan
+    seqs: dict[str, int]
+    values: list[str]
+    stale_partition: int | None = None
+
+
+class RedisSink:
+    """The root merger's only door to Redis."""
+
+    def __init__(self, client: aioredis.Redis, topology: Topology) -> None:
+        self.client = client
+        self.topology = topology
+        self._script = client.register_script(APPLY_LUA)
+
+    async def positions(self) -> dict[int, int]:
+        """Last applied offset per partials partition: where a merger resumes."""
+        raw = await self.client.hgetall(positions_key(self.topology.name))
+        return {int(k): int(v) for k, v in raw.items()}
+
+    async def apply(self, batch: MergedBatch) -> ApplyResult:
+        plan = plan_apply(self.topology, batch)
+        reply = await self._script(args=[plan.payload])
+        if int(reply[0]) == 0:
+            return ApplyResult(False, plan, {}, [], stale_partition=int(reply[1]))
+        n = len(plan.channels)
+        seqs = {ch: int(s) for ch, s in zip(plan.channels, reply[1 : 1 + n], strict=True)}
+        values = [v.decode() if isinstance(v, bytes) else str(v) for v in reply[1 + n :]]
+        return ApplyResult(True, plan, seqs, values)

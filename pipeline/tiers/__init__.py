@@ -1,0 +1,1 @@
+"""One runtime per tier: consume -> core -> produce/apply."""

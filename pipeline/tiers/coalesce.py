@@ -1,0 +1,168 @@
+"""Tier 1 runtime: events topic -> Coalescer -> partials topic, one Kafka
+transaction per window.
+
+The partials, the dead letters and the consumed offsets of a window commit
+together or not at all, so a worker killed at any moment leaves either the
+whole window or nothing; after a restart it re-reads from the committed
+offsets and may cut windows differently, which is harmless because the lost
+window was never visible to the root (it reads read_committed).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from aiokafka import ConsumerRebalanceListener, TopicPartition
+from aiokafka.errors import KafkaError, ProducerFenced
+
+from pipeline import observability as obs
+from pipeline.core.coalescer import Coalescer, DeadLetter
+from pipeline.core.topology import Topology
+from pipeline.io import kafka
+from pipeline.settings import Settings
+
+LAG_EVERY_S = 2.0
+PROGRESS_EVERY_S = 10.0
+
+
+class CoalesceWorker:
+    tier = "coalesce"
+
+    def __init__(self, topology: Topology, settings: Settings) -> None:
+        self.topology = topology
+        self.settings = settings
+        self.group = topology.group(self.tier)
+        self.events_topic = topology.topic("events")
+        self.partials_topic = topology.topic("partials")
+        self.dead_topic = topology.topic("dead-letters")
+        self.labels = (topology.name, self.tier, settings.instance)
+        self.log = obs.log(topology=topology.name, tier=self.tier, instance=settings.instance)
+        self.coalescer = Coalescer(topology, topology.partitions.partials, time.monotonic())
+        self._dead: list[DeadLetter] = []
+        self._lock = asyncio.Lock()
+        self.consumer = kafka.consumer(
+            settings.kafka, self.events_topic, self.group, settings.instance,
+            read_committed=True, max_records=settings.max_poll_records,
+        )
+        self.producer = kafka.transactional_producer(settings.kafka, self.group, settings.instance)
+        self.events_in = 0
+        self.partials_out = 0
+
+    async def run(self, stop: asyncio.Event) -> None:
+        await kafka.ensure_topics(self.settings.kafka, kafka.topology_topics(self.topology))
+        await self.producer.start()
+        self.consumer.subscribe([self.events_topic], listener=_FlushOnRevoke(self))
+        await self.consumer.start()
+        self.log.info("started", group=self.group, transactional_id=f"{self.group}.{self.settings.instance}")
+        lag_task = asyncio.create_task(self._report_lag(stop))
+        try:
+            await self._loop(stop)
+            await self.flush()
+        finally:
+            lag_task.cancel()
+            await self.consumer.stop()
+            await self.producer.stop()
+            self.log.info("stopped", events_in=self.events_in, partials_out=self.partials_out)
+
+    async def _loop(self, stop: asyncio.Event) -> None:
+        c = self.coalescer
+        consumer = self.consumer
+        records_in = obs.RECORDS_IN.labels(*self.labels)
+        next_progress = time.monotonic() + PROGRESS_EVERY_S
+        while not stop.is_set():
+            now = time.monotonic()
+            wait_ms = int(min(c.clock.remaining(now), 0.2) * 1000) + 1
+            batch = await consumer.getmany(timeout_ms=wait_ms, max_records=self.settings.max_poll_records)
+            for tp, records in batch.items():
+                dead = c.add_batch(tp.partition, records)
+                records_in.inc(len(records))
+                if dead:
+                    self._dead.extend(dead)
+            now = time.monotonic()
+            if c.due(now):
+                await self.flush()
+            if now >= next_progress:
+                next_progress = now + PROGRESS_EVERY_S
+                self.log.info("progress", events_in=self.events_in, partials_out=self.partials_out,
+                              ratio=round(self.events_in / max(1, self.partials_out), 1))
+
+    async def flush(self) -> None:
+        """Close the window and commit its partials, dead letters and offsets in one transaction."""
+        async with self._lock:
+            result = self.coalescer.flush(time.monotonic())
+            dead, self._dead = self._dead, []
+            if not result.next_offsets:
+                return
+            offsets = {TopicPartition(self.events_topic, p): o for p, o in result.next_offsets.items()}
+            try:
+                async with self.producer.transaction():
+                    for partial in result.partials:
+                        await self.producer.send(
+                            self.partials_topic, partial.to_json(), partition=partial.root_partition
+                        )
+                    for d in dead:
+                        await self.producer.send(self.dead_topic, d.raw, headers=_dead_headers(self, d))
+                    await self.producer.send_offsets_to_transaction(offsets, self.group)
+            except ProducerFenced:
+                self.log.error("fenced: another worker took this identity; stopping")
+                raise
+            except KafkaError as exc:
+                # Nothing of the window is visible; read it again from the committed offsets.
+                obs.TX_ABORTS.labels(*self.labels).inc()
+                self.log.warning("transaction aborted; rewinding", error=repr(exc), window=result.window)
+                await self._rewind()
+                return
+            self._count(result.events, len(result.partials), result.cells, dead)
+
+    def _count(self, events: int, partials: int, cells: int, dead: list[DeadLetter]) -> None:
+        self.events_in += events
+        self.partials_out += partials
+        obs.EVENTS_IN.labels(*self.labels).inc(events)
+        obs.PARTIALS_OUT.labels(*self.labels).inc(partials)
+        obs.CELLS_OUT.labels(*self.labels).inc(cells)
+        obs.TRANSACTIONS.labels(*self.labels).inc()
+        obs.WINDOW_CELLS.labels(*self.labels).set(cells)
+        for d in dead:
+            obs.DEAD_LETTERS.labels(*self.labels, d.field or "").inc()
+        if dead:
+            self.log.warning("dead letters", count=len(dead), first_reason=dead[0].reason)
+        if self.partials_out:
+            obs.COALESCING_RATIO.labels(*self.labels).set(self.events_in / self.partials_out)
+
+    async def _rewind(self) -> None:
+        for tp in self.consumer.assignment():
+            committed = await self.consumer.committed(tp)
+            if committed is None:
+                await self.consumer.seek_to_beginning(tp)
+            else:
+                self.consumer.seek(tp, committed)
+
+    async def _report_lag(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            await asyncio.sleep(LAG_EVERY_S)
+            for partition, behind in (await kafka.lag(self.consumer)).items():
+                obs.LAG.labels(*self.labels, str(partition)).set(behind)
+
+
+def _dead_headers(worker: CoalesceWorker, d: DeadLetter) -> list[tuple[str, bytes]]:
+    return [
+        ("reason", d.reason.encode()),
+        ("field", (d.field or "").encode()),
+        ("source", f"{worker.events_topic}/{d.partition}/{d.offset}".encode()),
+        ("worker", f"{worker.group}.{worker.settings.instance}".encode()),
+    ]
+
+
+class _FlushOnRevoke(ConsumerRebalanceListener):  # type: ignore[misc]
+    """Commit what is pending before partitions move, so their new owner starts exactly there."""
+
+    def __init__(self, worker: CoalesceWorker) -> None:
+        self.worker = worker
+
+    async def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
+        if revoked:
+            await self.worker.flush()
+
+    async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
+        self.worker.log.info("assigned", partitions=sorted(tp.partition for tp in assigned))

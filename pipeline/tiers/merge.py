@@ -1,0 +1,160 @@
+"""Tier 2 runtime, the root merger: partials topic -> Merger -> Redis, then
+absolute totals per channel to the updates topic.
+
+Redis, not Kafka, holds the merger's position: each apply stores the offsets
+it covers atomically with the data, and a merger (re)starting, or getting new
+partitions in a rebalance, seeks to those stored positions. Kafka offsets are
+committed too, but only so that lag can be graphed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import redis.asyncio as aioredis
+from aiokafka import ConsumerRebalanceListener, TopicPartition
+from aiokafka.errors import KafkaError
+
+from pipeline import observability as obs
+from pipeline.core.merger import Merger
+from pipeline.core.model import ChannelUpdate
+from pipeline.core.topology import Topology
+from pipeline.io import kafka
+from pipeline.io.redis_sink import ApplyResult, RedisSink
+from pipeline.settings import Settings
+
+LAG_EVERY_S = 2.0
+PROGRESS_EVERY_S = 10.0
+
+
+class MergeWorker:
+    tier = "merge"
+
+    def __init__(self, topology: Topology, settings: Settings) -> None:
+        self.topology = topology
+        self.settings = settings
+        self.group = topology.group(self.tier)
+        self.partials_topic = topology.topic("partials")
+        self.updates_topic = topology.topic("updates")
+        self.labels = (topology.name, self.tier, settings.instance)
+        self.log = obs.log(topology=topology.name, tier=self.tier, instance=settings.instance)
+        self.merger = Merger(topology)
+        self.redis = aioredis.Redis.from_url(settings.redis)
+        self.sink = RedisSink(self.redis, topology)
+        self.consumer = kafka.consumer(
+            settings.kafka, self.partials_topic, self.group, settings.instance, read_committed=True,
+            max_records=2_000,
+        )
+        self.producer = kafka.producer(settings.kafka, f"{self.group}.{settings.instance}.updates")
+        self.partials_in = 0
+        self.cells_in = 0
+        self.commands = 0
+
+    async def run(self, stop: asyncio.Event) -> None:
+        await kafka.ensure_topics(self.settings.kafka, kafka.topology_topics(self.topology))
+        await self.redis.ping()
+        await self.producer.start()
+        self.consumer.subscribe([self.partials_topic], listener=_SeekToApplied(self))
+        await self.consumer.start()
+        self.log.info("started", group=self.group)
+        lag_task = asyncio.create_task(self._report_lag(stop))
+        try:
+            await self._loop(stop)
+        finally:
+            lag_task.cancel()
+            await self.consumer.stop()
+            await self.producer.stop()
+            await self.redis.aclose()
+            self.log.info("stopped", partials_in=self.partials_in, redis_commands=self.commands)
+
+    async def _loop(self, stop: asyncio.Event) -> None:
+        next_progress = time.monotonic() + PROGRESS_EVERY_S
+        while not stop.is_set():
+            batch = await self.consumer.getmany(timeout_ms=200)
+            if batch:
+                await self._apply(batch)
+            now = time.monotonic()
+            if now >= next_progress:
+                next_progress = now + PROGRESS_EVERY_S
+                self.log.info("progress", partials_in=self.partials_in, cells_in=self.cells_in,
+                              redis_commands=self.commands)
+
+    async def _apply(self, batch: dict[TopicPartition, list]) -> None:  # type: ignore[type-arg]
+        merger = self.merger
+        for tp, records in batch.items():
+            for r in records:
+                merger.add(tp.partition, r.offset, r.value)
+        merged = merger.take()
+        result = await self.sink.apply(merged)
+        if not result.applied:
+            obs.STALE_APPLIES.labels(*self.labels).inc()
+            self.log.warning("batch already applied; seeking to the applied positions",
+                             partition=result.stale_partition)
+            await self.seek_to_applied(self.consumer.assignment())
+            return
+        self.partials_in += merged.partials
+        self.cells_in += len(merged.cells)
+        self.commands += result.plan.commands
+        obs.PARTIALS_IN.labels(*self.labels).inc(merged.partials)
+        obs.REDIS_COMMANDS.labels(*self.labels).inc(result.plan.commands)
+        obs.REDIS_APPLIES.labels(*self.labels).inc()
+        if self.commands:
+            obs.COALESCING_RATIO.labels(*self.labels).set(self.cells_in / self.commands)
+        await self._publish(result)
+        try:
+            await self.consumer.commit({tp: recs[-1].offset + 1 for tp, recs in batch.items()})
+        except KafkaError as exc:  # only lag reporting depends on it
+            self.log.info("offset commit skipped", error=repr(exc))
+
+    async def _publish(self, result: ApplyResult) -> None:
+        """Absolute totals per channel: a lost or repeated update is corrected by the next one."""
+        now_ms = int(time.time() * 1000)
+        updates: dict[str, ChannelUpdate] = {}
+        for report, value in zip(result.plan.reports, result.values, strict=True):
+            if report is None:
+                continue
+            channel, metric, key = report
+            update = updates.get(channel)
+            if update is None:
+                update = updates[channel] = ChannelUpdate(channel, result.seqs[channel], now_ms)
+            update.values.append((metric, key, _number(value)))
+        for channel, update in updates.items():
+            await self.producer.send(self.updates_topic, update.to_json(), key=channel.encode())
+        obs.UPDATES_OUT.labels(*self.labels).inc(len(updates))
+
+    async def seek_to_applied(self, partitions: set[TopicPartition] | list[TopicPartition]) -> None:
+        positions = await self.sink.positions()
+        for tp in partitions:
+            last = positions.get(tp.partition)
+            if last is None:
+                await self.consumer.seek_to_beginning(tp)
+            else:
+                self.consumer.seek(tp, last + 1)
+        if partitions:
+            self.log.info("resuming from applied positions",
+                          positions={tp.partition: positions.get(tp.partition) for tp in partitions})
+
+    async def _report_lag(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            await asyncio.sleep(LAG_EVERY_S)
+            for partition, behind in (await kafka.lag(self.consumer)).items():
+                obs.LAG.labels(*self.labels, str(partition)).set(behind)
+
+
+def _number(text: str) -> float:
+    try:
+        return int(text)
+    except ValueError:
+        return float(text)
+
+
+class _SeekToApplied(ConsumerRebalanceListener):  # type: ignore[misc]
+    def __init__(self, worker: MergeWorker) -> None:
+        self.worker = worker
+
+    async def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
+        pass
+
+    async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
+        await self.worker.seek_to_applied(assigned)

@@ -1,0 +1,63 @@
+"""Process lifecycle shared by every tier: logging, metrics endpoint, signals."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import signal
+from typing import Protocol
+
+from pipeline import observability as obs
+from pipeline.core.topology import Topology
+from pipeline.settings import Settings
+
+
+class Tier(Protocol):
+    tier: str
+
+    async def run(self, stop: asyncio.Event) -> None: ...
+
+
+TIERS = {
+    "coalesce": "pipeline.tiers.coalesce:CoalesceWorker",
+    "merge": "pipeline.tiers.merge:MergeWorker",
+}
+
+
+def load_topology(name: str) -> Topology:
+    """`live_likes` loads topologies/live_likes.py; `package.module:ATTR` loads anything else."""
+    module_name, _, attr = name.partition(":")
+    if "." not in module_name:
+        module_name = f"topologies.{module_name}"
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        raise SystemExit(f"no topology {name!r}: {exc}") from None
+    topology = getattr(module, attr or "TOPOLOGY", None)
+    if not isinstance(topology, Topology):
+        raise SystemExit(f"{module_name} has no Topology named {attr or 'TOPOLOGY'}")
+    return topology
+
+
+def make_worker(tier: str, topology: Topology, settings: Settings) -> Tier:
+    module_name, _, cls = TIERS[tier].partition(":")
+    worker: Tier = getattr(importlib.import_module(module_name), cls)(topology, settings)
+    return worker
+
+
+def run(tier: str, topology: Topology, settings: Settings) -> None:
+    """Run one worker until SIGTERM/SIGINT; a second signal is not needed."""
+    obs.configure_logging(settings.log_level)
+    port = obs.serve_metrics(settings.metrics_port, settings.metrics_host)
+    obs.log(topology=topology.name, tier=tier, instance=settings.instance).info(
+        "metrics", url=f"http://{settings.metrics_host}:{port}/metrics"
+    )
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await make_worker(tier, topology, settings).run(stop)
+
+    asyncio.run(main())

@@ -1,0 +1,1 @@
+"""Shipped topologies; `pipeline run NAME` loads `topologies.NAME.TOPOLOGY`."""

@@ -36,24 +36,35 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    run = sub.add_parser("run", help="run one worker of one tier until SIGTERM",
-                         description="Run one worker. Start any number per tier, each with its own --instance.")
+    run = sub.add_parser(
+        "run",
+        help="run one worker of one tier until SIGTERM",
+        description="Run one worker. Start any number per tier, each with its own --instance.",
+    )
     run.add_argument("topology", help="a name in topologies/ (live_likes, analytics) or module:ATTR")
-    run.add_argument("--tier", required=True, choices=["coalesce", "merge"], help="which tier this worker runs")
+    run.add_argument(
+        "--tier", required=True, choices=["coalesce", "merge"], help="which tier this worker runs"
+    )
     run.add_argument("--instance", help="stable identity of this worker (keep it across restarts)")
+    run.add_argument("--name", help="run the topology under another name (its own topics and Redis keys)")
     run.add_argument("--kafka", help="Kafka bootstrap servers")
     run.add_argument("--redis", help="Redis URL")
     run.add_argument("--metrics-port", type=int, help="Prometheus port (0: any free port)")
     run.add_argument("--config", help="TOML settings file")
     run.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
 
-    demo = sub.add_parser("demo", help="run the whole pipeline locally with a load generator",
-                          description="Starts a local broker and Redis (unless --kafka/--redis are given), "
-                          "two tier-1 workers and a root merger as separate processes, and a load generator "
-                          "(Zipf keys plus one viral key); shows progress; ends with a summary.")
+    demo = sub.add_parser(
+        "demo",
+        help="run the whole pipeline locally with a load generator",
+        description="Starts a local broker and Redis (unless --kafka/--redis are given), "
+        "two tier-1 workers and a root merger as separate processes, and a load generator "
+        "(Zipf keys plus one viral key); shows progress; ends with a summary.",
+    )
     demo.add_argument("--topology", default="live_likes")
     demo.add_argument("--duration", type=float, default=15.0, help="seconds of load (default 15)")
-    demo.add_argument("--rate", type=int, default=0, help="events/s to aim for (default: as fast as possible)")
+    demo.add_argument(
+        "--rate", type=int, default=0, help="events/s to aim for (default: as fast as possible)"
+    )
     demo.add_argument("--keys", type=int, default=10_000, help="distinct comment keys (default 10000)")
     demo.add_argument("--channels", type=int, default=20, help="distinct live videos (default 20)")
     demo.add_argument("--json", action="store_true", help="print the summary as JSON on the last line")
@@ -80,13 +91,20 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         try:
             settings = settings_mod.load(
-                args.config, kafka=args.kafka, redis=args.redis, instance=args.instance,
-                metrics_port=args.metrics_port, log_level=args.log_level,
+                args.config,
+                kafka=args.kafka,
+                redis=args.redis,
+                instance=args.instance,
+                metrics_port=args.metrics_port,
+                log_level=args.log_level,
             )
         except (FileNotFoundError, ValueError) as exc:
             print(f"pipeline run: {exc}", file=sys.stderr)
             return 2
-        worker.run(args.tier, worker.load_topology(args.topology), settings)
+        topology = worker.load_topology(args.topology)
+        if args.name:
+            topology = topology.renamed(args.name)
+        worker.run(args.tier, topology, settings)
         return 0
     if args.command == "demo":
         from pipeline import demo

@@ -32,9 +32,12 @@ DEAD_LETTERS = Counter(
 )
 TRANSACTIONS = Counter("pipeline_transactions_total", "Kafka transactions committed", LABELS)
 TX_ABORTS = Counter("pipeline_transaction_aborts_total", "Kafka transactions aborted", LABELS)
-LAG = Gauge("pipeline_consumer_lag", "Records behind the end of an assigned partition", (*LABELS, "partition"))
+LAG = Gauge(
+    "pipeline_consumer_lag", "Records behind the end of an assigned partition", (*LABELS, "partition")
+)
 COALESCING_RATIO = Gauge(
-    "pipeline_coalescing_ratio", "Inputs per output of the tier since start (events/partials, cells/commands)",
+    "pipeline_coalescing_ratio",
+    "Inputs per output of the tier since start (events/partials, cells/commands)",
     LABELS,
 )
 WINDOW_CELLS = Gauge("pipeline_window_cells", "Cells held in the open window", LABELS)

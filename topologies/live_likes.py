@@ -4,7 +4,7 @@ Events: {"type": "like", "key": COMMENT_ID, "channel": VIDEO_ID} and
 {"type": "comment", "key": COMMENT_ID, "channel": VIDEO_ID, "user": USER_ID}.
 """
 
-from pipeline.topology import Partitions, count, topology, total
+from pipeline.topology import Partitions, count, topology
 
 TOPOLOGY = topology(
     "live_likes",

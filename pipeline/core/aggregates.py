@@ -8,11 +8,11 @@ makes hierarchical aggregation exact.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from enum import Enum
+from enum import StrEnum
 from typing import Any
 
 
-class Kind(str, Enum):
+class Kind(StrEnum):
     COUNT = "count"
     SUM = "sum"
     MIN = "min"

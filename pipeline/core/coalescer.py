@@ -223,4 +223,8 @@ class Coalescer:
         for p in partitions:
             self._parts.pop(p, None)
             self._watermark.pop(p, None)
-        self._size = sum(len(p.cells) for p in self._parts.values())
+        # Count distinct members too, as add_batch does, or `full` would fire late.
+        self._size = sum(
+            len(p.cells) + sum(len(v) for v in p.cells.values() if isinstance(v, set))
+            for p in self._parts.values()
+        )

@@ -14,6 +14,7 @@ from typing import Any
 from pipeline.core.aggregates import Kind, merge
 from pipeline.core.model import Cell, Partial
 from pipeline.core.topology import Topology
+from pipeline.core.windows import TOTAL
 
 
 @dataclass(slots=True)
@@ -39,6 +40,8 @@ class Merger:
         self.topology = topology
         self._kinds = [m.kind for m in topology.metrics]
         self._distinct = topology.distinct_metrics
+        # per metric, the buckets' size prefixes it has ("60" for 60 s buckets)
+        self._sizes = [frozenset(str(r.size_s) for r in m.rollups if r.size_s) for m in topology.metrics]
         self._batch = MergedBatch()
 
     def add(self, partition: int, offset: int, raw: bytes) -> Partial | None:
@@ -48,11 +51,27 @@ class Merger:
         batch.ranges[partition] = (first, offset)
         try:
             partial = Partial.from_json(raw, self._distinct)
-        except (ValueError, KeyError, TypeError):
+            self._check(partial)
+        except (ValueError, KeyError, TypeError, AttributeError):
             batch.bad_partials += 1
             return None
         self.add_partial(partial)
         return partial
+
+    def _check(self, partial: Partial) -> None:
+        """Refuse cells this topology cannot merge or apply (they would fail every retry)."""
+        for (index, channel, key, bucket), value in partial.cells.items():
+            if type(index) is not int or not 0 <= index < len(self._kinds):
+                raise ValueError(f"unknown metric {index!r}")
+            if type(channel) is not str or type(key) is not str or type(bucket) is not str:
+                raise ValueError("channel, key and bucket must be strings")
+            if bucket != TOTAL and bucket.split(":", 1)[0] not in self._sizes[index]:
+                raise ValueError(f"unknown bucket {bucket!r}")
+            if index in self._distinct:
+                if not all(type(u) is str for u in value):
+                    raise ValueError("distinct members must be strings")
+            elif type(value) is not int and type(value) is not float:
+                raise ValueError(f"value {value!r} is not a number")
 
     def add_partial(self, partial: Partial) -> None:
         batch = self._batch

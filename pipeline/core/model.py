@@ -199,7 +199,14 @@ class Partial:
         for m, ch, k, b, v in obj["cells"]:
             cells[(m, ch, k, b)] = set(v) if m in distinct_metrics else v
         return cls(
-            obj["src"], obj["root"], obj["win"], obj["first"], obj["last"], cells, obj["events"], obj["late"],
+            obj["src"],
+            obj["root"],
+            obj["win"],
+            obj["first"],
+            obj["last"],
+            cells,
+            obj["events"],
+            obj["late"],
             obj["dead"],
         )
 

@@ -109,6 +109,7 @@ def plan_apply(topology: Topology, batch: MergedBatch) -> ApplyPlan:
             reports.append((channel, metric.name, key))
         else:
             reports.append(None)
+    channel_list = list(channels)
     counters = [
         ["events", batch.events],
         ["late_dropped", batch.late_dropped],
@@ -117,8 +118,8 @@ def plan_apply(topology: Topology, batch: MergedBatch) -> ApplyPlan:
         ["bad_partials", batch.bad_partials],
         ["applies", 1],
     ]
-    channel_list = list(channels)
-    commands += len(batch.ranges) * 2 + len(counters) + len(channel_list)
+    commands += len(batch.ranges) * 2 + len(channel_list) + sum(1 for c in counters if c[1]) + 1
+    counters.append(["redis_commands", commands])
     payload = orjson.dumps(
         {
             "pos": positions_key(name),

@@ -119,9 +119,7 @@ class Topology:
         return replace(self, name=name)
 
     def with_partitions(self, events: int, partials: int, updates: int | None = None) -> Topology:
-        return replace(
-            self, partitions=Partitions(events, partials, updates or self.partitions.updates)
-        )
+        return replace(self, partitions=Partitions(events, partials, updates or self.partitions.updates))
 
 
 def topology(

@@ -8,6 +8,7 @@ restarted worker takes its partitions back at once and fences its own zombie.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -48,10 +49,8 @@ async def ensure_topics(bootstrap: str, specs: Iterable[TopicSpec], timeout_s: f
             if s.name not in existing
         ]
         if new:
-            try:
+            with contextlib.suppress(TopicAlreadyExistsError):  # another worker was faster
                 await admin.create_topics(new)
-            except TopicAlreadyExistsError:
-                pass
         await _wait_for_metadata(admin, [s.name for s in specs], timeout_s)
     finally:
         await admin.close()

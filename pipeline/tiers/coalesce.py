@@ -42,8 +42,12 @@ class CoalesceWorker:
         self._dead: list[DeadLetter] = []
         self._lock = asyncio.Lock()
         self.consumer = kafka.consumer(
-            settings.kafka, self.events_topic, self.group, settings.instance,
-            read_committed=True, max_records=settings.max_poll_records,
+            settings.kafka,
+            self.events_topic,
+            self.group,
+            settings.instance,
+            read_committed=True,
+            max_records=settings.max_poll_records,
         )
         self.producer = kafka.transactional_producer(settings.kafka, self.group, settings.instance)
         self.events_in = 0
@@ -84,8 +88,12 @@ class CoalesceWorker:
                 await self.flush()
             if now >= next_progress:
                 next_progress = now + PROGRESS_EVERY_S
-                self.log.info("progress", events_in=self.events_in, partials_out=self.partials_out,
-                              ratio=round(self.events_in / max(1, self.partials_out), 1))
+                self.log.info(
+                    "progress",
+                    events_in=self.events_in,
+                    partials_out=self.partials_out,
+                    ratio=round(self.events_in / max(1, self.partials_out), 1),
+                )
 
     async def flush(self) -> None:
         """Close the window and commit its partials, dead letters and offsets in one transaction."""
@@ -154,7 +162,7 @@ def _dead_headers(worker: CoalesceWorker, d: DeadLetter) -> list[tuple[str, byte
     ]
 
 
-class _FlushOnRevoke(ConsumerRebalanceListener):  # type: ignore[misc]
+class _FlushOnRevoke(ConsumerRebalanceListener):
     """Commit what is pending before partitions move, so their new owner starts exactly there."""
 
     def __init__(self, worker: CoalesceWorker) -> None:

@@ -13,7 +13,7 @@ import asyncio
 import time
 
 import redis.asyncio as aioredis
-from aiokafka import ConsumerRebalanceListener, TopicPartition
+from aiokafka import ConsumerRebalanceListener, ConsumerRecord, TopicPartition
 from aiokafka.errors import KafkaError
 
 from pipeline import observability as obs
@@ -43,7 +43,11 @@ class MergeWorker:
         self.redis = aioredis.Redis.from_url(settings.redis)
         self.sink = RedisSink(self.redis, topology)
         self.consumer = kafka.consumer(
-            settings.kafka, self.partials_topic, self.group, settings.instance, read_committed=True,
+            settings.kafka,
+            self.partials_topic,
+            self.group,
+            settings.instance,
+            read_committed=True,
             max_records=2_000,
         )
         self.producer = kafka.producer(settings.kafka, f"{self.group}.{settings.instance}.updates")
@@ -77,10 +81,14 @@ class MergeWorker:
             now = time.monotonic()
             if now >= next_progress:
                 next_progress = now + PROGRESS_EVERY_S
-                self.log.info("progress", partials_in=self.partials_in, cells_in=self.cells_in,
-                              redis_commands=self.commands)
+                self.log.info(
+                    "progress",
+                    partials_in=self.partials_in,
+                    cells_in=self.cells_in,
+                    redis_commands=self.commands,
+                )
 
-    async def _apply(self, batch: dict[TopicPartition, list]) -> None:  # type: ignore[type-arg]
+    async def _apply(self, batch: dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]]) -> None:
         merger = self.merger
         for tp, records in batch.items():
             for r in records:
@@ -89,8 +97,9 @@ class MergeWorker:
         result = await self.sink.apply(merged)
         if not result.applied:
             obs.STALE_APPLIES.labels(*self.labels).inc()
-            self.log.warning("batch already applied; seeking to the applied positions",
-                             partition=result.stale_partition)
+            self.log.warning(
+                "batch already applied; seeking to the applied positions", partition=result.stale_partition
+            )
             await self.seek_to_applied(self.consumer.assignment())
             return
         self.partials_in += merged.partials
@@ -132,8 +141,10 @@ class MergeWorker:
             else:
                 self.consumer.seek(tp, last + 1)
         if partitions:
-            self.log.info("resuming from applied positions",
-                          positions={tp.partition: positions.get(tp.partition) for tp in partitions})
+            self.log.info(
+                "resuming from applied positions",
+                positions={tp.partition: positions.get(tp.partition) for tp in partitions},
+            )
 
     async def _report_lag(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
@@ -149,7 +160,7 @@ def _number(text: str) -> float:
         return float(text)
 
 
-class _SeekToApplied(ConsumerRebalanceListener):  # type: ignore[misc]
+class _SeekToApplied(ConsumerRebalanceListener):
     def __init__(self, worker: MergeWorker) -> None:
         self.worker = worker
 

@@ -1,0 +1,1 @@
+"""Benchmarks run by `pipeline bench ...`; results and how to read them are in docs/BENCHMARKS.md."""

@@ -1,0 +1,158 @@
+"""`pipeline demo`: the whole pipeline on one machine, with load, progress and a summary.
+
+Everything it starts (servers, workers) it stops again, also on Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import orjson
+import redis.asyncio as aioredis
+
+from pipeline.io import kafka, redis_query
+from pipeline.loadgen import LoadResult, Workload, produce
+from pipeline.supervisor import WorkerProcess
+from pipeline.tiers.worker import load_topology
+
+DRAIN_TIMEOUT_S = 90.0
+
+
+def main(args: argparse.Namespace) -> int:
+    workdir = Path(tempfile.mkdtemp(prefix="pipeline-demo-"))
+    with contextlib.ExitStack() as stack:
+        kafka_url, redis_url = args.kafka, args.redis
+        if not (kafka_url and redis_url):
+            from pipeline.local_servers import LocalServers
+
+            _say("starting a local Kafka-protocol broker and Redis ...")
+            servers = stack.enter_context(LocalServers(workdir / "servers"))
+            kafka_url = kafka_url or servers.kafka_bootstrap
+            redis_url = redis_url or servers.redis_url
+        _say(f"kafka {kafka_url}   redis {redis_url}   logs {workdir}")
+        try:
+            summary = asyncio.run(_run(args, kafka_url, redis_url, workdir))
+        except KeyboardInterrupt:
+            _say("interrupted; stopping everything")
+            return 130
+    _print_summary(summary, args.json)
+    return 0 if summary["events_counted"] == summary["events_accepted"] > 0 else 1
+
+
+async def _run(args: argparse.Namespace, kafka_url: str, redis_url: str, workdir: Path) -> dict[str, Any]:
+    topology = load_topology(args.topology)
+    metric = next(m for m in topology.metrics if m.kind.value == "count")
+    await kafka.ensure_topics(kafka_url, kafka.topology_topics(topology))
+    client = aioredis.Redis.from_url(redis_url)
+    base_counted = await redis_query.metric_sum(client, topology.name, metric.name)
+    base_stats = await redis_query.stats(client, topology.name)
+    workers = [
+        WorkerProcess(args.topology, "coalesce", "demo-c1", kafka_url, redis_url, workdir),
+        WorkerProcess(args.topology, "coalesce", "demo-c2", kafka_url, redis_url, workdir),
+        WorkerProcess(args.topology, "merge", "demo-m1", kafka_url, redis_url, workdir),
+    ]
+    for w in workers:
+        w.start()
+    _say(f"started {', '.join(w.name for w in workers)} (one process each)")
+    started = time.monotonic()
+    counted = 0.0
+
+    async def poll_counted() -> float:
+        return await redis_query.metric_sum(client, topology.name, metric.name) - base_counted
+
+    progress: dict[str, float] = {}
+
+    def on_progress(r: LoadResult) -> None:
+        progress["sent"] = r.sent
+        progress["accepted"] = r.accepted
+
+    try:
+        workload = Workload(keys=args.keys, channels=args.channels, event_type=metric.on)
+        load_task = asyncio.create_task(
+            produce(
+                kafka_url,
+                topology.topic("events"),
+                workload,
+                args.duration,
+                args.rate,
+                on_progress=on_progress,
+            )
+        )
+        while not load_task.done():
+            await asyncio.sleep(1.0)
+            counted = await poll_counted()
+            elapsed = time.monotonic() - started
+            _say(
+                f"[{elapsed:5.1f}s] sent {int(progress.get('sent', 0)):>9,}  "
+                f"acked {int(progress.get('accepted', 0)):>9,}  counted in Redis {int(counted):>9,}"
+            )
+            _check_workers(workers)
+        load = await load_task
+        _say(
+            f"load done: {load.accepted:,} events accepted in {load.wall_s:.1f}s "
+            f"({load.accepted / max(load.wall_s, 1e-9):,.0f}/s); waiting for the pipeline to drain ..."
+        )
+        deadline = time.monotonic() + DRAIN_TIMEOUT_S
+        while (counted := await poll_counted()) < load.accepted and time.monotonic() < deadline:
+            _check_workers(workers)
+            await asyncio.sleep(0.25)
+        wall = time.monotonic() - started
+        stats = await redis_query.stats(client, topology.name)
+        delta = {k: v - base_stats.get(k, 0) for k, v in stats.items()}
+    finally:
+        for w in workers:
+            w.stop()
+        await client.aclose()
+    partials = delta.get("partials", 0)
+    commands = delta.get("redis_commands", 0)
+    return {
+        "topology": topology.name,
+        "events_sent": load.sent,
+        "events_accepted": load.accepted,
+        "events_counted": int(counted),
+        "events_lost": load.accepted - int(counted),
+        "partials_sent": partials,
+        "redis_commands": commands,
+        "redis_round_trips": delta.get("applies", 0),
+        "dead_letters": delta.get("dead_letters", 0),
+        "events_per_partial": round(load.accepted / partials, 1) if partials else None,
+        "events_per_redis_command": round(load.accepted / commands, 1) if commands else None,
+        "load_events_per_s": round(load.accepted / max(load.wall_s, 1e-9)),
+        "wall_s": round(wall, 2),
+        "logs": str(workdir),
+    }
+
+
+def _check_workers(workers: list[WorkerProcess]) -> None:
+    for w in workers:
+        if not w.running:
+            raise SystemExit(f"worker {w.name} exited; its log:\n{w.log_tail()}")
+
+
+def _say(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+def _print_summary(summary: dict[str, Any], as_json: bool) -> None:
+    ok = summary["events_counted"] == summary["events_accepted"] > 0
+    lines = [
+        "",
+        f"events sent       {summary['events_sent']:>12,}",
+        f"events accepted   {summary['events_accepted']:>12,}   (acknowledged by the broker)",
+        f"events counted    {summary['events_counted']:>12,}   (read back from Redis)"
+        + ("   exact" if ok else "   MISMATCH"),
+        f"partials sent     {summary['partials_sent']:>12,}   ({summary['events_per_partial']} events each)",
+        f"redis commands    {summary['redis_commands']:>12,}   "
+        f"({summary['events_per_redis_command']} events each, {summary['redis_round_trips']} round trips)",
+        f"wall time         {summary['wall_s']:>12} s",
+    ]
+    print("\n".join(lines), file=sys.stderr if as_json else sys.stdout, flush=True)
+    if as_json:
+        print(orjson.dumps(summary).decode(), flush=True)

@@ -1,0 +1,94 @@
+"""What the integration tests share: a ledger of acknowledged events, workers as
+processes, and waiting until Redis agrees with the ledger."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+from collections.abc import Iterable
+from pathlib import Path
+
+import orjson
+import redis.asyncio as aioredis
+from aiokafka import AIOKafkaProducer
+
+from pipeline.core.model import message_key
+from pipeline.core.topology import Topology
+from pipeline.io import kafka, redis_query
+from pipeline.local_servers import Endpoints
+from pipeline.supervisor import WorkerProcess
+
+LedgerKey = tuple[str, str]  # (channel, key)
+
+
+async def send_events(
+    bootstrap: str, topic: str, events: Iterable[dict[str, object]], ledger: Counter[LedgerKey]
+) -> None:
+    """Send events; add to the ledger exactly those the broker acknowledged."""
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, enable_idempotence=True, acks="all", linger_ms=5)
+    await producer.start()
+    try:
+        sent = []
+        for ev in events:
+            key = str(ev["key"])
+            fut = await producer.send(topic, orjson.dumps(ev), key=message_key(key, int(ev.get("sub", 0))))  # type: ignore[call-overload]
+            sent.append((fut, (str(ev.get("channel", "")), key)))
+        for fut, cell in sent:
+            await fut
+            ledger[cell] += 1
+    finally:
+        await producer.stop()
+
+
+async def wait_for_totals(
+    redis_url: str, topology: Topology, metric: str, expected: Counter[LedgerKey], timeout_s: float
+) -> dict[LedgerKey, float]:
+    """Poll until every key's total equals the ledger (or time runs out); return what Redis holds."""
+    client = aioredis.Redis.from_url(redis_url)
+    want = sum(expected.values())
+    deadline = time.monotonic() + timeout_s
+    try:
+        while True:
+            got = await redis_query.key_totals(client, topology.name, metric)
+            if sum(got.values()) >= want and got == dict(expected):
+                return got
+            if time.monotonic() > deadline:
+                return got
+            await asyncio.sleep(0.5)
+    finally:
+        await client.aclose()
+
+
+class Pipeline:
+    """A topology's workers as real processes against the test servers."""
+
+    def __init__(self, servers: Endpoints, topology: Topology, base: str, log_dir: Path) -> None:
+        self.servers = servers
+        self.topology = topology
+        self.base = base
+        self.log_dir = log_dir
+        self.workers: list[WorkerProcess] = []
+
+    async def create_topics(self) -> None:
+        await kafka.ensure_topics(self.servers.kafka_bootstrap, kafka.topology_topics(self.topology))
+
+    def add(self, tier: str, instance: str) -> WorkerProcess:
+        w = WorkerProcess(
+            self.base,
+            tier,
+            instance,
+            self.servers.kafka_bootstrap,
+            self.servers.redis_url,
+            self.log_dir,
+            name=self.topology.name,
+        )
+        self.workers.append(w)
+        return w.start()
+
+    def stop(self) -> None:
+        for w in self.workers:
+            w.stop()
+
+    def logs(self) -> str:
+        return "\n".join(f"--- {w.name}\n{w.log_tail(15)}" for w in self.workers)

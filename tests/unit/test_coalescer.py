@@ -1,0 +1,597 @@
+"""Tier 1: the coalescer, and the central exactness property of tier 1 + tier 2.
+
+The property test computes the expected cells *with* the late-event rule, from
+an independent reference model: per source partition the watermark is the
+running maximum of the timestamps of the valid events seen so far (in offset
+order, across batches and flushes); an event is dropped from a bucketed rollup
+when its bucket's end + grace <= that watermark (the watermark includes the
+event itself). The total rollup never drops anything.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from pipeline.core.aggregates import Kind, aggregate
+from pipeline.core.coalescer import Coalescer, DeadLetter, Flush, root_partition
+from pipeline.core.merger import Merger
+from pipeline.core.model import MAX_EVENT_BYTES, Partial
+from pipeline.topology import (
+    count,
+    distinct_users,
+    every,
+    maximum,
+    minimum,
+    sum_of,
+    topology,
+    total,
+)
+
+
+@dataclass(frozen=True)
+class Rec:
+    offset: int
+    value: bytes | None
+    timestamp: int = 0
+
+
+def ev(type: str = "a", key: str = "k", **fields: Any) -> bytes:
+    return orjson.dumps({"type": type, "key": key, **fields})
+
+
+GRACE_S = 30
+MINUTE = every(60, retention_s=3600, grace_s=GRACE_S)
+
+TOPO = topology(
+    "prop",
+    metrics=[
+        count("n", "a", total(), MINUTE),
+        sum_of("s", "a", total(), MINUTE),
+        distinct_users("u", "a", total(), MINUTE),
+        minimum("lo", "b", total(), MINUTE),
+        maximum("hi", "b", total(), MINUTE),
+        count("nb", "b", total()),
+    ],
+    priorities={"a": 0, "b": 1, "c": 0},  # "c" feeds no metric: counted, nothing else
+)
+KINDS = [m.kind for m in TOPO.metrics]
+
+
+# --------------------------------------------------------------------------- reference model
+
+
+@dataclass(frozen=True)
+class Gen:
+    """A generated record: a valid event (as fields) or a raw invalid message."""
+
+    partition: int
+    type: str = "a"
+    key: str = "k"
+    channel: str | None = None
+    user: str | None = None
+    value: int | None = None
+    ts: int | None = None
+    sub: int = 0
+    record_ts: int = 0
+    invalid: bytes | None = None
+    is_invalid: bool = False
+
+    def raw(self) -> bytes | None:
+        if self.is_invalid:
+            return self.invalid
+        obj: dict[str, Any] = {"type": self.type, "key": self.key}
+        if self.channel is not None:
+            obj["channel"] = self.channel
+        if self.user is not None:
+            obj["user"] = self.user
+        if self.value is not None:
+            obj["value"] = self.value
+        if self.ts is not None:
+            obj["ts"] = self.ts
+        if self.sub:
+            obj["sub"] = self.sub
+        return orjson.dumps(obj)
+
+
+def reference(per_partition: dict[int, list[Gen]]) -> tuple[dict[Any, Any], int, int, int]:
+    """Expected (cells, valid events, dead, late drops), straight from the events."""
+    contributions: dict[Any, list[tuple[float, str | None]]] = defaultdict(list)
+    valid = dead = late = 0
+    for gens in per_partition.values():
+        wm = 0
+        for g in gens:
+            if g.is_invalid:
+                dead += 1
+                continue
+            valid += 1
+            ts = g.ts if g.ts is not None else g.record_ts
+            wm = max(wm, ts)
+            value = g.value if g.value is not None else 1
+            for index, metric in enumerate(TOPO.metrics):
+                if metric.on != g.type:
+                    continue
+                for rollup in metric.rollups:
+                    if rollup.size_s:
+                        size_ms = rollup.size_s * 1000
+                        end_ms = (ts // size_ms + 1) * size_ms
+                        if end_ms + rollup.grace_s * 1000 <= wm:
+                            late += 1
+                            continue
+                        bucket = f"{rollup.size_s}:{ts // size_ms * rollup.size_s}"
+                    else:
+                        bucket = "total"
+                    contributions[(index, g.channel or "", g.key, bucket)].append((value, g.user))
+    cells = {cell: aggregate(KINDS[cell[0]], vals) for cell, vals in contributions.items()}
+    return cells, valid, dead, late
+
+
+INVALID = [
+    None,
+    b"",
+    b"{",
+    b"[1, 2]",
+    b'{"type": "zzz", "key": "k"}',
+    b'{"type": "a"}',
+    b'{"type": "a", "key": 5}',
+    b'{"type": "a", "key": "k", "value": "1"}',
+    b'{"type": "a", "key": "k", "value": true}',
+    b'{"type": "a", "key": "k", "ts": -5}',
+    b'{"type": "a", "key": "k", "sub": 5000}',
+    b'{"type": "a", "key": "k", "value": NaN}',
+    b'{"type": "a", "key": "k", "value": 1e400}',
+    b'{"type": "a", "key": "k", "value": 1e16}',
+    b'{"type": "a", "key": "' + b"x" * 257 + b'"}',
+    b" " * (MAX_EVENT_BYTES + 1),
+]
+
+key_st = st.one_of(st.sampled_from(["k1", "k2", "k3", "k#:", "\xff", "ü"]), st.text(min_size=1, max_size=4))
+
+
+@st.composite
+def gens(draw: st.DrawFn, partitions: int) -> Gen:
+    partition = draw(st.integers(0, partitions - 1))
+    if draw(st.integers(0, 9)) == 0:
+        return Gen(partition, invalid=draw(st.sampled_from(INVALID)), is_invalid=True)
+    return Gen(
+        partition,
+        type=draw(st.sampled_from(["a", "a", "b", "c"])),
+        key=draw(key_st),
+        channel=draw(st.sampled_from([None, "", "ch1", "ch:2"])),
+        user=draw(st.sampled_from([None, "u1", "u2", "u3"])),
+        value=draw(st.none() | st.integers(-1000, 1000)),
+        ts=draw(st.none() | st.integers(0, 400_000)),
+        sub=draw(st.sampled_from([0, 0, 1, 2, 1023])),
+        record_ts=draw(st.integers(0, 400_000)),
+    )
+
+
+actions = st.lists(
+    st.one_of(
+        st.tuples(st.just("batch"), st.integers(0, 7), st.integers(1, 6)),
+        st.tuples(st.just("flush"), st.just(0), st.just(0)),
+    ),
+    max_size=25,
+)
+
+
+def check_flush(flush: Flush, window: dict[int, list[tuple[int, Gen]]], roots: int) -> None:
+    """Per-flush invariants, against what was fed in this window."""
+    fed = {p: recs for p, recs in window.items() if recs}
+    assert flush.next_offsets == {p: recs[-1][0] + 1 for p, recs in fed.items()}
+    pairs = [(p.source_partition, p.root_partition) for p in flush.partials]
+    assert len(pairs) == len(set(pairs)), "more than one partial per (source, root) partition"
+    assert {p.source_partition for p in flush.partials} == set(fed)
+    valid_total = 0
+    for src, recs in fed.items():
+        mine = [p for p in flush.partials if p.source_partition == src]
+        valid = sum(1 for _, g in recs if not g.is_invalid)
+        invalid = len(recs) - valid
+        valid_total += valid
+        for p in mine:
+            assert 0 <= p.root_partition < roots
+            assert p.window == flush.window
+            assert (p.first_offset, p.last_offset) == (recs[0][0], recs[-1][0])
+            for cell in p.cells:
+                assert root_partition(cell[2], roots) == p.root_partition
+        carriers = [p for p in mine if p.events or p.dead or p.late_dropped]
+        assert len(carriers) == 1, "counters must ride on exactly one partial"
+        assert carriers[0].events == valid
+        assert carriers[0].dead == invalid
+    assert flush.events == valid_total
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data(), sources=st.integers(1, 4), roots=st.integers(1, 4))
+def test_tiers_agree_with_direct_aggregation(data: st.DataObject, sources: int, roots: int) -> None:
+    generated = data.draw(st.lists(gens(sources), max_size=60), label="events")
+    plan = data.draw(actions, label="actions")
+    start_offsets = data.draw(st.lists(st.integers(0, 1000), min_size=sources, max_size=sources))
+    gaps = data.draw(st.lists(st.integers(1, 3), min_size=len(generated), max_size=len(generated)))
+
+    # Offsets per source partition: increasing, with gaps (transaction markers).
+    queues: dict[int, list[tuple[int, Gen]]] = defaultdict(list)
+    per_partition: dict[int, list[Gen]] = defaultdict(list)
+    next_offset = dict(enumerate(start_offsets))
+    for g, gap in zip(generated, gaps, strict=True):
+        queues[g.partition].append((next_offset[g.partition], g))
+        per_partition[g.partition].append(g)
+        next_offset[g.partition] += gap
+
+    coalescer = Coalescer(TOPO, roots, now=0.0)
+    partials: list[Partial] = []
+    dead_letters: list[DeadLetter] = []
+    window: dict[int, list[tuple[int, Gen]]] = defaultdict(list)
+    key_roots: dict[str, set[int]] = defaultdict(set)
+    now = 0.0
+
+    def add(partition: int, n: int) -> None:
+        taken, queues[partition] = queues[partition][:n], queues[partition][n:]
+        if not taken:
+            return
+        records = [Rec(off, g.raw(), g.record_ts) for off, g in taken]
+        dead = coalescer.add_batch(partition, records)
+        bad = [(off, g) for off, g in taken if g.is_invalid]
+        assert [(d.partition, d.offset) for d in dead] == [(partition, off) for off, _ in bad]
+        for d, (_, g) in zip(dead, bad, strict=True):
+            assert d.reason
+            assert d.raw == (g.invalid or b"")
+        dead_letters.extend(dead)
+        window[partition].extend(taken)
+
+    def flush() -> None:
+        nonlocal now, window
+        now += 1.0
+        result = coalescer.flush(now)
+        check_flush(result, window, roots)
+        for p in result.partials:
+            for cell in p.cells:
+                key_roots[cell[2]].add(p.root_partition)
+        partials.extend(result.partials)
+        window = defaultdict(list)
+        assert not coalescer.pending
+        assert coalescer.size == 0
+
+    for action, partition, n in plan:
+        if action == "batch":
+            add(partition % sources, n)
+        else:
+            flush()
+    for partition in range(sources):
+        add(partition, len(queues[partition]))
+    flush()
+
+    # Every cell of one key meets on one root partition, whatever its sub-key or source.
+    assert all(len(r) == 1 for r in key_roots.values())
+
+    # Tier 2, through the wire format, in any order.
+    order = data.draw(st.permutations(range(len(partials))), label="merge order")
+    merger = Merger(TOPO)
+    root_offsets: dict[int, int] = defaultdict(int)
+    for i in order:
+        p = partials[i]
+        assert merger.add(p.root_partition, root_offsets[p.root_partition], p.to_json()) is not None
+        root_offsets[p.root_partition] += 1
+    merged = merger.take()
+
+    cells, valid, dead, late = reference(per_partition)
+    assert merged.cells == cells
+    assert merged.events == valid
+    assert merged.dead == dead == len(dead_letters)
+    assert merged.late_dropped == late
+    assert merged.bad_partials == 0
+    assert merged.partials == len(partials)
+    assert merged.ranges == {r: (0, n - 1) for r, n in root_offsets.items()}
+
+
+# --------------------------------------------------------------------------- examples
+
+
+def feed(coalescer: Coalescer, partition: int, raws: list[bytes | None], start: int = 0,
+         ts: int = 0) -> list[DeadLetter]:
+    return coalescer.add_batch(partition, [Rec(start + i, r, ts) for i, r in enumerate(raws)])
+
+
+def merged_cells(flush: Flush, topo: Any = TOPO) -> dict[Any, Any]:
+    merger = Merger(topo)
+    for p in flush.partials:
+        merger.add_partial(p)
+    return merger.take().cells
+
+
+def test_simple_counts_and_offsets() -> None:
+    c = Coalescer(TOPO, 3, now=0.0)
+    assert not c.pending
+    feed(c, 0, [ev(key="x", ts=1000), ev(key="x", ts=2000, value=5), ev(key="y", ts=61_000)], start=10)
+    feed(c, 2, [ev("b", key="x", value=7, ts=1)], start=500)
+    assert c.pending
+    f = c.flush(1.0)
+    assert f.window == 1
+    assert f.next_offsets == {0: 13, 2: 501}
+    assert f.events == 4
+    cells = merged_cells(f)
+    assert cells[(0, "", "x", "total")] == 2
+    assert cells[(0, "", "x", "60:0")] == 2
+    assert cells[(1, "", "x", "total")] == 6
+    assert cells[(0, "", "y", "60:60")] == 1
+    assert cells[(3, "", "x", "total")] == 7
+    assert cells[(4, "", "x", "60:0")] == 7
+    assert cells[(5, "", "x", "total")] == 1
+    assert (5, "", "x", "60:0") not in cells  # nb has only a total rollup
+    assert f.cells == len([k for k in cells if k[2] == "x" or k[2] == "y"])
+
+
+def test_empty_flush() -> None:
+    c = Coalescer(TOPO, 2, now=0.0)
+    c.add_batch(1, [])
+    f = c.flush(1.0)
+    assert f.partials == [] and f.next_offsets == {} and f.events == 0
+    assert c.flush(2.0).window == 2
+
+
+def test_next_offsets_are_last_offset_plus_one_with_gaps() -> None:
+    c = Coalescer(TOPO, 2, now=0.0)
+    c.add_batch(0, [Rec(5, ev()), Rec(9, ev()), Rec(20, b"junk")])
+    c.add_batch(0, [Rec(22, ev())])
+    c.add_batch(3, [Rec(0, None)])
+    f = c.flush(1.0)
+    assert f.next_offsets == {0: 23, 3: 1}
+    for p in f.partials:
+        if p.source_partition == 0:
+            assert (p.first_offset, p.last_offset) == (5, 22)
+    # the next window starts afresh
+    c.add_batch(0, [Rec(23, ev())])
+    f2 = c.flush(2.0)
+    assert f2.next_offsets == {0: 24}
+    assert {(p.first_offset, p.last_offset) for p in f2.partials} == {(23, 23)}
+
+
+def test_invalid_records_become_dead_letters_and_valid_ones_still_count() -> None:
+    c = Coalescer(TOPO, 1, now=0.0)
+    big = b'{"type":"a","key":"k","pad":"' + b"x" * MAX_EVENT_BYTES + b'"}'
+    raws: list[bytes | None] = [
+        ev(key="k"),
+        None,
+        ev(key="k"),
+        b"{not json",
+        b"[]",
+        ev("nope", key="k"),
+        ev(key=""),
+        ev(key="k", value="3"),
+        ev(key="k", ts=1.5),
+        big,
+        ev(key="k"),
+    ]
+    dead = feed(c, 4, raws, start=100)
+    assert [d.offset for d in dead] == [101, 103, 104, 105, 106, 107, 108, 109]
+    assert all(d.partition == 4 for d in dead)
+    by_offset = {d.offset: d for d in dead}
+    assert by_offset[101].raw == b"" and "empty" in by_offset[101].reason
+    assert by_offset[103].raw == b"{not json" and "JSON" in by_offset[103].reason
+    assert "object" in by_offset[104].reason
+    assert by_offset[105].field == "type" and "nope" in by_offset[105].reason
+    assert by_offset[106].field == "key"
+    assert by_offset[107].field == "value"
+    assert by_offset[108].field == "ts"
+    assert by_offset[109].raw == big and str(MAX_EVENT_BYTES) in by_offset[109].reason
+    f = c.flush(1.0)
+    assert f.next_offsets == {4: 111}
+    (p,) = f.partials
+    assert (p.events, p.dead, p.late_dropped) == (3, 8, 0)
+    assert p.cells[(0, "", "k", "total")] == 3
+
+
+def test_dead_only_window_still_reports_its_counters_and_offsets() -> None:
+    c = Coalescer(TOPO, 3, now=0.0)
+    feed(c, 5, [b"x", None], start=7)
+    f = c.flush(1.0)
+    assert f.next_offsets == {5: 9}
+    (p,) = f.partials
+    assert p.cells == {} and p.dead == 2 and p.events == 0
+    assert (p.first_offset, p.last_offset) == (7, 8)
+
+
+def test_event_type_without_metrics_is_counted_but_makes_no_cells() -> None:
+    c = Coalescer(TOPO, 2, now=0.0)
+    feed(c, 0, [ev("c", key="k"), ev("c", key="j")])
+    f = c.flush(1.0)
+    (p,) = f.partials
+    assert p.cells == {} and p.events == 2
+    assert c.size == 0
+
+
+def test_one_partial_per_source_and_root_partition_and_counters_once() -> None:
+    roots = 4
+    c = Coalescer(TOPO, roots, now=0.0)
+    keys = [f"key{i}" for i in range(40)]
+    feed(c, 0, [ev(key=k) for k in keys])
+    feed(c, 1, [ev(key=k) for k in keys[:5]] + [b"bad"])
+    f = c.flush(1.0)
+    pairs = [(p.source_partition, p.root_partition) for p in f.partials]
+    assert len(pairs) == len(set(pairs))
+    assert {r for s, r in pairs if s == 0} == {root_partition(k, roots) for k in keys}
+    for src, events, dead in ((0, 40, 0), (1, 5, 1)):
+        mine = [p for p in f.partials if p.source_partition == src]
+        assert sum(p.events for p in mine) == events
+        assert sum(p.dead for p in mine) == dead
+        assert sum(1 for p in mine if p.events or p.dead) == 1
+
+
+def test_sub_keys_of_one_key_meet_on_one_root_partition() -> None:
+    roots = 5
+    c = Coalescer(TOPO, roots, now=0.0)
+    for src in range(6):
+        feed(c, src, [ev(key="viral", sub=s, channel="v", ts=1000) for s in (0, src + 1, 1023)])
+    f = c.flush(1.0)
+    targets = {p.root_partition for p in f.partials if p.cells}
+    assert targets == {root_partition("viral", roots)}
+    cells = merged_cells(f)
+    assert cells[(0, "v", "viral", "total")] == 18
+    assert all(cell[2] == "viral" for cell in cells)
+
+
+def test_root_partition_is_stable_and_in_range() -> None:
+    assert root_partition("abc", 1) == 0
+    # crc32 is stable across processes (unlike hash()): pin a few values
+    import zlib
+
+    for key in ("abc", "ü", "\xff#:"):
+        assert root_partition(key, 7) == zlib.crc32(key.encode()) % 7
+        assert 0 <= root_partition(key, 7) < 7
+
+
+def test_distinct_users_and_events_without_user() -> None:
+    c = Coalescer(TOPO, 1, now=0.0)
+    feed(c, 0, [ev(key="k", user="u1"), ev(key="k", user="u1"), ev(key="k", user="u2"), ev(key="j")])
+    cells = merged_cells(c.flush(1.0))
+    assert cells[(2, "", "k", "total")] == {"u1", "u2"}
+    assert cells[(2, "", "j", "total")] == set()
+
+
+def test_min_max_sum_with_floats() -> None:
+    c = Coalescer(TOPO, 1, now=0.0)
+    feed(c, 0, [ev("b", key="k", value=v) for v in (3.5, -1.25, 10, 0)])
+    feed(c, 0, [ev(key="k", value=v) for v in (0.5, 0.25)], start=4)
+    cells = merged_cells(c.flush(1.0))
+    assert cells[(3, "", "k", "total")] == -1.25
+    assert cells[(4, "", "k", "total")] == 10
+    assert cells[(1, "", "k", "total")] == 0.75
+
+
+# --------------------------------------------------------------------------- memory bound and clock
+
+
+def test_full_at_max_cells() -> None:
+    topo = topology("small", [count("n", "a")], {"a": 0}, max_cells=3)
+    c = Coalescer(topo, 1, now=0.0)
+    assert c.size == 0 and not c.full and not c.due(0.0)
+    feed(c, 0, [ev(key="k1"), ev(key="k1"), ev(key="k2")])
+    assert c.size == 2 and not c.full and not c.due(0.0)
+    feed(c, 0, [ev(key="k3")], start=3)
+    assert c.size == 3 and c.full and c.due(0.0)
+    c.flush(0.0)
+    assert c.size == 0 and not c.full and not c.due(0.0)
+
+
+def test_distinct_members_count_toward_the_memory_bound() -> None:
+    topo = topology("small", [distinct_users("u", "a")], {"a": 0}, max_cells=4)
+    c = Coalescer(topo, 1, now=0.0)
+    feed(c, 0, [ev(key="k", user="u1"), ev(key="k", user="u1"), ev(key="k", user="u2")])
+    assert c.size == 3 and not c.full
+    feed(c, 0, [ev(key="k", user="u3")], start=3)
+    assert c.full
+
+
+def test_flush_clock_due_after_interval_without_events() -> None:
+    topo = topology("clock", [count("n", "a")], {"a": 0}, flush_interval_ms=250)
+    c = Coalescer(topo, 1, now=100.0)
+    assert not c.due(100.0)
+    assert not c.due(100.249)
+    assert c.due(100.25)
+    assert c.due(1000.0)
+    f = c.flush(100.3)
+    assert f.partials == []
+    assert not c.due(100.5)
+    assert c.due(100.55)
+
+
+def test_forget_drops_state_of_revoked_partitions() -> None:
+    topo = topology("f", [count("n", "a"), distinct_users("u", "a")], {"a": 0})
+    c = Coalescer(topo, 1, now=0.0)
+    feed(c, 0, [ev(key="k", user="u1"), ev(key="k", user="u2")])
+    feed(c, 1, [ev(key="j", user="u1"), ev(key="j", user="u2"), ev(key="j", user="u3")])
+    reference = Coalescer(topo, 1, now=0.0)
+    feed(reference, 1, [ev(key="j", user="u1"), ev(key="j", user="u2"), ev(key="j", user="u3")])
+    c.forget([0, 99])
+    assert c.size == reference.size
+    f = c.flush(1.0)
+    assert f.next_offsets == {1: 3}
+    assert {p.source_partition for p in f.partials} == {1}
+
+
+# --------------------------------------------------------------------------- late events
+
+
+LATE = topology("late", [count("n", "a", total(), every(60, 600, grace_s=30))], {"a": 0})
+
+
+def late_cells(c: Coalescer) -> tuple[dict[Any, Any], int]:
+    f = c.flush(1.0)
+    return merged_cells(f, LATE), sum(p.late_dropped for p in f.partials)
+
+
+def test_late_event_beyond_grace_is_dropped_from_buckets_but_counted_in_total() -> None:
+    c = Coalescer(LATE, 2, now=0.0)
+    # watermark 200 s; the bucket [60 s, 120 s) closed at 120 s, grace ended at 150 s
+    feed(c, 0, [ev(ts=200_000), ev(ts=100_000)])
+    cells, late = late_cells(c)
+    assert cells[(0, "", "k", "total")] == 2
+    assert cells[(0, "", "k", "60:180")] == 1
+    assert (0, "", "k", "60:60") not in cells
+    assert late == 1
+
+
+def test_late_event_within_grace_is_applied() -> None:
+    c = Coalescer(LATE, 1, now=0.0)
+    # watermark 200 s; the bucket [120 s, 180 s) closed at 180 s, grace lasts until 210 s
+    feed(c, 0, [ev(ts=200_000), ev(ts=175_000), ev(ts=120_000)])
+    cells, late = late_cells(c)
+    assert cells[(0, "", "k", "60:120")] == 2
+    assert cells[(0, "", "k", "total")] == 3
+    assert late == 0
+
+
+def test_watermark_survives_flushes_and_is_per_partition() -> None:
+    c = Coalescer(LATE, 1, now=0.0)
+    feed(c, 0, [ev(ts=1_000_000)])
+    c.flush(1.0)
+    feed(c, 0, [ev(ts=10_000)], start=1)  # late on partition 0 ...
+    feed(c, 1, [ev(ts=10_000)])  # ... but not on partition 1, which has its own watermark
+    cells, late = late_cells(c)
+    assert cells[(0, "", "k", "60:0")] == 1
+    assert cells[(0, "", "k", "total")] == 2
+    assert late == 1
+
+
+def test_watermark_uses_record_timestamp_when_event_has_no_ts() -> None:
+    c = Coalescer(LATE, 1, now=0.0)
+    c.add_batch(0, [Rec(0, ev(), timestamp=500_000), Rec(1, ev(ts=5_000), timestamp=0)])
+    cells, late = late_cells(c)
+    assert cells[(0, "", "k", "60:480")] == 1
+    assert (0, "", "k", "60:0") not in cells
+    assert late == 1
+
+
+def test_late_event_counts_toward_events() -> None:
+    c = Coalescer(LATE, 1, now=0.0)
+    feed(c, 0, [ev(ts=1_000_000), ev(ts=0)])
+    f = c.flush(1.0)
+    assert f.events == 2
+    assert sum(p.events for p in f.partials) == 2
+
+
+def test_forgotten_partition_watermark_moves_with_it() -> None:
+    c = Coalescer(LATE, 1, now=0.0)
+    feed(c, 0, [ev(ts=1_000_000)])
+    c.flush(1.0)
+    c.forget([0])
+    feed(c, 0, [ev(ts=10_000)], start=1)
+    cells, late = late_cells(c)
+    assert cells[(0, "", "k", "60:0")] == 1
+    assert late == 0
+
+
+@pytest.mark.parametrize("roots", [1, 2, 3, 8])
+def test_late_counter_rides_with_the_other_counters(roots: int) -> None:
+    c = Coalescer(LATE, roots, now=0.0)
+    feed(c, 3, [ev(key="a", ts=1_000_000), ev(key="b", ts=0), ev(key="c", ts=0)])
+    f = c.flush(1.0)
+    carriers = [p for p in f.partials if p.events or p.late_dropped or p.dead]
+    assert len(carriers) == 1
+    assert (carriers[0].events, carriers[0].late_dropped) == (3, 2)

@@ -17,7 +17,9 @@ import orjson
 from pipeline.core.aggregates import Kind
 from pipeline.core.model import MAX_EVENT_BYTES, Cell, InvalidEvent, Partial, check_event
 from pipeline.core.topology import Topology
-from pipeline.core.windows import FlushClock, Rollup
+from pipeline.core.windows import TOTAL, FlushClock, Rollup
+
+COUNT = Kind.COUNT
 
 
 class Record(Protocol):
@@ -66,6 +68,33 @@ class _PartitionState:
     dead: int = 0
 
 
+def _fold(cells: dict[Cell, Any], cell: Cell, kind: Kind, value: float, user: str | None) -> int:
+    """Fold one event into a cell; returns how much the held size grew."""
+    old = cells.get(cell)
+    if kind is Kind.DISTINCT:
+        grew = 0
+        if old is None:
+            cells[cell] = old = set()
+            grew = 1
+        if user is not None and user not in old:
+            old.add(user)
+            grew += 1
+        return grew
+    if old is None:
+        cells[cell] = 1 if kind is COUNT else value
+        return 1
+    if kind is COUNT:
+        cells[cell] = old + 1
+    elif kind is Kind.SUM:
+        cells[cell] = old + value
+    elif kind is Kind.MIN:
+        if value < old:
+            cells[cell] = value
+    elif value > old:
+        cells[cell] = value
+    return 0
+
+
 class Coalescer:
     """Sans-I/O: feed it records, ask it when to flush, take the partials."""
 
@@ -76,8 +105,12 @@ class Coalescer:
         self.max_cells = topology.max_cells
         self.window = 0
         self._types = topology.types
-        self._plan: dict[str, tuple[tuple[int, Kind, tuple[Rollup, ...]], ...]] = {
-            t: tuple((i, m.kind, m.rollups) for i, m in metrics)
+        # per event type: (metric index, kind, has a total rollup, bucketed rollups)
+        self._plan: dict[str, tuple[tuple[int, Kind, bool, tuple[Rollup, ...]], ...]] = {
+            t: tuple(
+                (i, m.kind, any(not r.size_s for r in m.rollups), tuple(r for r in m.rollups if r.size_s))
+                for i, m in metrics
+            )
             for t, metrics in topology.metrics_by_type.items()
         }
         self._parts: dict[int, _PartitionState] = {}
@@ -136,36 +169,23 @@ class Coalescer:
             events += 1
             if ets > wm:
                 wm = ets
-            for index, kind, rollups in plan[etype]:
-                for rollup in rollups:
-                    if rollup.size_s and rollup.is_late(ets, wm):
-                        late += 1
-                        continue
-                    cell = (index, channel, key, rollup.bucket(ets))
-                    old = cells.get(cell)
-                    if kind is Kind.COUNT:
+            for index, kind, has_total, bucketed in plan[etype]:
+                if has_total:
+                    cell = (index, channel, key, TOTAL)
+                    if kind is COUNT:  # the common case, inline
+                        old = cells.get(cell)
                         if old is None:
                             cells[cell] = 1
                             size += 1
                         else:
                             cells[cell] = old + 1
-                    elif kind is Kind.DISTINCT:
-                        if old is None:
-                            cells[cell] = old = set()
-                            size += 1
-                        if user is not None and user not in old:
-                            old.add(user)
-                            size += 1
-                    elif old is None:
-                        cells[cell] = value
-                        size += 1
-                    elif kind is Kind.SUM:
-                        cells[cell] = old + value
-                    elif kind is Kind.MIN:
-                        if value < old:
-                            cells[cell] = value
-                    elif value > old:
-                        cells[cell] = value
+                    else:
+                        size += _fold(cells, cell, kind, value, user)
+                for rollup in bucketed:
+                    if rollup.is_late(ets, wm):
+                        late += 1
+                    else:
+                        size += _fold(cells, (index, channel, key, rollup.bucket(ets)), kind, value, user)
         if offset >= 0:
             part.last = offset
         part.events += events

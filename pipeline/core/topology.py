@@ -18,7 +18,7 @@ _NAME = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
 
 
 def _check_name(what: str, name: str) -> None:
-    if not _NAME.match(name):
+    if not _NAME.fullmatch(name):  # match() would let a trailing newline through ($)
         raise ValueError(f"{what} name {name!r} must match {_NAME.pattern}")
 
 

@@ -12,7 +12,7 @@ import contextlib
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
 
@@ -132,3 +132,30 @@ async def lag(consumer: AIOKafkaConsumer) -> dict[int, int]:
             continue
         out[tp.partition] = max(0, high - pos)
     return out
+
+
+IDLE_PROBE_MS = 5
+
+
+async def fetch(
+    consumer: AIOKafkaConsumer, max_records: int, idle_backoff_s: float
+) -> dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]]:
+    """`getmany` that stops fetching for `idle_backoff_s` when nothing came.
+
+    A consumer that finds nothing fetches again at once, relying on the broker
+    to hold the request for fetch.max.wait.ms; a broker that answers empty
+    fetches immediately turns every idle worker into a busy loop. Pausing the
+    partitions while idle bounds that cost on any broker, for at most
+    `idle_backoff_s` of extra latency on the first record after a pause.
+    """
+    batch = await consumer.getmany(timeout_ms=IDLE_PROBE_MS, max_records=max_records)
+    if batch:
+        return batch
+    assigned = consumer.assignment()
+    consumer.pause(*assigned)
+    try:
+        await asyncio.sleep(idle_backoff_s)
+    finally:
+        # a rebalance during the sleep may have taken some away (or brought new, unpaused ones)
+        consumer.resume(*(consumer.assignment() & consumer.paused()))
+    return {}

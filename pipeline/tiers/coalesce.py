@@ -74,10 +74,12 @@ class CoalesceWorker:
         consumer = self.consumer
         records_in = obs.RECORDS_IN.labels(*self.labels)
         next_progress = time.monotonic() + PROGRESS_EVERY_S
+        idle_s = self.settings.idle_backoff_ms / 1000
+        max_records = self.settings.max_poll_records
         while not stop.is_set():
-            now = time.monotonic()
-            wait_ms = int(min(c.clock.remaining(now), 0.2) * 1000) + 1
-            batch = await consumer.getmany(timeout_ms=wait_ms, max_records=self.settings.max_poll_records)
+            # an idle pause never outlasts the open window: it closes on time with no new events
+            backoff = min(idle_s, c.clock.remaining(time.monotonic()))
+            batch = await kafka.fetch(consumer, max_records, backoff)
             for tp, records in batch.items():
                 dead = c.add_batch(tp.partition, records)
                 records_in.inc(len(records))

@@ -75,7 +75,7 @@ class MergeWorker:
     async def _loop(self, stop: asyncio.Event) -> None:
         next_progress = time.monotonic() + PROGRESS_EVERY_S
         while not stop.is_set():
-            batch = await self.consumer.getmany(timeout_ms=200)
+            batch = await kafka.fetch(self.consumer, 2_000, self.settings.idle_backoff_ms / 1000)
             if batch:
                 await self._apply(batch)
             now = time.monotonic()

@@ -67,7 +67,8 @@ async def test_sigkill_mid_stream_counts_every_event_once(
         wrong = {k: (got.get(k), v) for k, v in ledger.items() if got.get(k) != v}
         extra = set(got) - set(ledger)
         assert not wrong and not extra, (
-            f"{len(wrong)} keys wrong (got, want), e.g. {list(wrong.items())[:5]}; extra {extra}\n{pipe.logs()}"
+            f"{len(wrong)} keys wrong (got, want), e.g. {list(wrong.items())[:5]}; "
+            f"extra {extra}\n{pipe.logs()}"
         )
         client = aioredis.Redis.from_url(servers.redis_url)
         stats = await redis_query.stats(client, topology.name)

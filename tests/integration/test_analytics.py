@@ -1,0 +1,75 @@
+"""The analytics topology end to end: per-minute and per-hour rollups with retention,
+distinct visitors, and late events corrected within grace or dropped and counted."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import redis.asyncio as aioredis
+
+from pipeline.core.redis_layout import agg_key, uniq_key
+from pipeline.io import redis_query
+from pipeline.local_servers import Endpoints
+from tests.integration.pipeline_harness import LedgerKey, Pipeline, send_events, wait_for_totals
+from topologies.analytics import TOPOLOGY
+
+pytestmark = pytest.mark.integration
+
+T0 = 1_700_000_000_000 // 3_600_000 * 3_600_000  # the start of an hour, in ms
+MIN = 60_000
+
+
+async def test_rollups_distinct_visitors_and_late_events(
+    servers: Endpoints, unique_name: str, tmp_path: Path
+) -> None:
+    topology = TOPOLOGY.renamed(unique_name)
+    pipe = Pipeline(servers, topology, "analytics", tmp_path)
+    await pipe.create_topics()
+    page, site = "/home?q=a:b", "example.org"
+
+    def view(ts: int, user: str) -> dict[str, object]:
+        return {"type": "page_view", "key": page, "channel": site, "ts": ts, "user": user}
+
+    events = [view(T0 + i * 1000, f"u{i % 7}") for i in range(30)]  # minute 0: 30 views, 7 visitors
+    events += [view(T0 + 10 * MIN + i * 1000, f"u{i % 3}") for i in range(5)]  # minute 10: 5 views
+    events += [view(T0 + 10 * MIN - 5_000, "u-late-ok")]  # minute 9, 5 s late: within 30 s grace
+    events += [view(T0 + 2 * MIN, "u-too-late")]  # minute 2, 8 minutes late: dropped from minutes
+    events += [{"type": "click", "key": page, "channel": site, "ts": T0 + 10 * MIN, "user": "u1"}]
+    ledger: Counter[LedgerKey] = Counter()
+    # one key, so one partition and one watermark, sent in order
+    await send_events(servers.kafka_bootstrap, topology.topic("events"), events, ledger)
+    pipe.add("coalesce", "c1")
+    pipe.add("merge", "m1")
+    client = aioredis.Redis.from_url(servers.redis_url)
+    try:
+        views = Counter({(site, page): 37})
+        got = await wait_for_totals(servers.redis_url, topology, "views", views, timeout_s=60)
+        assert got == dict(views), pipe.logs()
+        assert await redis_query.key_totals(client, topology.name, "clicks") == {(site, page): 1}
+
+        def minute(m: int) -> str:
+            return agg_key(topology.name, "views", f"60:{(T0 + m * MIN) // 1000}", site)
+
+        assert int(await client.hget(minute(0), page)) == 30
+        assert int(await client.hget(minute(10), page)) == 5
+        assert int(await client.hget(minute(9), page)) == 1  # late, but within grace
+        assert await client.hget(minute(2), page) is None  # too late for its minute
+        hour = agg_key(topology.name, "views", f"3600:{T0 // 1000}", site)
+        assert int(await client.hget(hour, page)) == 37  # the hour was still open for all of them
+        ttl = await client.ttl(minute(0))
+        assert 0 < ttl <= 2 * 24 * 3600
+
+        visitors_total = uniq_key(topology.name, "visitors", "total", site, page)
+        assert await client.pfcount(visitors_total) == 9  # u0..u6, u-late-ok, u-too-late
+        visitors_m0 = uniq_key(topology.name, "visitors", f"60:{T0 // 1000}", site, page)
+        assert await client.pfcount(visitors_m0) == 7
+
+        stats = await redis_query.stats(client, topology.name)
+        # the too-late view is dropped from its minute bucket twice: views and visitors
+        assert stats["late_dropped"] == 2
+        assert stats["events"] == len(events)
+    finally:
+        await client.aclose()
+        pipe.stop()

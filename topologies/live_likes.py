@@ -15,6 +15,8 @@ TOPOLOGY = topology(
     # Comments matter more than likes: under overload, likes are shed first.
     priorities={"like": 0, "comment": 1},
     flush_interval_ms=250,
+    # comments also reach viewers whole, as a live feed
+    feed_types={"comment"},
     partitions=Partitions(events=6, partials=3, updates=3),
     description="likes per comment, channel = live video, 250 ms flush, top comments per video",
 )

@@ -16,11 +16,11 @@ from __future__ import annotations
 import os
 import sys
 import time
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-import faust
 import orjson
 
 PROGRESS_EVERY = 1_000
@@ -29,6 +29,12 @@ PROGRESS_EVERY = 1_000
 # 1 s fails with "range() arg 3 must not be zero". 1 s is the smallest that works;
 # the per-event cost (one table update, one changelog message) does not depend on it.
 WINDOW_S = 1.0
+
+
+@dataclass
+class _Progress:
+    seen: int = 0
+    first: float = 0.0
 
 
 def write_status(path: Path, status: dict[str, Any]) -> None:
@@ -50,9 +56,11 @@ def build_app(
     broker: str, app_id: str, topic_name: str, partitions: int, expected: int, datadir: str, status: Path
 ) -> Any:
     """A Faust app as a tutorial would write it: JSON values, a tumbling-window count per key."""
+    import faust  # here, so the parent can use read_status without importing Faust
+
     app = faust.App(
         app_id,
-        broker=f"kafka://{broker}",
+        broker=";".join(f"kafka://{host}" for host in broker.split(",")),
         store="memory://",
         topic_partitions=partitions,
         topic_replication_factor=1,
@@ -66,17 +74,18 @@ def build_app(
     likes = app.Table("likes", default=int, partitions=partitions).tumbling(
         WINDOW_S, expires=timedelta(seconds=30)
     )
-    state = {"seen": 0, "first": 0.0}
+    progress = _Progress()
 
     @app.agent(topic)
     async def count_likes(stream: Any) -> None:
         async for event in stream:
             likes[event["key"]] += 1
-            seen = state["seen"] = state["seen"] + 1
+            progress.seen += 1
+            seen = progress.seen
             if seen == 1:
-                state["first"] = time.perf_counter()
+                progress.first = time.perf_counter()
             if seen == expected:
-                elapsed = time.perf_counter() - state["first"]
+                elapsed = time.perf_counter() - progress.first
                 # From the first event to the last, so Faust's start-up and rebalance are not counted.
                 eps = (expected - 1) / elapsed if elapsed > 0 else 0.0
                 write_status(status, {"seen": seen, "seconds": elapsed, "eps": eps})
@@ -97,7 +106,7 @@ def main() -> None:
         env["BENCH_FAUST_DATADIR"],
         Path(env["BENCH_FAUST_STATUS"]),
     )
-    sys.argv = [sys.argv[0], "worker", "--loglevel", env.get("BENCH_FAUST_LOGLEVEL", "warning")]
+    sys.argv = [sys.argv[0], "worker", "--loglevel", env.get("BENCH_FAUST_LOGLEVEL", "warn")]
     app.main()
 
 

@@ -15,7 +15,7 @@ from typing import Any, Protocol
 import orjson
 
 from pipeline.core.aggregates import Kind
-from pipeline.core.model import MAX_EVENT_BYTES, Cell, InvalidEvent, Partial, check_event
+from pipeline.core.model import MAX_EVENT_BYTES, Cell, EventFields, InvalidEvent, Partial, check_event
 from pipeline.core.topology import Topology
 from pipeline.core.windows import TOTAL, FlushClock, Rollup
 
@@ -56,6 +56,9 @@ class Flush:
     next_offsets: dict[int, int]  # source partition -> offset to resume from
     events: int = 0
     cells: int = 0
+    duplicates: int = 0
+    # (channel, raw event) of feed types (e.g. comments), forwarded to the feed topic
+    feed: list[tuple[str, bytes]] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -66,6 +69,9 @@ class _PartitionState:
     events: int = 0
     late: int = 0
     dead: int = 0
+    duplicates: int = 0
+    # events with an id, waiting for the dedup verdict: (offset, fields, raw)
+    held: list[tuple[int, EventFields, bytes]] = field(default_factory=list)
 
 
 def _fold(cells: dict[Cell, Any], cell: Cell, kind: Kind, value: float, user: str | None) -> int:
@@ -113,6 +119,9 @@ class Coalescer:
             )
             for t, metrics in topology.metrics_by_type.items()
         }
+        self._dedup = topology.dedup_horizon_s > 0
+        self._feed_types = topology.feed_types
+        self._feed: list[tuple[str, bytes]] = []
         self._parts: dict[int, _PartitionState] = {}
         self._watermark: dict[int, int] = {}
         self._size = 0
@@ -134,18 +143,20 @@ class Coalescer:
         return self.full or self.clock.due(now)
 
     def add_batch(self, partition: int, records: Iterable[Record]) -> list[DeadLetter]:
-        """Fold a batch of one partition's records; return those that can never be counted."""
+        """Fold a batch of one partition's records; return those that can never be counted.
+
+        Events that carry an id are held back when the topology deduplicates:
+        the runtime asks its dedup store about `held_ids()` and calls `resolve`.
+        """
         part = self._parts.get(partition)
         if part is None:
             part = self._parts[partition] = _PartitionState()
-        cells = part.cells
-        plan = self._plan
         types = self._types
         loads = orjson.loads
-        wm = self._watermark.get(partition, 0)
+        dedup = self._dedup
+        feed_types = self._feed_types
         dead: list[DeadLetter] = []
-        events = late = 0
-        size = self._size
+        accepted: list[EventFields] = []
         offset = -1
         for record in records:
             offset = record.offset
@@ -157,16 +168,55 @@ class Coalescer:
                     raise InvalidEvent("empty message (no value)")
                 if len(raw) > MAX_EVENT_BYTES:
                     raise InvalidEvent(f"event is {len(raw)} bytes, over the {MAX_EVENT_BYTES} byte limit")
-                etype, key, channel, ets, value, user, _id, _sub = check_event(
-                    loads(raw), types, record.timestamp
-                )
+                fields = check_event(loads(raw), types, record.timestamp)
             except InvalidEvent as exc:
                 dead.append(DeadLetter(partition, offset, raw or b"", exc.reason, exc.field))
                 continue
             except orjson.JSONDecodeError as exc:
                 dead.append(DeadLetter(partition, offset, raw or b"", f"not valid JSON: {exc}"))
                 continue
-            events += 1
+            if dedup and fields[6] is not None:
+                part.held.append((offset, fields, raw))
+                continue
+            accepted.append(fields)
+            if feed_types and fields[0] in feed_types:
+                self._feed.append((fields[2], raw))
+        if offset >= 0:
+            part.last = offset
+        part.dead += len(dead)
+        self._fold(partition, part, accepted)
+        return dead
+
+    def held_ids(self) -> list[tuple[int, int, str]]:
+        """(partition, offset, id) of every event waiting for its dedup verdict."""
+        return [(p, offset, f[6] or "") for p, part in self._parts.items() for offset, f, _ in part.held]
+
+    def resolve(self, duplicates: set[tuple[int, int]]) -> int:
+        """Fold the held events except the (partition, offset) pairs that are duplicates."""
+        dropped = 0
+        for partition, part in self._parts.items():
+            if not part.held:
+                continue
+            keep: list[EventFields] = []
+            for offset, fields, raw in part.held:
+                if (partition, offset) in duplicates:
+                    dropped += 1
+                    continue
+                keep.append(fields)
+                if fields[0] in self._feed_types:
+                    self._feed.append((fields[2], raw))
+            part.duplicates += len(part.held) - len(keep)
+            part.held = []
+            self._fold(partition, part, keep)
+        return dropped
+
+    def _fold(self, partition: int, part: _PartitionState, events: list[EventFields]) -> None:
+        cells = part.cells
+        plan = self._plan
+        wm = self._watermark.get(partition, 0)
+        late = 0
+        size = self._size
+        for etype, key, channel, ets, value, user, _id, _sub in events:
             if ets > wm:
                 wm = ets
             for index, kind, has_total, bucketed in plan[etype]:
@@ -186,17 +236,15 @@ class Coalescer:
                         late += 1
                     else:
                         size += _fold(cells, (index, channel, key, rollup.bucket(ets)), kind, value, user)
-        if offset >= 0:
-            part.last = offset
-        part.events += events
+        part.events += len(events)
         part.late += late
-        part.dead += len(dead)
         self._watermark[partition] = wm
         self._size = size
-        return dead
 
     def flush(self, now: float) -> Flush:
         """Close the window: partials for every (source partition, root partition) with something to say."""
+        if any(part.held for part in self._parts.values()):
+            raise RuntimeError("flush with events still waiting for their dedup verdict; call resolve()")
         self.window += 1
         self.clock.reset(now)
         result = Flush(self.window, [], {})
@@ -215,7 +263,7 @@ class Coalescer:
                     bucket[cell] = value
             # Counters ride on one fixed root partition so they are applied exactly once too.
             home = partition % roots
-            if (part.events or part.late or part.dead) and home not in by_root:
+            if (part.events or part.late or part.dead or part.duplicates) and home not in by_root:
                 by_root[home] = {}
             for r, cells in sorted(by_root.items()):
                 counters = r == home
@@ -230,10 +278,13 @@ class Coalescer:
                         events=part.events if counters else 0,
                         late_dropped=part.late if counters else 0,
                         dead=part.dead if counters else 0,
+                        duplicates=part.duplicates if counters else 0,
                     )
                 )
             result.events += part.events
+            result.duplicates += part.duplicates
             result.cells += len(part.cells)
+        result.feed, self._feed = self._feed, []
         self._parts = {}
         self._size = 0
         return result

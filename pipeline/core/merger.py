@@ -26,6 +26,7 @@ class MergedBatch:
     events: int = 0
     late_dropped: int = 0
     dead: int = 0
+    duplicates: int = 0
     bad_partials: int = 0
 
     @property
@@ -88,6 +89,7 @@ class Merger:
         batch.events += partial.events
         batch.late_dropped += partial.late_dropped
         batch.dead += partial.dead
+        batch.duplicates += partial.duplicates
 
     def take(self) -> MergedBatch:
         batch, self._batch = self._batch, MergedBatch()

@@ -16,6 +16,7 @@ FORMAT_VERSION = 1
 MAX_EVENT_BYTES = 64 * 1024
 MAX_KEY_CHARS = 256
 MAX_ID_CHARS = 128
+MAX_TEXT_CHARS = 2000
 MAX_SUBKEYS = 1024
 MAX_ABS_VALUE = 1e15
 
@@ -45,6 +46,7 @@ class Event:
     user: str | None = None
     id: str | None = None
     sub: int = 0
+    text: str | None = None
 
     def to_json(self) -> bytes:
         obj: dict[str, Any] = {"type": self.type, "key": self.key}
@@ -60,6 +62,8 @@ class Event:
             obj["id"] = self.id
         if self.sub:
             obj["sub"] = self.sub
+        if self.text is not None:
+            obj["text"] = self.text
         return orjson.dumps(obj)
 
 
@@ -119,6 +123,7 @@ def check_event(obj: Any, types: frozenset[str] | None = None, default_ts_ms: in
         ts = get("ts")
         value = get("value", 1)
         sub = get("sub", 0)
+        text = get("text")
         if (
             type(etype) is str
             and etype in types
@@ -133,6 +138,7 @@ def check_event(obj: Any, types: frozenset[str] | None = None, default_ts_ms: in
             and -MAX_ABS_VALUE <= value <= MAX_ABS_VALUE
             and type(sub) is int
             and 0 <= sub < MAX_SUBKEYS
+            and (text is None or (type(text) is str and len(text) <= MAX_TEXT_CHARS))
         ):
             return etype, key, channel, default_ts_ms if ts is None else ts, value, user, event_id, sub
     return explain_event(obj, types, default_ts_ms)
@@ -149,6 +155,7 @@ def explain_event(obj: Any, types: frozenset[str] | None = None, default_ts_ms: 
     channel = _text(obj, "channel", MAX_KEY_CHARS) or ""
     user = _text(obj, "user", MAX_KEY_CHARS)
     event_id = _text(obj, "id", MAX_ID_CHARS)
+    _text(obj, "text", MAX_TEXT_CHARS)
     ts = obj.get("ts")
     if ts is None:
         ts = default_ts_ms
@@ -170,7 +177,8 @@ def explain_event(obj: Any, types: frozenset[str] | None = None, default_ts_ms: 
 
 def validate_event(obj: Any, types: frozenset[str] | None = None, default_ts_ms: int = 0) -> Event:
     """Like `check_event`, as an Event (for the SDK and the gateway)."""
-    return Event(*check_event(obj, types, default_ts_ms))
+    text = obj.get("text") if isinstance(obj, dict) else None
+    return Event(*check_event(obj, types, default_ts_ms), text=text)
 
 
 def decode_event(raw: bytes, types: frozenset[str] | None = None, default_ts_ms: int = 0) -> Event:
@@ -203,6 +211,7 @@ class Partial:
     events: int = 0
     late_dropped: int = 0
     dead: int = 0
+    duplicates: int = 0
 
     def to_json(self) -> bytes:
         cells = [
@@ -219,6 +228,7 @@ class Partial:
                 "events": self.events,
                 "late": self.late_dropped,
                 "dead": self.dead,
+                "dup": self.duplicates,
                 "cells": cells,
             }
         )
@@ -241,6 +251,7 @@ class Partial:
             obj["events"],
             obj["late"],
             obj["dead"],
+            obj.get("dup", 0),
         )
 
 

@@ -114,6 +114,7 @@ def plan_apply(topology: Topology, batch: MergedBatch) -> ApplyPlan:
         ["events", batch.events],
         ["late_dropped", batch.late_dropped],
         ["dead_letters", batch.dead],
+        ["deduplicated", batch.duplicates],
         ["partials", batch.partials],
         ["bad_partials", batch.bad_partials],
         ["applies", 1],

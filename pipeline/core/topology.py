@@ -7,7 +7,7 @@ where to put it (topic names, Redis keys). `topologies/` holds the shipped ones.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from functools import cached_property
 
@@ -80,6 +80,10 @@ class Topology:
     max_cells: int = 200_000
     partitions: Partitions = field(default_factory=Partitions)
     description: str = ""
+    # events of these types are also forwarded, whole, to the feed topic (e.g. comments for viewers)
+    feed_types: frozenset[str] = frozenset()
+    # a repeated event id within this many seconds is acknowledged but counted once (0: off)
+    dedup_horizon_s: int = 600
 
     def __post_init__(self) -> None:
         _check_name("topology", self.name)
@@ -89,7 +93,9 @@ class Topology:
         for m in self.metrics:
             if m.on not in self.priorities:
                 raise ValueError(f"metric {m.name!r} is on event type {m.on!r}, which is not declared")
-        if self.flush_interval_ms <= 0 or self.max_cells <= 0:
+        if not self.feed_types <= set(self.priorities):
+            raise ValueError(f"feed types {set(self.feed_types) - set(self.priorities)} are not declared")
+        if self.flush_interval_ms <= 0 or self.max_cells <= 0 or self.dedup_horizon_s < 0:
             raise ValueError("flush_interval_ms and max_cells must be positive")
 
     @cached_property
@@ -126,6 +132,22 @@ def topology(
     name: str,
     metrics: Sequence[Metric],
     priorities: Mapping[str, int],
-    **options: object,
+    *,
+    flush_interval_ms: int = 250,
+    max_cells: int = 200_000,
+    partitions: Partitions | None = None,
+    description: str = "",
+    feed_types: Iterable[str] = (),
+    dedup_horizon_s: int = 600,
 ) -> Topology:
-    return Topology(name, tuple(metrics), dict(priorities), **options)  # type: ignore[arg-type]
+    return Topology(
+        name,
+        tuple(metrics),
+        dict(priorities),
+        flush_interval_ms=flush_interval_ms,
+        max_cells=max_cells,
+        partitions=partitions or Partitions(),
+        description=description,
+        feed_types=frozenset(feed_types),
+        dedup_horizon_s=dedup_horizon_s,
+    )

@@ -32,6 +32,7 @@ def topology_topics(topology: Topology) -> list[TopicSpec]:
         TopicSpec(topology.topic("events"), parts.events),
         TopicSpec(topology.topic("partials"), parts.partials),
         TopicSpec(topology.topic("updates"), parts.updates),
+        TopicSpec(topology.topic("feed"), parts.updates),
         TopicSpec(topology.topic("dead-letters"), 1),
         TopicSpec(topology.topic("splits"), 1, {"cleanup.policy": "compact"}),
     ]

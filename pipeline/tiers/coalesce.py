@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import time
 
+import redis.asyncio as aioredis
 from aiokafka import ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import KafkaError, ProducerFenced
 
@@ -20,6 +21,7 @@ from pipeline import observability as obs
 from pipeline.core.coalescer import Coalescer, DeadLetter
 from pipeline.core.topology import Topology
 from pipeline.io import kafka
+from pipeline.io.dedup_store import DedupStore
 from pipeline.settings import Settings
 
 LAG_EVERY_S = 2.0
@@ -50,6 +52,9 @@ class CoalesceWorker:
             max_records=settings.max_poll_records,
         )
         self.producer = kafka.transactional_producer(settings.kafka, self.group, settings.instance)
+        self.redis = aioredis.Redis.from_url(settings.redis)
+        self.dedup = DedupStore(self.redis, topology.name, topology.dedup_horizon_s)
+        self.feed_topic = topology.topic("feed")
         self.events_in = 0
         self.partials_out = 0
 
@@ -67,6 +72,7 @@ class CoalesceWorker:
             lag_task.cancel()
             await self.consumer.stop()
             await self.producer.stop()
+            await self.redis.aclose()
             self.log.info("stopped", events_in=self.events_in, partials_out=self.partials_out)
 
     async def _loop(self, stop: asyncio.Event) -> None:
@@ -85,6 +91,9 @@ class CoalesceWorker:
                 records_in.inc(len(records))
                 if dead:
                     self._dead.extend(dead)
+            held = c.held_ids()
+            if held:
+                c.resolve(await self.dedup.duplicates(held))
             now = time.monotonic()
             if c.due(now):
                 await self.flush()
@@ -111,6 +120,8 @@ class CoalesceWorker:
                         await self.producer.send(
                             self.partials_topic, partial.to_json(), partition=partial.root_partition
                         )
+                    for channel, raw in result.feed:
+                        await self.producer.send(self.feed_topic, raw, key=channel.encode())
                     for d in dead:
                         await self.producer.send(self.dead_topic, d.raw, headers=_dead_headers(self, d))
                     await self.producer.send_offsets_to_transaction(offsets, self.group)

@@ -23,20 +23,29 @@ LedgerKey = tuple[str, str]  # (channel, key)
 
 
 async def send_events(
-    bootstrap: str, topic: str, events: Iterable[dict[str, object]], ledger: Counter[LedgerKey]
+    bootstrap: str,
+    topic: str,
+    events: Iterable[dict[str, object]],
+    ledger: Counter[LedgerKey],
+    retries: Iterable[dict[str, object]] = (),
 ) -> None:
-    """Send events; add to the ledger exactly those the broker acknowledged."""
+    """Send events; add to the ledger exactly those the broker acknowledged.
+
+    `retries` are re-sends of events already sent (same id): acknowledged, never counted.
+    """
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, enable_idempotence=True, acks="all", linger_ms=5)
     await producer.start()
     try:
         sent = []
-        for ev in events:
+        for ev, counts in [(e, True) for e in events] + [(e, False) for e in retries]:
             key = str(ev["key"])
-            fut = await producer.send(topic, orjson.dumps(ev), key=message_key(key, int(ev.get("sub", 0))))  # type: ignore[call-overload]
-            sent.append((fut, (str(ev.get("channel", "")), key)))
-        for fut, cell in sent:
+            sub = int(ev.get("sub", 0))  # type: ignore[call-overload]
+            fut = await producer.send(topic, orjson.dumps(ev), key=message_key(key, sub))
+            sent.append((fut, (str(ev.get("channel", "")), key), counts))
+        for fut, cell, counts in sent:
             await fut
-            ledger[cell] += 1
+            if counts:
+                ledger[cell] += 1
     finally:
         await producer.stop()
 

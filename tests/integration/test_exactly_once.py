@@ -1,5 +1,6 @@
 """Every acknowledged event is counted exactly once, although workers of both
-tiers are killed with SIGKILL mid-stream and restarted with the same identity."""
+tiers are killed with SIGKILL mid-stream and restarted with the same identity,
+and some events are sent twice with the same id (a client's retry)."""
 
 from __future__ import annotations
 
@@ -25,16 +26,25 @@ KILLS = 6
 
 def _events(rng: random.Random, n: int) -> list[dict[str, object]]:
     out: list[dict[str, object]] = []
-    for _ in range(n):
+    for i in range(n):
         if rng.random() < 0.3:
             # one viral comment, split over sub-keys the way writers will split hot keys
-            out.append({"type": "like", "key": "viral", "channel": "v0", "sub": rng.randrange(8)})
+            ev: dict[str, object] = {"type": "like", "key": "viral", "channel": "v0", "sub": rng.randrange(8)}
         else:
             k = int(rng.paretovariate(1.2)) % 500
             # keys with characters that must not confuse the sub-key encoding or the key layout
             key = f"c{k}" if k % 7 else f"c:{k}\xff#{{x}}"
-            out.append({"type": "like", "key": key, "channel": f"v{k % 5}"})
+            ev = {"type": "like", "key": key, "channel": f"v{k % 5}"}
+        if i % 2:
+            ev["id"] = f"e{i}"  # half carry ids, so replays after a kill go through deduplication
+        out.append(ev)
     return out
+
+
+def _retries(rng: random.Random, events: list[dict[str, object]]) -> list[dict[str, object]]:
+    """Re-sends of some events with ids, on another sub-key (so usually another partition)."""
+    picked = rng.sample([e for e in events if "id" in e], len(events) // 20)
+    return [{**e, "sub": (int(e.get("sub", 0)) + 1) % 8} for e in picked]  # type: ignore[call-overload]
 
 
 async def test_sigkill_mid_stream_counts_every_event_once(
@@ -52,8 +62,9 @@ async def test_sigkill_mid_stream_counts_every_event_once(
     killed: list[str] = []
     try:
         for i in range(CHUNKS):
+            part = events[i * chunk : (i + 1) * chunk]
             await send_events(
-                servers.kafka_bootstrap, topology.topic("events"), events[i * chunk : (i + 1) * chunk], ledger
+                servers.kafka_bootstrap, topology.topic("events"), part, ledger, _retries(rng, part)
             )
             if i in kill_at:
                 victim = workers[len(killed) % len(workers)]
@@ -74,6 +85,7 @@ async def test_sigkill_mid_stream_counts_every_event_once(
         stats = await redis_query.stats(client, topology.name)
         await client.aclose()
         assert stats["events"] == EVENTS
+        assert stats["deduplicated"] == CHUNKS * (chunk // 20)
         assert len(killed) == KILLS and {"coalesce/c1", "coalesce/c2", "merge/m1"} <= set(killed)
         assert all(w.running for w in workers), pipe.logs()
     finally:

@@ -19,7 +19,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pipeline.core.aggregates import Kind, aggregate
+from pipeline.core.aggregates import aggregate
 from pipeline.core.coalescer import Coalescer, DeadLetter, Flush, root_partition
 from pipeline.core.merger import Merger
 from pipeline.core.model import MAX_EVENT_BYTES, Partial
@@ -293,8 +293,9 @@ def test_tiers_agree_with_direct_aggregation(data: st.DataObject, sources: int, 
 # --------------------------------------------------------------------------- examples
 
 
-def feed(coalescer: Coalescer, partition: int, raws: list[bytes | None], start: int = 0,
-         ts: int = 0) -> list[DeadLetter]:
+def feed(
+    coalescer: Coalescer, partition: int, raws: list[bytes | None], start: int = 0, ts: int = 0
+) -> list[DeadLetter]:
     return coalescer.add_batch(partition, [Rec(start + i, r, ts) for i, r in enumerate(raws)])
 
 

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from pipeline.core.aggregates import Kind, aggregate
 from pipeline.core.merger import MergedBatch, Merger
 from pipeline.core.model import Partial
-from pipeline.topology import count, distinct_users, maximum, minimum, sum_of, topology, total
+from pipeline.topology import count, distinct_users, maximum, minimum, sum_of, topology
 
 TOPO = topology(
     "merge",
@@ -28,28 +28,46 @@ TOPO = topology(
 )
 
 
-def partial(src: int, cells: dict[Any, Any], *, events: int = 0, late: int = 0, dead: int = 0,
-            first: int = 0, last: int = 0) -> Partial:
+def partial(
+    src: int,
+    cells: dict[Any, Any],
+    *,
+    events: int = 0,
+    late: int = 0,
+    dead: int = 0,
+    first: int = 0,
+    last: int = 0,
+) -> Partial:
     return Partial(src, 0, 1, first, last, cells, events, late, dead)
 
 
 def test_merges_partials_from_several_partitions() -> None:
     m = Merger(TOPO)
-    a = partial(0, {
-        (0, "c", "k", "total"): 2,
-        (1, "c", "k", "total"): 1.5,
-        (2, "c", "k", "total"): 4,
-        (3, "c", "k", "total"): 4,
-        (4, "c", "k", "total"): {"u1", "u2"},
-    }, events=2, late=1, dead=3)
-    b = partial(1, {
-        (0, "c", "k", "total"): 3,
-        (1, "c", "k", "total"): -0.5,
-        (2, "c", "k", "total"): -7,
-        (3, "c", "k", "total"): 9,
-        (4, "c", "k", "total"): {"u2", "u3"},
-        (0, "c", "other", "total"): 1,
-    }, events=4)
+    a = partial(
+        0,
+        {
+            (0, "c", "k", "total"): 2,
+            (1, "c", "k", "total"): 1.5,
+            (2, "c", "k", "total"): 4,
+            (3, "c", "k", "total"): 4,
+            (4, "c", "k", "total"): {"u1", "u2"},
+        },
+        events=2,
+        late=1,
+        dead=3,
+    )
+    b = partial(
+        1,
+        {
+            (0, "c", "k", "total"): 3,
+            (1, "c", "k", "total"): -0.5,
+            (2, "c", "k", "total"): -7,
+            (3, "c", "k", "total"): 9,
+            (4, "c", "k", "total"): {"u2", "u3"},
+            (0, "c", "other", "total"): 1,
+        },
+        events=4,
+    )
     assert m.add(0, 10, a.to_json()) == a
     assert m.add(1, 20, b.to_json()) == b
     batch = m.take()
@@ -61,7 +79,13 @@ def test_merges_partials_from_several_partitions() -> None:
         (4, "c", "k", "total"): {"u1", "u2", "u3"},
         (0, "c", "other", "total"): 1,
     }
-    assert (batch.partials, batch.events, batch.late_dropped, batch.dead, batch.bad_partials) == (2, 6, 1, 3, 0)
+    assert (batch.partials, batch.events, batch.late_dropped, batch.dead, batch.bad_partials) == (
+        2,
+        6,
+        1,
+        3,
+        0,
+    )
     assert batch.ranges == {0: (10, 10), 1: (20, 20)}
     assert not batch.empty
 

@@ -49,8 +49,14 @@ def test_minimal_event_gets_defaults() -> None:
 
 def test_full_event_is_accepted_by_all_three_entry_points() -> None:
     obj = {
-        "type": "comment", "key": "c9", "channel": "video-7", "ts": 123, "value": -2.5,
-        "user": "u1", "id": "evt-1", "sub": MAX_SUBKEYS - 1,
+        "type": "comment",
+        "key": "c9",
+        "channel": "video-7",
+        "ts": 123,
+        "value": -2.5,
+        "user": "u1",
+        "id": "evt-1",
+        "sub": MAX_SUBKEYS - 1,
     }
     expected = ("comment", "c9", "video-7", 123, -2.5, "u1", "evt-1", MAX_SUBKEYS - 1)
     assert check_event(obj, TYPES) == expected
@@ -127,7 +133,9 @@ BAD_FIELDS: list[tuple[str, dict[str, Any], str]] = [
 ]
 
 
-@pytest.mark.parametrize(("obj", "field"), [(o, f) for _, o, f in BAD_FIELDS], ids=[n for n, _, _ in BAD_FIELDS])
+@pytest.mark.parametrize(
+    ("obj", "field"), [(o, f) for _, o, f in BAD_FIELDS], ids=[n for n, _, _ in BAD_FIELDS]
+)
 def test_bad_field_is_rejected_naming_the_field(obj: dict[str, Any], field: str) -> None:
     for check in (
         lambda: check_event(obj, TYPES),
@@ -191,9 +199,14 @@ def test_unknown_type_reason_is_bounded() -> None:
 
 # --------------------------------------------------------------------------- properties
 
-keys = st.text(min_size=1, max_size=40, alphabet=st.one_of(st.sampled_from("\xff#:\x00\u00ff\U0001f600"),
-                                                          st.characters(codec="utf-8")))
-any_keys = st.text(max_size=40, alphabet=st.one_of(st.sampled_from("\xff#:\x00"), st.characters(codec="utf-8")))
+keys = st.text(
+    min_size=1,
+    max_size=40,
+    alphabet=st.one_of(st.sampled_from("\xff#:\x00\u00ff\U0001f600"), st.characters(codec="utf-8")),
+)
+any_keys = st.text(
+    max_size=40, alphabet=st.one_of(st.sampled_from("\xff#:\x00"), st.characters(codec="utf-8"))
+)
 subs = st.integers(min_value=0, max_value=MAX_SUBKEYS - 1)
 
 
@@ -292,8 +305,12 @@ def test_partial_rejects_other_versions(version: Any) -> None:
 @settings(max_examples=100)
 @given(
     cells=st.dictionaries(
-        st.tuples(st.integers(0, 3), st.text(max_size=8), st.text(min_size=1, max_size=8),
-                  st.sampled_from(["total", "60:0", "60:60", "3600:0"])),
+        st.tuples(
+            st.integers(0, 3),
+            st.text(max_size=8),
+            st.text(min_size=1, max_size=8),
+            st.sampled_from(["total", "60:0", "60:60", "3600:0"]),
+        ),
         st.integers(min_value=-(2**53), max_value=2**53),
         max_size=10,
     ),

@@ -1,0 +1,451 @@
+"""`pipeline bench coalesce`: how fast tier 1 drains a backlog, against two yardsticks.
+
+- the ceiling: a bare `getmany` loop that decodes and counts each event and does
+  nothing else; no consumer of this topic in Python can be much faster;
+- tier 1: the real CoalesceWorker, counted only when a window's Kafka transaction
+  (partials + offsets) has committed, so producing and committing are included;
+- a naive Faust agent that updates a windowed table per event (pipeline.bench.faust_app).
+
+All three read the same kind of pre-loaded backlog in one run of this command, so
+their ratios are measured under the same machine load. Each starts a fresh
+consumer group from the earliest offset. See docs/BENCHMARKS.md for results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from pipeline import observability as obs
+from pipeline import settings as settings_mod
+from pipeline.bench import faust_app
+from pipeline.bench.workload import preload
+from pipeline.core.topology import Topology
+from pipeline.io import kafka
+from pipeline.settings import Settings
+
+TARGET_VS_CEILING = 0.75
+TARGET_VS_FAUST = 50.0
+LOADER_PROCESSES = 2
+ROUNDS = 3  # ceiling and tier 1 each run this many times, alternating; the best of each counts
+MAX_RECORDS = 20_000
+PROGRESS_EVERY_S = 2.0
+STALL_S = 60.0  # no progress for this long: the measurement failed
+FAUST_STOP_S = 20.0
+
+
+class BenchError(RuntimeError):
+    """A measurement could not finish (stalled, crashed); the message says which."""
+
+
+@dataclass
+class Round:
+    """One pre-loaded topic, read by the ceiling and by tier 1 (each as a fresh group)."""
+
+    topic: str
+    preload_eps: float = 0.0
+    ceiling_s: float = 0.0
+    tier1_s: float = 0.0
+    ceiling_cpu_s: float = 0.0  # CPU time of this process during the measurement
+    tier1_cpu_s: float = 0.0
+    partials_sent: int = 0
+
+
+@dataclass
+class Results:
+    events: int
+    faust_events: int
+    keys: int
+    partitions: int
+    rounds: list[Round] = field(default_factory=list)
+    faust_eps: float | None = None
+    faust_s: float | None = None
+    faust_error: str | None = None
+
+    @property
+    def preload_eps(self) -> float:
+        return max((r.preload_eps for r in self.rounds), default=0.0)
+
+    @property
+    def ceiling_s(self) -> float:
+        """Best of the rounds: noise from other processes only ever slows a run down."""
+        return min((r.ceiling_s for r in self.rounds if r.ceiling_s), default=0.0)
+
+    @property
+    def tier1_s(self) -> float:
+        return min((r.tier1_s for r in self.rounds if r.tier1_s), default=0.0)
+
+    @property
+    def ceiling_eps(self) -> float:
+        return self.events / self.ceiling_s if self.ceiling_s else 0.0
+
+    @property
+    def tier1_eps(self) -> float:
+        return self.events / self.tier1_s if self.tier1_s else 0.0
+
+    @property
+    def partials_sent(self) -> int:
+        """Partials of tier 1's best round (window cuts, hence partials, vary a little run to run)."""
+        best = min((r for r in self.rounds if r.tier1_s), key=lambda r: r.tier1_s, default=None)
+        return best.partials_sent if best else 0
+
+    @property
+    def tier1_vs_ceiling(self) -> float:
+        return self.tier1_eps / self.ceiling_eps if self.ceiling_eps else 0.0
+
+    @property
+    def tier1_vs_ceiling_cpu(self) -> float:
+        """The same ratio in CPU time of the consuming process: much less moved by other processes."""
+        ceiling = min((r.ceiling_cpu_s for r in self.rounds if r.ceiling_cpu_s), default=0.0)
+        tier1 = min((r.tier1_cpu_s for r in self.rounds if r.tier1_cpu_s), default=0.0)
+        return ceiling / tier1 if tier1 else 0.0
+
+    @property
+    def tier1_vs_faust(self) -> float | None:
+        return self.tier1_eps / self.faust_eps if self.faust_eps else None
+
+    @property
+    def coalescing_ratio(self) -> float:
+        return self.events / self.partials_sent if self.partials_sent else 0.0
+
+    def summary(self) -> dict[str, Any]:
+        """The JSON object printed with --json (ratios rounded, raw timings kept)."""
+        vs_faust = self.tier1_vs_faust
+        out: dict[str, Any] = {
+            "events": self.events,
+            "faust_events": self.faust_events,
+            "keys": self.keys,
+            "partitions": self.partitions,
+        }
+        out.update(
+            preload_eps=round(self.preload_eps),
+            ceiling_eps=round(self.ceiling_eps),
+            tier1_eps=round(self.tier1_eps),
+            faust_eps=None if self.faust_eps is None else round(self.faust_eps, 1),
+            tier1_vs_ceiling=round(self.tier1_vs_ceiling, 3),
+            tier1_vs_faust=None if vs_faust is None else round(vs_faust, 1),
+            partials_sent=self.partials_sent,
+            coalescing_ratio=round(self.coalescing_ratio, 1),
+            targets_met={
+                "tier1_vs_ceiling": self.tier1_vs_ceiling >= TARGET_VS_CEILING,
+                "tier1_vs_faust": vs_faust is not None and vs_faust >= TARGET_VS_FAUST,
+            },
+            tier1_vs_ceiling_cpu=round(self.tier1_vs_ceiling_cpu, 3),
+            ceiling_runs_eps=[round(self.events / r.ceiling_s) for r in self.rounds if r.ceiling_s],
+            tier1_runs_eps=[round(self.events / r.tier1_s) for r in self.rounds if r.tier1_s],
+            faust_s=self.faust_s,
+            faust_error=self.faust_error,
+            machine=machine(),
+        )
+        return out
+
+
+def machine() -> dict[str, Any]:
+    """What the figures were measured on (they mean little without it)."""
+    cpu = platform.processor() or "unknown"
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    return {"nproc": os.cpu_count(), "cpu": cpu, "python": platform.python_version()}
+
+
+def say(text: str) -> None:
+    print(f"bench: {text}", file=sys.stderr, flush=True)
+
+
+class _Progress:
+    """Progress lines on stderr during long phases, and the stall detector."""
+
+    def __init__(self, phase: str, total: int) -> None:
+        self.phase = phase
+        self.total = total
+        self.last_n = -1
+        self.last_change = time.monotonic()
+        self.next_report = self.last_change + PROGRESS_EVERY_S
+
+    def update(self, n: int) -> None:
+        now = time.monotonic()
+        if n != self.last_n:
+            self.last_n = n
+            self.last_change = now
+        elif now - self.last_change > STALL_S:
+            raise BenchError(f"{self.phase}: no progress for {STALL_S:.0f} s at {n}/{self.total} events")
+        if now >= self.next_report:
+            self.next_report = now + PROGRESS_EVERY_S
+            say(f"{self.phase}: {n:,}/{self.total:,} events")
+
+
+# -- the three measurements ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Timing:
+    wall_s: float
+    cpu_s: float
+
+
+class _Stopwatch:
+    """Wall-clock and process CPU time since it was made."""
+
+    def __init__(self) -> None:
+        self.wall = time.perf_counter()
+        self.cpu = time.process_time()
+
+    def read(self) -> Timing:
+        return Timing(time.perf_counter() - self.wall, time.process_time() - self.cpu)
+
+
+async def measure_ceiling(bootstrap: str, topic: str, group: str, events: int) -> Timing:
+    """Time for a bare consumer, configured like tier 1's, to decode and count `events` events."""
+    consumer = kafka.consumer(bootstrap, topic, group, "bench", read_committed=True, max_records=MAX_RECORDS)
+    loads = orjson.loads
+    counts: dict[str, int] = {}
+    n = 0
+    progress = _Progress("ceiling", events)
+    watch = _Stopwatch()
+    consumer.subscribe([topic])
+    await consumer.start()
+    try:
+        while n < events:
+            batch = await consumer.getmany(timeout_ms=200, max_records=MAX_RECORDS)
+            for records in batch.values():
+                for record in records:
+                    key = loads(record.value)["key"]
+                    counts[key] = counts.get(key, 0) + 1
+                n += len(records)
+            progress.update(n)
+        elapsed = watch.read()
+    finally:
+        await consumer.stop()
+    return elapsed
+
+
+async def measure_tier1(topology: Topology, settings: Settings, events: int) -> tuple[Timing, int]:
+    """Time from the worker's start until `events` events are committed, and partials sent by then.
+
+    Start-up (topic check, transactional producer init, group join) is inside the
+    timing, as it is for the ceiling's consumer.
+    """
+    from pipeline.tiers.coalesce import CoalesceWorker
+
+    worker = CoalesceWorker(topology, settings)
+    stop = asyncio.Event()
+    progress = _Progress("tier 1", events)
+    watch = _Stopwatch()
+    task = asyncio.create_task(worker.run(stop))
+    try:
+        while worker.events_in < events:
+            if task.done():
+                task.result()  # raises what killed the worker
+                raise BenchError(f"tier 1 stopped early at {worker.events_in}/{events} events")
+            await asyncio.sleep(0.005)
+            progress.update(worker.events_in)
+        elapsed = watch.read()
+        partials = worker.partials_out
+    finally:
+        stop.set()
+        if not task.done():
+            try:
+                await asyncio.wait_for(task, timeout=30)
+            except Exception as exc:  # a failure to stop must not hide the measurement's own error
+                say(f"tier 1 did not stop cleanly: {exc!r}")
+    return elapsed, partials
+
+
+def measure_faust(
+    bootstrap: str, app_id: str, topic: str, partitions: int, events: int, workdir: Path
+) -> tuple[float, float]:
+    """Run the Faust baseline in a subprocess until it has processed `events` events: (events/s, seconds)."""
+    status = workdir / "faust-status.json"
+    log_path = workdir / "faust.log"
+    env = dict(
+        os.environ,
+        BENCH_FAUST_BROKER=bootstrap,
+        BENCH_FAUST_APP_ID=app_id,
+        BENCH_FAUST_TOPIC=topic,
+        BENCH_FAUST_PARTITIONS=str(partitions),
+        BENCH_FAUST_EVENTS=str(events),
+        BENCH_FAUST_DATADIR=str(workdir / "faust-data"),
+        BENCH_FAUST_STATUS=str(status),
+    )
+    progress = _Progress("faust", events)
+    progress.last_change += 30  # Faust takes a while to start and join before its first event
+    with (
+        log_path.open("wb") as log,
+        _child([sys.executable, "-m", "pipeline.bench.faust_app"], env, log, workdir) as proc,
+    ):
+        while True:
+            time.sleep(0.25)
+            current = faust_app.read_status(status)
+            if "eps" in current:
+                return float(current["eps"]), float(current["seconds"])
+            if proc.poll() is not None:
+                raise BenchError(f"the Faust worker exited with code {proc.returncode}{_tail(log_path)}")
+            try:
+                progress.update(int(current.get("seen", 0)))
+            except BenchError as exc:
+                raise BenchError(f"{exc}{_tail(log_path)}") from None
+
+
+@contextlib.contextmanager
+def _child(argv: list[str], env: dict[str, str], log: Any, cwd: Path) -> Iterator[subprocess.Popen[bytes]]:
+    """A subprocess that is always stopped on the way out: SIGTERM (Faust leaves its group), then SIGKILL."""
+    proc = subprocess.Popen(
+        argv, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, cwd=cwd
+    )
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(FAUST_STOP_S)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def _tail(path: Path, lines: int = 40) -> str:
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return ""
+    return f"\n--- last lines of {path} ---\n" + "\n".join(text.splitlines()[-lines:])
+
+
+# -- orchestration --------------------------------------------------------------------------
+
+
+def run(bootstrap: str, redis_url: str, events: int, faust_events: int, keys: int, rounds: int) -> Results:
+    """Pre-load, then measure the ceiling, tier 1 and Faust one after the other on the same servers.
+
+    The ceiling and tier 1 run `rounds` times in alternating order (A B, B A, ...),
+    each round on its own freshly loaded topic, and the best of each is kept: on a
+    shared machine another process's burst only ever slows a run down, and the
+    alternation keeps a slow stretch from landing on one side only.
+    """
+    from topologies.live_likes import TOPOLOGY
+
+    base = "bench_" + uuid.uuid4().hex[:8]
+    partitions = TOPOLOGY.partitions.events
+    results = Results(events, faust_events, keys, partitions)
+    for i in range(rounds):
+        # A fresh name per round: fresh topics and consumer groups (CoalesceWorker's group is the topology's).
+        topology = TOPOLOGY.renamed(f"{base}_r{i + 1}")
+        rnd = Round(topology.topic("events"))
+        results.rounds.append(rnd)
+        asyncio.run(kafka.ensure_topics(bootstrap, kafka.topology_topics(topology)))
+        say(f"round {i + 1}/{rounds}: pre-loading {events:,} events on {rnd.topic} ({partitions} partitions)")
+        rnd.preload_eps = preload(bootstrap, rnd.topic, partitions, events, keys, processes=LOADER_PROCESSES)
+        say(f"pre-loaded at {rnd.preload_eps:,.0f} events/s")
+        phases = [_ceiling_phase, _tier1_phase]
+        for phase in phases if i % 2 == 0 else reversed(phases):
+            phase(rnd, topology, bootstrap, redis_url, events)
+
+    if faust_events:
+        topic = f"{base}.faust-events"
+        asyncio.run(kafka.ensure_topics(bootstrap, [kafka.TopicSpec(topic, partitions)]))
+        preload(bootstrap, topic, partitions, faust_events, keys, processes=1, seed=2)
+        say(f"measuring the naive Faust agent on {faust_events:,} events (slow)")
+        with tempfile.TemporaryDirectory(prefix="bench-faust-") as tmp:
+            try:
+                results.faust_eps, results.faust_s = measure_faust(
+                    bootstrap, f"{base}_faust", topic, partitions, faust_events, Path(tmp)
+                )
+                say(f"faust: {results.faust_eps:,.1f} events/s")
+            except BenchError as exc:
+                results.faust_error = str(exc).splitlines()[0]
+                say(f"faust failed: {exc}")
+    return results
+
+
+def _ceiling_phase(rnd: Round, topology: Topology, bootstrap: str, redis_url: str, events: int) -> None:
+    say("measuring the ceiling (bare getmany + orjson.loads + dict count)")
+    timing = asyncio.run(measure_ceiling(bootstrap, rnd.topic, topology.group("ceiling"), events))
+    rnd.ceiling_s, rnd.ceiling_cpu_s = timing.wall_s, timing.cpu_s
+    say(f"ceiling: {events / rnd.ceiling_s:,.0f} events/s")
+
+
+def _tier1_phase(rnd: Round, topology: Topology, bootstrap: str, redis_url: str, events: int) -> None:
+    say("measuring tier 1 (CoalesceWorker, until every event is committed)")
+    settings = settings_mod.load(
+        kafka=bootstrap, redis=redis_url, instance="bench", max_poll_records=MAX_RECORDS
+    )
+    timing, rnd.partials_sent = asyncio.run(measure_tier1(topology, settings, events))
+    rnd.tier1_s, rnd.tier1_cpu_s = timing.wall_s, timing.cpu_s
+    say(f"tier 1: {events / rnd.tier1_s:,.0f} events/s, {rnd.partials_sent:,} partials")
+
+
+def table(r: Results) -> str:
+    """The human-readable summary (events/s; best round first, every round after it)."""
+
+    def runs(secs: list[float]) -> str:
+        return ", ".join(f"{r.events / s:,.0f}" for s in secs if s)
+
+    vs_faust = r.tier1_vs_faust
+    faust = "failed" if r.faust_error else "skipped" if r.faust_eps is None else f"{r.faust_eps:,.0f}"
+    rows = [
+        ("pre-load (2 producer processes)", f"{r.preload_eps:,.0f}", ""),
+        ("ceiling: getmany + loads + count", f"{r.ceiling_eps:,.0f}", runs([x.ceiling_s for x in r.rounds])),
+        ("tier 1: CoalesceWorker, committed", f"{r.tier1_eps:,.0f}", runs([x.tier1_s for x in r.rounds])),
+        ("naive Faust agent, windowed table", faust, ""),
+    ]
+    width = max(len(name) for name, _, _ in rows)
+    vs_faust_text = "n/a" if vs_faust is None else f"{vs_faust:,.0f}"
+    return "\n".join(
+        [
+            f"{r.events:,} events, {r.keys:,} keys, {r.partitions} partitions, {len(r.rounds)} rounds; "
+            f"Faust: {r.faust_events:,} events",
+            f"{'':{width}}  {'events/s':>10}  rounds",
+            *(f"{name:{width}}  {eps:>10}  {each}" for name, eps, each in rows),
+            f"tier 1 / ceiling = {r.tier1_vs_ceiling:.2f} (target >= {TARGET_VS_CEILING}); "
+            f"tier 1 / Faust = {vs_faust_text} (target >= {TARGET_VS_FAUST:g})",
+            f"tier 1 / ceiling in CPU time of this process: {r.tier1_vs_ceiling_cpu:.2f}",
+            f"partials sent: {r.partials_sent:,}; coalescing ratio: {r.coalescing_ratio:,.0f} events/partial",
+        ]
+    )
+
+
+def main(args: argparse.Namespace) -> int:
+    """Entry point of `pipeline bench coalesce` (flags are defined in pipeline/cli.py)."""
+    if args.events <= 0 or args.faust_events < 0 or args.keys <= 0:
+        print("pipeline bench coalesce: --events and --keys must be positive", file=sys.stderr)
+        return 2
+    rounds = int(getattr(args, "rounds", None) or ROUNDS)
+    obs.configure_logging("warning")
+    try:
+        if args.kafka:
+            redis_url = args.redis or settings_mod.load().redis  # tier 1 reads it only to deduplicate
+            results = run(args.kafka, redis_url, args.events, args.faust_events, args.keys, rounds)
+        else:
+            from pipeline.local_servers import LocalServers
+
+            say("starting a local broker and Redis")
+            with LocalServers() as servers:
+                redis_url = args.redis or servers.redis_url
+                results = run(
+                    servers.kafka_bootstrap, redis_url, args.events, args.faust_events, args.keys, rounds
+                )
+    except BenchError as exc:
+        print(f"pipeline bench coalesce: {exc}", file=sys.stderr)
+        return 1
+    print(table(results))
+    if args.json:
+        print(orjson.dumps(results.summary()).decode())
+    return 1 if results.faust_error else 0

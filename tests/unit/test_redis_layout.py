@@ -1,0 +1,302 @@
+"""The Redis key layout and the plan of one atomic apply."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pipeline.core.merger import MergedBatch
+from pipeline.core.redis_layout import (
+    OP_HLL,
+    OP_INCR,
+    OP_INCRF,
+    OP_MAX,
+    OP_MIN,
+    agg_key,
+    plan_apply,
+    positions_key,
+    seq_key,
+    stats_key,
+    top_key,
+    uniq_key,
+)
+from pipeline.topology import Rollup, count, distinct_users, every, maximum, minimum, sum_of, topology, total
+
+TOPO = topology(
+    "shop",
+    metrics=[
+        count("likes", "like", total(), every(60, 3600), leaderboard=10),
+        sum_of("amount", "like", total(), every(3600, 86400)),
+        minimum("lo", "like"),
+        maximum("hi", "like", total(), every(60, 120)),
+        distinct_users("viewers", "like", total(), every(60, 7200)),
+        count("plain", "like"),
+        sum_of("spend", "like", total(), leaderboard=3),
+    ],
+    priorities={"like": 0},
+)
+
+
+def plan(cells: dict[Any, Any], ranges: dict[int, tuple[int, int]] | None = None, **counters: int) -> Any:
+    batch = MergedBatch(cells=cells, ranges={0: (0, 0)} if ranges is None else ranges, **counters)
+    return plan_apply(TOPO, batch)
+
+
+def payload(p: Any) -> dict[str, Any]:
+    return orjson.loads(p.payload)
+
+
+# --------------------------------------------------------------------------- key names
+
+
+def test_key_names_follow_the_documented_layout() -> None:
+    assert agg_key("shop", "likes", "total", "v1") == "shop:agg:likes:total:v1"
+    assert agg_key("shop", "likes", "60:120", "v:1") == "shop:agg:likes:60:120:v:1"
+    assert uniq_key("shop", "viewers", "total", "v1", "c1") == 'shop:uniq:viewers:total:["v1","c1"]'
+    assert uniq_key("shop", "viewers", "60:0", 'a"b', "ü") == 'shop:uniq:viewers:60:0:["a\\"b","ü"]'
+    assert top_key("shop", "likes", "v1") == "shop:top:likes:v1"
+    assert positions_key("shop") == "shop:pos:merge"
+    assert stats_key("shop") == "shop:stats"
+    assert seq_key("shop") == "shop:seq"
+
+
+def test_every_key_starts_with_the_topology_name() -> None:
+    for key in (
+        agg_key("t", "m", "total", "c"),
+        uniq_key("t", "m", "total", "c", "k"),
+        top_key("t", "m", "c"),
+        positions_key("t"),
+        stats_key("t"),
+        seq_key("t"),
+    ):
+        assert key.startswith("t:")
+
+
+any_text = st.text(
+    max_size=12, alphabet=st.one_of(st.sampled_from(':"[],\\\x00\xff'), st.characters(codec="utf-8"))
+)
+buckets = st.one_of(
+    st.just("total"),
+    st.builds(
+        lambda size, ts: Rollup(size, 60).bucket(ts), st.sampled_from([1, 60, 3600]), st.integers(0, 10**13)
+    ),
+)
+identities = st.one_of(
+    st.tuples(st.just("agg"), st.sampled_from(["m", "m_2"]), buckets, any_text),
+    st.tuples(st.just("uniq"), st.sampled_from(["m", "m_2"]), buckets, any_text, any_text),
+    st.tuples(st.just("top"), st.sampled_from(["m", "m_2"]), any_text),
+    st.tuples(st.sampled_from(["pos", "stats", "seq"])),
+)
+
+
+def redis_key(identity: tuple[Any, ...]) -> str:
+    kind, *rest = identity
+    if kind == "agg":
+        return agg_key("t", *rest)
+    if kind == "uniq":
+        return uniq_key("t", *rest)
+    if kind == "top":
+        return top_key("t", *rest)
+    return {"pos": positions_key, "stats": stats_key, "seq": seq_key}[kind]("t")
+
+
+@settings(max_examples=200)
+@given(ids=st.lists(identities, min_size=2, max_size=12, unique=True))
+def test_different_cells_never_share_a_key(ids: list[tuple[Any, ...]]) -> None:
+    keys = [redis_key(i) for i in ids]
+    assert len(set(keys)) == len(keys), dict(zip(keys, ids, strict=True))
+
+
+@settings(max_examples=200)
+@given(ch1=any_text, k1=any_text, ch2=any_text, k2=any_text, bucket=buckets)
+def test_key_functions_never_collide_for_different_channel_key_pairs(
+    ch1: str, k1: str, ch2: str, k2: str, bucket: str
+) -> None:
+    if (ch1, k1) != (ch2, k2):
+        assert uniq_key("t", "m", bucket, ch1, k1) != uniq_key("t", "m", bucket, ch2, k2)
+    if ch1 != ch2:
+        # agg and top keys hold every key of a channel; the key is the hash field / member
+        assert agg_key("t", "m", bucket, ch1) != agg_key("t", "m", bucket, ch2)
+        assert top_key("t", "m", ch1) != top_key("t", "m", ch2)
+
+
+# --------------------------------------------------------------------------- the apply plan
+
+
+def test_plan_ops_keys_ttls_and_leaderboards() -> None:
+    cells = {
+        (0, "v1", "c1", "total"): 5,
+        (0, "v1", "c1", "60:120"): 2,
+        (1, "v2", "c1", "total"): 2.5,
+        (1, "v2", "c1", "3600:0"): 1,
+        (2, "v1", "c2", "total"): -3,
+        (3, "v1", "c2", "60:0"): 7,
+        (4, "v1", "c1", "total"): {"b", "a"},
+        (4, "v1", "c1", "60:0"): {"a"},
+        (5, "v4", "k", "total"): 1,
+        (6, "v4", "k", "total"): 0.25,
+    }
+    p = plan(cells)
+    ops = payload(p)["ops"]
+    assert len(ops) == len(p.reports) == len(cells)
+    by_target = {(op[1], op[2]): op for op in ops}
+
+    def op(target: str, field: str) -> list[Any]:
+        return by_target[(target, field)]
+
+    assert op("shop:agg:likes:total:v1", "c1")[:6] == [
+        OP_INCR,
+        "shop:agg:likes:total:v1",
+        "c1",
+        "5",
+        0,
+        "shop:top:likes:v1",
+    ]
+    assert op("shop:agg:likes:total:v1", "c1")[6] == 10
+    assert op("shop:agg:likes:60:120:v1", "c1")[:6] == [
+        OP_INCR,
+        "shop:agg:likes:60:120:v1",
+        "c1",
+        "2",
+        3600,
+        "",
+    ]
+    assert op("shop:agg:amount:total:v2", "c1") == [
+        OP_INCRF,
+        "shop:agg:amount:total:v2",
+        "c1",
+        "2.5",
+        0,
+        "",
+        0,
+    ]
+    assert op("shop:agg:amount:3600:0:v2", "c1")[:6] == [
+        OP_INCRF,
+        "shop:agg:amount:3600:0:v2",
+        "c1",
+        "1.0",
+        86400,
+        "",
+    ]
+    assert op("shop:agg:lo:total:v1", "c2") == [OP_MIN, "shop:agg:lo:total:v1", "c2", "-3.0", 0, "", 0]
+    assert op("shop:agg:hi:60:0:v1", "c2")[:6] == [OP_MAX, "shop:agg:hi:60:0:v1", "c2", "7.0", 120, ""]
+    assert op('shop:uniq:viewers:total:["v1","c1"]', "") == [
+        OP_HLL,
+        'shop:uniq:viewers:total:["v1","c1"]',
+        "",
+        ["a", "b"],
+        0,
+        "",
+        0,
+    ]
+    assert op('shop:uniq:viewers:60:0:["v1","c1"]', "") == [
+        OP_HLL,
+        'shop:uniq:viewers:60:0:["v1","c1"]',
+        "",
+        ["a"],
+        7200,
+        "",
+        0,
+    ]
+    assert op("shop:agg:plain:total:v4", "k") == [OP_INCR, "shop:agg:plain:total:v4", "k", "1", 0, "", 0]
+    assert op("shop:agg:spend:total:v4", "k") == [
+        OP_INCRF,
+        "shop:agg:spend:total:v4",
+        "k",
+        "0.25",
+        0,
+        "shop:top:spend:v4",
+        3,
+    ]
+    # a TTL exactly for bucketed rollups, a leaderboard key exactly for total cells of leaderboard metrics
+    for o, (index, _, _, bucket) in zip(ops, cells, strict=True):
+        rollup = {r.name: r for r in TOPO.metrics[index].rollups}
+        if bucket == "total":
+            assert o[4] == 0
+        else:
+            assert o[4] == rollup[bucket.split(":")[0] + "s"].retention_s > 0
+        assert bool(o[5]) == (bucket == "total" and TOPO.metrics[index].leaderboard > 0)
+
+
+def test_reports_only_total_bucket_cells_in_op_order() -> None:
+    cells = {
+        (0, "v1", "c1", "60:0"): 1,
+        (0, "v1", "c1", "total"): 1,
+        (4, "v2", "c2", "total"): {"u"},
+        (3, "v3", "c3", "60:60"): 4,
+        (5, "v1", "c4", "total"): 2,
+    }
+    p = plan(cells)
+    assert p.reports == [None, ("v1", "likes", "c1"), ("v2", "viewers", "c2"), None, ("v1", "plain", "c4")]
+    # only channels with a total cell get a sequence number, once each, in first-seen order
+    assert p.channels == ["v1", "v2"]
+    assert payload(p)["channels"] == ["v1", "v2"]
+
+
+def test_empty_distinct_cells_are_skipped() -> None:
+    p = plan({(4, "v9", "c", "total"): set(), (4, "v9", "c", "60:0"): set(), (0, "v1", "c", "total"): 1})
+    ops = payload(p)["ops"]
+    assert [o[0] for o in ops] == [OP_INCR]
+    assert p.reports == [("v1", "likes", "c")]
+    assert p.channels == ["v1"]
+
+
+def test_payload_carries_ranges_positions_and_counters() -> None:
+    p = plan(
+        {}, ranges={2: (10, 12), 0: (5, 5)}, events=7, late_dropped=2, dead=1, partials=3, bad_partials=0
+    )
+    body = payload(p)
+    assert body["pos"] == "shop:pos:merge"
+    assert body["stats"] == "shop:stats"
+    assert body["seq"] == "shop:seq"
+    assert body["ranges"] == [[0, 5, 5], [2, 10, 12]]
+    assert body["ops"] == [] and body["channels"] == []
+    counters = dict(body["counters"])
+    assert counters["events"] == 7
+    assert counters["late_dropped"] == 2
+    assert counters["dead_letters"] == 1
+    assert counters["partials"] == 3
+    assert counters["applies"] == 1
+    assert "bad_partials" not in counters  # zero counters are not sent
+    assert all(v for v in counters.values())
+
+
+def test_values_are_transferred_exactly() -> None:
+    p = plan({(0, "", "k", "total"): 10**15 + 1, (1, "", "k", "total"): 0.1 + 0.2})
+    ops = payload(p)["ops"]
+    assert ops[0][3] == str(10**15 + 1)
+    assert float(ops[1][3]) == 0.1 + 0.2
+
+
+def cost(cell: tuple[Any, ...], value: Any) -> int:
+    """Commands one extra cell adds to a plan (its channel already has a total cell)."""
+    base = {(5, "v", "base", "total"): 1}
+    return plan({**base, cell: value}).commands - plan(base).commands
+
+
+def test_command_count() -> None:
+    assert cost((5, "v", "k", "total"), 1) == 1  # HINCRBY
+    assert cost((1, "v", "k", "total"), 1.5) == 1  # HINCRBYFLOAT
+    assert cost((0, "v", "k", "total"), 1) == 2  # + ZADD on the leaderboard
+    assert cost((0, "v", "k", "60:0"), 1) == 2  # + EXPIRE
+    assert cost((4, "v", "k", "total"), {"u"}) == 2  # PFADD + PFCOUNT
+    assert cost((4, "v", "k", "60:0"), {"u"}) == 3  # + EXPIRE
+    assert cost((4, "v", "k", "total"), set()) == 0  # skipped
+    # a new channel costs its sequence-number increment
+    assert plan({(5, "a", "k", "total"): 1, (5, "b", "k", "total"): 1}).commands == (
+        plan({(5, "a", "k", "total"): 1, (5, "a", "j", "total"): 1}).commands + 1
+    )
+    # each partition's range costs a check and a position write
+    one = plan({}, ranges={0: (0, 0)}).commands
+    assert plan({}, ranges={0: (0, 0), 1: (3, 4), 2: (9, 9)}).commands == one + 4
+    assert one > 0
+
+
+@settings(max_examples=100)
+@given(value=st.floats(allow_nan=False, allow_infinity=False, min_value=-1e15, max_value=1e15))
+def test_float_args_round_trip(value: float) -> None:
+    (op,) = payload(plan({(1, "", "k", "total"): value}))["ops"]
+    assert float(op[3]) == value

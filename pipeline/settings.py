@@ -32,7 +32,7 @@ class Settings(BaseSettings):
     metrics_host: str = Field("127.0.0.1", description="Address the metrics endpoint binds")
     log_level: str = Field("info", description="debug, info, warning or error")
     max_poll_records: int = Field(20_000, description="Records per fetch batch")
-    idle_backoff_ms: int = Field(50, description="Pause fetching this long when a fetch finds nothing")
+    idle_backoff_ms: int = Field(100, description="Pause fetching this long when a fetch finds nothing")
 
     @classmethod
     def settings_customise_sources(

@@ -93,18 +93,30 @@ def consumer(
     )
 
 
-def transactional_producer(bootstrap: str, group: str, instance: str) -> AIOKafkaProducer:
+def transactional_producer(bootstrap: str, transactional_id: str) -> AIOKafkaProducer:
     """The producer a worker writes its outputs and offsets through, atomically."""
     return AIOKafkaProducer(
         bootstrap_servers=bootstrap,
-        client_id=f"{group}.{instance}.tx",
-        transactional_id=f"{group}.{instance}",
+        client_id=transactional_id,
+        transactional_id=transactional_id,
+        transaction_timeout_ms=30_000,
         enable_idempotence=True,
         acks="all",
         linger_ms=5,
         max_batch_size=512 * 1024,
         max_request_size=8 * 1024 * 1024,
     )
+
+
+async def fence(bootstrap: str, transactional_id: str) -> None:
+    """Abort whatever `transactional_id` left open and fence any zombie still using it.
+
+    Initializing a producer with an id bumps its epoch: the broker aborts the
+    open transaction and refuses the old producer from then on.
+    """
+    zombie_killer = transactional_producer(bootstrap, transactional_id)
+    await zombie_killer.start()
+    await zombie_killer.stop()
 
 
 def producer(bootstrap: str, client_id: str, *, linger_ms: int = 5) -> AIOKafkaProducer:
@@ -136,27 +148,44 @@ async def lag(consumer: AIOKafkaConsumer) -> dict[int, int]:
 
 
 IDLE_PROBE_MS = 5
+IDLE_PROBES = 3
 
 
-async def fetch(
-    consumer: AIOKafkaConsumer, max_records: int, idle_backoff_s: float
-) -> dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]]:
-    """`getmany` that stops fetching for `idle_backoff_s` when nothing came.
+class Poller:
+    """`getmany` that stops fetching for a while once the partitions run dry.
 
     A consumer that finds nothing fetches again at once, relying on the broker
     to hold the request for fetch.max.wait.ms; a broker that answers empty
-    fetches immediately turns every idle worker into a busy loop. Pausing the
-    partitions while idle bounds that cost on any broker, for at most
-    `idle_backoff_s` of extra latency on the first record after a pause.
+    fetches immediately turns every idle worker into a busy loop. After a few
+    empty short polls in a row the partitions are paused for the backoff: at
+    most that much latency on the first record after a quiet spell, and no
+    pause at all while records keep coming.
     """
-    batch = await consumer.getmany(timeout_ms=IDLE_PROBE_MS, max_records=max_records)
-    if batch:
-        return batch
-    assigned = consumer.assignment()
-    consumer.pause(*assigned)
-    try:
-        await asyncio.sleep(idle_backoff_s)
-    finally:
-        # a rebalance during the sleep may have taken some away (or brought new, unpaused ones)
-        consumer.resume(*(consumer.assignment() & consumer.paused()))
-    return {}
+
+    def __init__(self, consumer: AIOKafkaConsumer, max_records: int, idle_backoff_s: float) -> None:
+        self.consumer = consumer
+        self.max_records = max_records
+        self.idle_backoff_s = idle_backoff_s
+        self._empty = 0
+
+    async def poll(
+        self, backoff_s: float | None = None
+    ) -> dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]]:
+        consumer = self.consumer
+        batch = await consumer.getmany(timeout_ms=IDLE_PROBE_MS, max_records=self.max_records)
+        if batch:
+            self._empty = 0
+            return batch
+        self._empty += 1
+        if self._empty < IDLE_PROBES:
+            return batch
+        self._empty = 0
+        consumer.pause(*consumer.assignment())
+        try:
+            await asyncio.sleep(
+                self.idle_backoff_s if backoff_s is None else min(backoff_s, self.idle_backoff_s)
+            )
+        finally:
+            # a rebalance during the sleep may have taken some away (or brought new, unpaused ones)
+            consumer.resume(*(consumer.assignment() & consumer.paused()))
+        return {}

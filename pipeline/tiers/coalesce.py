@@ -14,13 +14,13 @@ import asyncio
 import time
 
 import redis.asyncio as aioredis
-from aiokafka import ConsumerRebalanceListener, TopicPartition
+from aiokafka import AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import KafkaError, ProducerFenced
 
 from pipeline import observability as obs
 from pipeline.core.coalescer import Coalescer, DeadLetter
 from pipeline.core.topology import Topology
-from pipeline.io import kafka
+from pipeline.io import incarnation, kafka
 from pipeline.io.dedup_store import DedupStore
 from pipeline.settings import Settings
 
@@ -40,6 +40,8 @@ class CoalesceWorker:
         self.dead_topic = topology.topic("dead-letters")
         self.labels = (topology.name, self.tier, settings.instance)
         self.log = obs.log(topology=topology.name, tier=self.tier, instance=settings.instance)
+        self.producer: AIOKafkaProducer
+        self.transactional_id = ""
         self.coalescer = Coalescer(topology, topology.partitions.partials, time.monotonic())
         self._dead: list[DeadLetter] = []
         self._lock = asyncio.Lock()
@@ -51,7 +53,6 @@ class CoalesceWorker:
             read_committed=True,
             max_records=settings.max_poll_records,
         )
-        self.producer = kafka.transactional_producer(settings.kafka, self.group, settings.instance)
         self.redis = aioredis.Redis.from_url(settings.redis)
         self.dedup = DedupStore(self.redis, topology.name, topology.dedup_horizon_s)
         self.feed_topic = topology.topic("feed")
@@ -60,10 +61,14 @@ class CoalesceWorker:
 
     async def run(self, stop: asyncio.Event) -> None:
         await kafka.ensure_topics(self.settings.kafka, kafka.topology_topics(self.topology))
+        self.transactional_id = await incarnation.begin(
+            self.redis, self.settings.kafka, self.group, self.settings.instance
+        )
+        self.producer = kafka.transactional_producer(self.settings.kafka, self.transactional_id)
         await self.producer.start()
         self.consumer.subscribe([self.events_topic], listener=_FlushOnRevoke(self))
         await self.consumer.start()
-        self.log.info("started", group=self.group, transactional_id=f"{self.group}.{self.settings.instance}")
+        self.log.info("started", group=self.group, transactional_id=self.transactional_id)
         lag_task = asyncio.create_task(self._report_lag(stop))
         try:
             await self._loop(stop)
@@ -80,12 +85,10 @@ class CoalesceWorker:
         consumer = self.consumer
         records_in = obs.RECORDS_IN.labels(*self.labels)
         next_progress = time.monotonic() + PROGRESS_EVERY_S
-        idle_s = self.settings.idle_backoff_ms / 1000
-        max_records = self.settings.max_poll_records
+        poller = kafka.Poller(consumer, self.settings.max_poll_records, self.settings.idle_backoff_ms / 1000)
         while not stop.is_set():
             # an idle pause never outlasts the open window: it closes on time with no new events
-            backoff = min(idle_s, c.clock.remaining(time.monotonic()))
-            batch = await kafka.fetch(consumer, max_records, backoff)
+            batch = await poller.poll(c.clock.remaining(time.monotonic()))
             for tp, records in batch.items():
                 dead = c.add_batch(tp.partition, records)
                 records_in.inc(len(records))

@@ -74,8 +74,9 @@ class MergeWorker:
 
     async def _loop(self, stop: asyncio.Event) -> None:
         next_progress = time.monotonic() + PROGRESS_EVERY_S
+        poller = kafka.Poller(self.consumer, 2_000, self.settings.idle_backoff_ms / 1000)
         while not stop.is_set():
-            batch = await kafka.fetch(self.consumer, 2_000, self.settings.idle_backoff_ms / 1000)
+            batch = await poller.poll()
             if batch:
                 await self._apply(batch)
             now = time.monotonic()

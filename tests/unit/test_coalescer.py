@@ -16,7 +16,7 @@ from typing import Any
 
 import orjson
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from pipeline.core.aggregates import aggregate
@@ -174,10 +174,11 @@ def gens(draw: st.DrawFn, partitions: int) -> Gen:
 
 actions = st.lists(
     st.one_of(
-        st.tuples(st.just("batch"), st.integers(0, 7), st.integers(1, 6)),
+        st.tuples(st.just("batch"), st.integers(0, 7), st.integers(1, 8)),
         st.tuples(st.just("flush"), st.just(0), st.just(0)),
     ),
-    max_size=25,
+    min_size=1,
+    max_size=30,
 )
 
 
@@ -200,7 +201,7 @@ def check_flush(flush: Flush, window: dict[int, list[tuple[int, Gen]]], roots: i
             assert (p.first_offset, p.last_offset) == (recs[0][0], recs[-1][0])
             for cell in p.cells:
                 assert root_partition(cell[2], roots) == p.root_partition
-        carriers = [p for p in mine if p.events or p.dead or p.late_dropped]
+        carriers = [p for p in mine if p.events or p.dead or p.late_dropped or p.duplicates]
         assert len(carriers) == 1, "counters must ride on exactly one partial"
         assert carriers[0].events == valid
         assert carriers[0].dead == invalid
@@ -210,7 +211,7 @@ def check_flush(flush: Flush, window: dict[int, list[tuple[int, Gen]]], roots: i
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data(), sources=st.integers(1, 4), roots=st.integers(1, 4))
 def test_tiers_agree_with_direct_aggregation(data: st.DataObject, sources: int, roots: int) -> None:
-    generated = data.draw(st.lists(gens(sources), max_size=60), label="events")
+    generated = data.draw(st.lists(gens(sources), min_size=1, max_size=60), label="events")
     plan = data.draw(actions, label="actions")
     start_offsets = data.draw(st.lists(st.integers(0, 1000), min_size=sources, max_size=sources))
     gaps = data.draw(st.lists(st.integers(1, 3), min_size=len(generated), max_size=len(generated)))
@@ -281,6 +282,9 @@ def test_tiers_agree_with_direct_aggregation(data: st.DataObject, sources: int, 
     merged = merger.take()
 
     cells, valid, dead, late = reference(per_partition)
+    event(f"late drops: {'yes' if late else 'no'}")
+    event(f"events: {'many' if valid >= 20 else 'few'}")
+    event(f"windows with data: {'several' if len({p.window for p in partials}) > 1 else 'one'}")
     assert merged.cells == cells
     assert merged.events == valid
     assert merged.dead == dead == len(dead_letters)
@@ -596,3 +600,130 @@ def test_late_counter_rides_with_the_other_counters(roots: int) -> None:
     carriers = [p for p in f.partials if p.events or p.late_dropped or p.dead]
     assert len(carriers) == 1
     assert (carriers[0].events, carriers[0].late_dropped) == (3, 2)
+
+
+# --------------------------------------------------------------------------- deduplication by event id
+
+
+def test_events_with_ids_wait_for_the_dedup_verdict() -> None:
+    c = Coalescer(TOPO, 2, now=0.0)
+    dead = feed(
+        c,
+        0,
+        [ev(key="k", id="e1"), ev(key="k"), ev(key="k", id="e2"), b"bad", ev(key="k", id="e1")],
+        start=10,
+    )
+    assert [d.offset for d in dead] == [13]
+    assert c.held_ids() == [(0, 10, "e1"), (0, 12, "e2"), (0, 14, "e1")]
+    with pytest.raises(RuntimeError):
+        c.flush(1.0)
+    assert c.resolve({(0, 14), (5, 10)}) == 1
+    assert c.held_ids() == []
+    f = c.flush(1.0)
+    assert f.next_offsets == {0: 15}
+    assert f.events == 3 and f.duplicates == 1
+    carriers = [p for p in f.partials if p.events or p.dead or p.duplicates]
+    assert len(carriers) == 1
+    assert (carriers[0].events, carriers[0].dead, carriers[0].duplicates) == (3, 1, 1)
+    merger = Merger(TOPO)
+    for p in f.partials:
+        merger.add(p.root_partition, 0, p.to_json())
+    batch = merger.take()
+    assert batch.cells[(0, "", "k", "total")] == 3
+    assert (batch.events, batch.duplicates, batch.dead) == (3, 1, 1)
+
+
+def test_duplicates_only_window_still_reports_the_counter() -> None:
+    c = Coalescer(TOPO, 3, now=0.0)
+    feed(c, 4, [ev(key="k", id="e1")])
+    c.resolve({(4, 0)})
+    (p,) = c.flush(1.0).partials
+    assert p.cells == {} and p.duplicates == 1 and p.events == 0
+
+
+def test_ids_are_ignored_when_dedup_is_off() -> None:
+    topo = topology("nodedup", [count("n", "a")], {"a": 0}, dedup_horizon_s=0)
+    c = Coalescer(topo, 1, now=0.0)
+    feed(c, 0, [ev(key="k", id="e1"), ev(key="k", id="e1")])
+    assert c.held_ids() == []
+    f = c.flush(1.0)
+    assert f.partials[0].cells == {(0, "", "k", "total"): 2}
+    assert f.duplicates == 0
+
+
+DEDUP = topology(
+    "dedup",
+    [count("n", "a"), sum_of("s", "a"), distinct_users("u", "a")],
+    {"a": 0},
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(data=st.data(), roots=st.integers(1, 3))
+def test_dedup_counts_every_event_once_except_declared_duplicates(data: st.DataObject, roots: int) -> None:
+    events = data.draw(
+        st.lists(
+            st.tuples(
+                st.integers(0, 2),  # source partition
+                st.sampled_from(["k1", "k2", "k3"]),
+                st.none() | st.sampled_from(["e1", "e2", "e3", "e4"]),
+                st.integers(-5, 5),
+                st.sampled_from([None, "u1", "u2"]),
+            ),
+            max_size=30,
+        )
+    )
+    batch_size = data.draw(st.integers(1, 6))
+    c = Coalescer(DEDUP, roots, now=0.0)
+    offsets = [0, 0, 0]
+    expected: dict[Any, list[tuple[float, str | None]]] = defaultdict(list)
+    duplicates = valid = 0
+    partials: list[Partial] = []
+    for start in range(0, len(events), batch_size):
+        chunk = events[start : start + batch_size]
+        by_partition: dict[int, list[Rec]] = defaultdict(list)
+        info: dict[tuple[int, int], tuple[str, int, str | None]] = {}
+        for partition, key, eid, value, user in chunk:
+            fields: dict[str, Any] = {"value": value}
+            if eid is not None:
+                fields["id"] = eid
+            if user is not None:
+                fields["user"] = user
+            by_partition[partition].append(Rec(offsets[partition], ev(key=key, **fields)))
+            info[(partition, offsets[partition])] = (key, value, user)
+            offsets[partition] += 1
+        for partition, recs in by_partition.items():
+            assert c.add_batch(partition, recs) == []
+        held = c.held_ids()
+        assert all(info.get((p, o)) for p, o, _ in held)
+        dups = {(p, o) for p, o, _ in held if data.draw(st.booleans())}
+        assert c.resolve(dups) == len(dups)
+        duplicates += len(dups)
+        for where, (key, value, user) in info.items():
+            if where in dups:
+                continue
+            valid += 1
+            for index in range(len(DEDUP.metrics)):
+                expected[(index, "", key, "total")].append((value, user))
+        if data.draw(st.booleans()):
+            partials.extend(c.flush(float(start)).partials)
+    partials.extend(c.flush(1e9).partials)
+    merger = Merger(DEDUP)
+    for i, p in enumerate(partials):
+        assert merger.add(p.root_partition, i, p.to_json()) is not None
+    batch = merger.take()
+    kinds = [m.kind for m in DEDUP.metrics]
+    assert batch.cells == {cell: aggregate(kinds[cell[0]], vals) for cell, vals in expected.items()}
+    assert batch.events == valid
+    assert batch.duplicates == duplicates
+
+
+def test_feed_types_forward_raw_events_except_duplicates() -> None:
+    topo = topology("feed", [count("n", "a")], {"a": 0, "b": 1}, feed_types={"b"})
+    c = Coalescer(topo, 1, now=0.0)
+    first, second, third = ev("b", key="k", channel="v1", text="hi"), ev("b", key="k", id="x"), ev("a")
+    feed(c, 0, [first, second, third, ev("b", key="j", channel="v2", id="y")])
+    c.resolve({(0, 3)})
+    f = c.flush(1.0)
+    assert f.feed == [("v1", first), ("", second)]
+    assert c.flush(2.0).feed == []

@@ -16,12 +16,14 @@ from pipeline.core.model import (
     MAX_ID_CHARS,
     MAX_KEY_CHARS,
     MAX_SUBKEYS,
+    MAX_TEXT_CHARS,
     ChannelUpdate,
     Event,
     InvalidEvent,
     Partial,
     check_event,
     decode_event,
+    explain_event,
     message_key,
     parse_message_key,
     validate_event,
@@ -130,6 +132,8 @@ BAD_FIELDS: list[tuple[str, dict[str, Any], str]] = [
     ("user too long", base(user="u" * (MAX_KEY_CHARS + 1)), "user"),
     ("id too long", base(id="i" * (MAX_ID_CHARS + 1)), "id"),
     ("id int", base(id=5), "id"),
+    ("text int", base(text=5), "text"),
+    ("text too long", base(text="t" * (MAX_TEXT_CHARS + 1)), "text"),
 ]
 
 
@@ -199,6 +203,50 @@ def test_unknown_type_reason_is_bounded() -> None:
 
 # --------------------------------------------------------------------------- properties
 
+# Each field: left out, or a value that may or may not be valid.
+field_values: dict[str, st.SearchStrategy[Any]] = {
+    "type": st.sampled_from(["like", "comment", "", "dislike", 1, None, ["like"]]),
+    "key": st.one_of(
+        st.sampled_from(["", "k" * MAX_KEY_CHARS, "k" * (MAX_KEY_CHARS + 1), 5, None, True]),
+        st.text(max_size=5),
+    ),
+    "channel": st.sampled_from(["", "v", "c" * (MAX_KEY_CHARS + 1), None, 3, ["v"]]),
+    "user": st.sampled_from(["", "u", "u" * (MAX_KEY_CHARS + 1), None, 3]),
+    "id": st.sampled_from(["", "i", "i" * MAX_ID_CHARS, "i" * (MAX_ID_CHARS + 1), None, 3]),
+    "ts": st.one_of(st.sampled_from([None, -1, 0, 2**53 - 1, 2**53, 1.0, "1", True]), st.integers(0, 10**13)),
+    "value": st.one_of(
+        st.sampled_from([None, "1", True, False, MAX_ABS_VALUE, -MAX_ABS_VALUE, MAX_ABS_VALUE * 2, 2**63]),
+        st.integers(-(10**6), 10**6),
+        st.floats(allow_nan=False, allow_infinity=False),
+    ),
+    "sub": st.sampled_from([None, -1, 0, 1, MAX_SUBKEYS - 1, MAX_SUBKEYS, 1.0, True, "1"]),
+    "text": st.sampled_from([None, "", "hi", "t" * 2000, "t" * 2001, 5]),
+}
+
+
+@st.composite
+def event_objects(draw: st.DrawFn) -> dict[str, Any]:
+    return {name: draw(values) for name, values in field_values.items() if draw(st.booleans())}
+
+
+def outcome(check: Any, *args: Any) -> Any:
+    try:
+        return check(*args)
+    except InvalidEvent as exc:
+        return ("invalid", exc.reason, exc.field)
+
+
+@settings(max_examples=300)
+@given(obj=event_objects(), default_ts=st.integers(0, 2**40))
+def test_fast_check_has_the_same_verdict_as_the_explaining_check(
+    obj: dict[str, Any], default_ts: int
+) -> None:
+    fast = outcome(check_event, obj, TYPES, default_ts)
+    slow = outcome(explain_event, obj, TYPES, default_ts)
+    assert fast == slow
+    assert outcome(check_event, obj, None, default_ts) == outcome(explain_event, obj, None, default_ts)
+
+
 keys = st.text(
     min_size=1,
     max_size=40,
@@ -245,6 +293,7 @@ events = st.builds(
     user=st.none() | st.text(max_size=20),
     id=st.none() | st.text(max_size=MAX_ID_CHARS),
     sub=subs,
+    text=st.none() | st.text(max_size=20),
 )
 
 
@@ -319,14 +368,21 @@ def test_partial_rejects_other_versions(version: Any) -> None:
         st.sets(st.text(max_size=8), max_size=5),
         max_size=5,
     ),
-    counters=st.tuples(*[st.integers(min_value=0, max_value=2**40)] * 7),
+    counters=st.tuples(*[st.integers(min_value=0, max_value=2**40)] * 8),
 )
 def test_partial_round_trip_property(
     cells: dict[Any, Any], sets: dict[Any, Any], counters: tuple[int, ...]
 ) -> None:
-    src, root, win, first, last, events, dead = counters
-    partial = Partial(src, root, win, first, last, {**cells, **sets}, events, 3, dead)
+    src, root, win, first, last, events, dead, dup = counters
+    partial = Partial(src, root, win, first, last, {**cells, **sets}, events, 3, dead, duplicates=dup)
     assert Partial.from_json(partial.to_json(), frozenset({4})) == partial
+
+
+def test_partial_from_older_writer_without_duplicates_field() -> None:
+    obj = orjson.loads(Partial(1, 2, 3, 4, 5, {(0, "c", "k", "total"): 1}, 6, 7, 8, duplicates=9).to_json())
+    del obj["dup"]
+    back = Partial.from_json(orjson.dumps(obj))
+    assert back == Partial(1, 2, 3, 4, 5, {(0, "c", "k", "total"): 1}, 6, 7, 8, duplicates=0)
 
 
 def test_channel_update_round_trip() -> None:

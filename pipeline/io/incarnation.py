@@ -1,0 +1,33 @@
+"""A fresh transactional id for every start of a worker, fencing the one before.
+
+Static membership keeps a worker's *group* identity stable across restarts;
+its *transactional* id changes with every start and the previous one is
+fenced first. Why not reuse one id: a read_committed consumer that resumes
+after a transaction aborted by a crash must still recognise later committed
+data of the same producer. Apache Kafka answers a fetch with only the aborted
+transactions that overlap it, but a broker that reports older ones makes the
+consumer skip every later batch of that producer id (seen on the local
+broker, docs/ARCHITECTURE.md). A new id per start gives a new producer id,
+so an old abort can only ever hide data of a producer that is gone.
+"""
+
+from __future__ import annotations
+
+import time
+
+import redis.asyncio as aioredis
+
+from pipeline.io import kafka
+
+
+def _key(group: str, instance: str) -> str:
+    return f"{group}:txid:{instance}"
+
+
+async def begin(client: aioredis.Redis, bootstrap: str, group: str, instance: str) -> str:
+    """Record and return this start's transactional id, after fencing the previous start's."""
+    new_id = f"{group}.{instance}.{time.time_ns():x}"
+    previous = await client.getset(_key(group, instance), new_id)
+    if previous:
+        await kafka.fence(bootstrap, previous.decode() if isinstance(previous, bytes) else str(previous))
+    return new_id

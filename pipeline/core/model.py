@@ -117,7 +117,20 @@ def check_event(obj: Any, types: frozenset[str] | None = None, default_ts_ms: in
         get = obj.get
         etype = get("type")
         key = get("key")
-        channel = get("channel", "")
+        channel = get("channel")
+        # the commonest shape, {"type", "key", "channel"} and nothing else, checked in one go
+        if (
+            len(obj) == 3
+            and type(channel) is str
+            and type(etype) is str
+            and type(key) is str
+            and etype in types
+            and 0 < len(key) <= MAX_KEY_CHARS
+            and len(channel) <= MAX_KEY_CHARS
+        ):
+            return etype, key, channel, default_ts_ms, 1, None, None, 0
+        if channel is None:
+            channel = ""
         user = get("user")
         event_id = get("id")
         ts = get("ts")

@@ -76,6 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     bc.add_argument("--events", type=int, default=600_000, help="events pre-loaded (default 600000)")
     bc.add_argument("--faust-events", type=int, default=15_000, help="events the Faust baseline gets")
     bc.add_argument("--keys", type=int, default=10_000)
+    bc.add_argument("--rounds", type=int, default=3, help="alternating ceiling/tier-1 rounds (default 3)")
     bc.add_argument("--json", action="store_true")
     _server_flags(bc)
 

@@ -34,6 +34,24 @@ class Settings(BaseSettings):
     max_poll_records: int = Field(20_000, description="Records per fetch batch")
     idle_backoff_ms: int = Field(100, description="Pause fetching this long when a fetch finds nothing")
 
+    # ingest gateway (tier "ingest") and the writers' hot-key splitting
+    ingest_host: str = Field("127.0.0.1", description="Address the ingest gateway binds")
+    ingest_port: int = Field(8080, description="HTTP port of the ingest gateway (0: any free port, logged)")
+    ingest_api_keys: str = Field("", description="Comma-separated API keys accepted by the gateway")
+    ingest_open: bool = Field(False, description="Serve without API keys (only when none are configured)")
+    ingest_max_body_bytes: int = Field(1024 * 1024, description="Larger request bodies get 413")
+    ingest_max_events: int = Field(10_000, description="More events in one request get 413")
+    ingest_lag_shed: int = Field(50_000, description="Tier-1 lag (events) from which low classes are shed")
+    ingest_lag_high: int = Field(200_000, description="Tier-1 lag (events) from which requests get 429")
+    ingest_latency_high_ms: float = Field(2_000, description="Broker ack latency that throttles (0: off)")
+    ingest_lag_interval_ms: int = Field(1_000, description="How often the gateway samples tier-1 lag")
+    ingest_ack_timeout_ms: int = Field(5_000, description="No broker ack within this: 503")
+    split_threshold_eps: float = Field(1_000, description="A key seen this often (events/s) is split")
+    split_budget_eps: float = Field(1_000, description="Events/s per sub-key: k = ceil(rate / budget)")
+    split_max_k: int = Field(64, description="Most sub-keys per key (also capped by the partition count)")
+    split_cooldown_s: float = Field(10, description="A cooled key stays split this long before rejoining")
+    split_static_k: int = Field(0, description="Static mode: split every key this many ways (0: off)")
+
     @classmethod
     def settings_customise_sources(
         cls,
@@ -43,17 +61,17 @@ class Settings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        path = os.environ.get(CONFIG_ENV)
-        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
-        if path:
-            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=Path(path)))
-        return tuple(sources)
+        # earlier sources win: flags, then the environment, then the file
+        return init_settings, env_settings, TomlConfigSettingsSource(settings_cls)
 
 
 def load(config: str | None = None, **overrides: Any) -> Settings:
-    """Settings from an optional TOML file, the environment and explicit overrides (flags win)."""
-    if config:
-        if not Path(config).is_file():
-            raise FileNotFoundError(f"config file {config} does not exist")
-        os.environ[CONFIG_ENV] = config
-    return Settings(**{k: v for k, v in overrides.items() if v is not None})
+    """Settings from an optional TOML file (or $PIPELINE_CONFIG), the environment, and flags (flags win)."""
+    path = config or os.environ.get(CONFIG_ENV)
+    cls: type[Settings] = Settings
+    if path:
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"config file {path} does not exist")
+        config_dict = SettingsConfigDict(**{**Settings.model_config, "toml_file": Path(path)})
+        cls = type("FileSettings", (Settings,), {"model_config": config_dict})
+    return cls(**{k: v for k, v in overrides.items() if v is not None})

@@ -26,6 +26,7 @@ class WorkerProcess:
         log_level: str = "info",
         extra_env: dict[str, str] | None = None,
         name: str | None = None,
+        metrics_port: int = 0,
     ) -> None:
         self.topology = topology
         self.tier = tier
@@ -36,6 +37,7 @@ class WorkerProcess:
         self.log_level = log_level
         self.extra_env = extra_env or {}
         self.rename = name
+        self.metrics_port = metrics_port
         self.proc: subprocess.Popen[bytes] | None = None
         self.starts = 0
 
@@ -61,7 +63,7 @@ class WorkerProcess:
             "--log-level",
             self.log_level,
             "--metrics-port",
-            "0",
+            str(self.metrics_port),
         ] + (["--name", self.rename] if self.rename else [])
 
     def start(self) -> WorkerProcess:

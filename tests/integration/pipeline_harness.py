@@ -38,7 +38,7 @@ async def send_events(
     try:
         sent = []
         for ev, counts in [(e, True) for e in events] + [(e, False) for e in retries]:
-            key = str(ev["key"])
+            key = str(ev.get("key", ""))
             sub = int(ev.get("sub", 0))  # type: ignore[call-overload]
             fut = await producer.send(topic, orjson.dumps(ev), key=message_key(key, sub))
             sent.append((fut, (str(ev.get("channel", "")), key), counts))

@@ -11,9 +11,8 @@ Redis and Kafka do not commit together.
 from __future__ import annotations
 
 import redis.asyncio as aioredis
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
-from tenacity import retry, retry_if_exception_type, stop_after_delay, wait_exponential
+
+from pipeline.io.redis_retry import redis_retry
 
 CLAIM_LUA = r"""
 local ttl = tonumber(ARGV[1])
@@ -41,16 +40,11 @@ class DedupStore:
         self.horizon_s = horizon_s
         self._script = client.register_script(CLAIM_LUA)
 
-    @retry(
-        retry=retry_if_exception_type((RedisConnectionError, RedisTimeoutError)),
-        wait=wait_exponential(multiplier=0.05, max=2),
-        stop=stop_after_delay(60),
-        reraise=True,
-    )
+    @redis_retry
     async def duplicates(self, held: list[tuple[int, int, str]]) -> set[tuple[int, int]]:
         """Claim each (partition, offset, id); return the (partition, offset) pairs that are retries.
 
-        Retried while Redis is briefly unreachable: the window cannot close without a verdict.
+        Retried while Redis is unreachable: the window cannot close without a verdict.
         """
         args: list[str | int] = [self.horizon_s]
         for partition, offset, event_id in held:

@@ -16,6 +16,7 @@ import redis.asyncio as aioredis
 from pipeline.core.merger import MergedBatch
 from pipeline.core.redis_layout import ApplyPlan, plan_apply, positions_key
 from pipeline.core.topology import Topology
+from pipeline.io.redis_retry import redis_retry
 
 APPLY_LUA = r"""
 local p = cjson.decode(ARGV[1])
@@ -89,11 +90,13 @@ class RedisSink:
         self.topology = topology
         self._script = client.register_script(APPLY_LUA)
 
+    @redis_retry
     async def positions(self) -> dict[int, int]:
         """Last applied offset per partials partition: where a merger resumes."""
         raw = await self.client.hgetall(positions_key(self.topology.name))
         return {int(k): int(v) for k, v in raw.items()}
 
+    @redis_retry
     async def apply(self, batch: MergedBatch) -> ApplyResult:
         plan = plan_apply(self.topology, batch)
         reply = await self._script(args=[plan.payload])

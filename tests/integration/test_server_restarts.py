@@ -1,0 +1,69 @@
+"""Redis or the broker restarting under a running pipeline loses no count and adds none."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from pipeline.local_servers import Endpoints
+from tests.integration.pipeline_harness import LedgerKey, Pipeline, send_events, wait_for_totals
+from topologies.live_likes import TOPOLOGY
+
+pytestmark = pytest.mark.integration
+
+
+def _events(start: int, n: int) -> list[dict[str, object]]:
+    return [
+        {"type": "like", "key": f"c{i % 37}", "channel": f"v{i % 3}", "id": f"e{i}"}
+        for i in range(start, start + n)
+    ]
+
+
+async def test_redis_restart_mid_stream(servers: Endpoints, unique_name: str, tmp_path: Path) -> None:
+    if servers.redis is None:
+        pytest.skip("needs the embedded Redis to restart it (PIPELINE_TEST_REDIS points elsewhere)")
+    topology = TOPOLOGY.renamed(unique_name)
+    pipe = Pipeline(servers, topology, "live_likes", tmp_path)
+    await pipe.create_topics()
+    pipe.add("coalesce", "c1")
+    pipe.add("merge", "m1")
+    ledger: Counter[LedgerKey] = Counter()
+    try:
+        await send_events(servers.kafka_bootstrap, topology.topic("events"), _events(0, 3000), ledger)
+        assert await wait_for_totals(servers.redis_url, topology, "likes", ledger, 60) == dict(ledger)
+        servers.redis.stop()  # SIGTERM: Redis writes its append-only file and exits
+        await send_events(servers.kafka_bootstrap, topology.topic("events"), _events(3000, 3000), ledger)
+        await asyncio.sleep(1.5)  # both tiers now hit a closed port
+        servers.redis.start()
+        await send_events(servers.kafka_bootstrap, topology.topic("events"), _events(6000, 3000), ledger)
+        got = await wait_for_totals(servers.redis_url, topology, "likes", ledger, timeout_s=90)
+        assert got == dict(ledger), pipe.logs()
+        assert all(w.running for w in pipe.workers), pipe.logs()
+    finally:
+        pipe.stop()
+
+
+async def test_broker_restart_mid_stream(servers: Endpoints, unique_name: str, tmp_path: Path) -> None:
+    if servers.broker is None:
+        pytest.skip("needs the embedded broker to restart it (PIPELINE_TEST_KAFKA points elsewhere)")
+    topology = TOPOLOGY.renamed(unique_name)
+    pipe = Pipeline(servers, topology, "live_likes", tmp_path)
+    await pipe.create_topics()
+    pipe.add("coalesce", "c1")
+    pipe.add("merge", "m1")
+    ledger: Counter[LedgerKey] = Counter()
+    try:
+        await send_events(servers.kafka_bootstrap, topology.topic("events"), _events(0, 3000), ledger)
+        assert await wait_for_totals(servers.redis_url, topology, "likes", ledger, 60) == dict(ledger)
+        await asyncio.sleep(1.0)  # the broker snapshots its data ~0.4 s after changes
+        servers.broker.stop()  # SIGTERM: the broker flushes and exits
+        await asyncio.sleep(1.0)
+        servers.broker.start()
+        await send_events(servers.kafka_bootstrap, topology.topic("events"), _events(3000, 3000), ledger)
+        got = await wait_for_totals(servers.redis_url, topology, "likes", ledger, timeout_s=90)
+        assert got == dict(ledger), pipe.logs()
+    finally:
+        pipe.stop()

@@ -43,8 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("topology", help="a name in topologies/ (live_likes, analytics) or module:ATTR")
     run.add_argument(
-        "--tier", required=True, choices=["coalesce", "merge"], help="which tier this worker runs"
+        "--tier", required=True, choices=["coalesce", "merge", "ingest"], help="which tier this worker runs"
     )
+    run.add_argument("--port", type=int, help="ingest tier: HTTP port of the gateway (0: any free port)")
     run.add_argument("--instance", help="stable identity of this worker (keep it across restarts)")
     run.add_argument("--name", help="run the topology under another name (its own topics and Redis keys)")
     run.add_argument("--kafka", help="Kafka bootstrap servers")
@@ -79,6 +80,39 @@ def build_parser() -> argparse.ArgumentParser:
     bc.add_argument("--rounds", type=int, default=3, help="alternating ceiling/tier-1 rounds (default 3)")
     bc.add_argument("--json", action="store_true")
     _server_flags(bc)
+    bh = bsub.add_parser(
+        "hotkey", help="viral key plus Zipf background, hot-key splitting off then on: balance, lag, latency"
+    )
+    bh.add_argument("--duration", type=float, default=20.0, help="seconds of load per mode (default 20)")
+    bh.add_argument("--writers", type=int, default=2, help="producer processes (default 2)")
+    bh.add_argument("--viral-share", type=float, default=0.5, help="share of events on the viral key")
+    bh.add_argument("--keys", type=int, default=10_000)
+    bh.add_argument("--json", action="store_true")
+    _server_flags(bh)
+    bi = bsub.add_parser("ingest", help="gateway events/s and p99 latency, batches of 100, beside the SDK")
+    bi.add_argument("--duration", type=float, default=10.0, help="seconds per measurement (default 10)")
+    bi.add_argument("--batch", type=int, default=100, help="events per request (default 100)")
+    bi.add_argument("--concurrency", type=int, default=16, help="requests in flight (default 16)")
+    bi.add_argument("--json", action="store_true")
+    _server_flags(bi)
+
+    plan = sub.add_parser(
+        "plan",
+        help="predict what a workload costs each tier (partials/s, Redis commands/s, hot keys, workers)",
+        description="A closed-form model of the reduction: Zipf keys, Poisson arrivals per key. "
+        "Checked against measured runs in docs/BENCHMARKS.md.",
+    )
+    plan.add_argument("--rate", type=float, required=True, help="events per second")
+    plan.add_argument("--keys", type=int, required=True, help="distinct keys")
+    plan.add_argument("--skew", type=float, default=1.1, help="Zipf exponent of key popularity (default 1.1)")
+    plan.add_argument("--hot-share", type=float, default=0.0, help="share of events on one viral key")
+    plan.add_argument("--channels", type=int, default=20)
+    plan.add_argument("--window-ms", type=float, default=250.0, help="tier-1 flush interval (default 250)")
+    plan.add_argument("--partitions", type=int, default=6, help="events topic partitions")
+    plan.add_argument("--root-partitions", type=int, default=3, help="partials topic partitions")
+    plan.add_argument("--tier1-workers", type=int, help="default: as many as the rate needs")
+    plan.add_argument("--split-threshold", type=float, default=20_000.0, help="events/s that makes a key hot")
+    plan.add_argument("--json", action="store_true")
 
     servers = sub.add_parser("servers", help="start a local broker and Redis and wait (Ctrl-C stops them)")
     servers.add_argument("--data-dir", help="keep data here (default: a temporary directory)")
@@ -98,9 +132,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                 instance=args.instance,
                 metrics_port=args.metrics_port,
                 log_level=args.log_level,
+                ingest_port=args.port,
             )
         except (FileNotFoundError, ValueError) as exc:
             print(f"pipeline run: {exc}", file=sys.stderr)
+            return 2
+        if args.tier == "ingest" and not settings.ingest_api_keys.strip() and not settings.ingest_open:
+            print(
+                "pipeline run: the ingest gateway needs API keys (PIPELINE_INGEST_API_KEYS=k1,k2) "
+                "or PIPELINE_INGEST_OPEN=true to serve without them",
+                file=sys.stderr,
+            )
             return 2
         topology = worker.load_topology(args.topology)
         if args.name:
@@ -111,10 +153,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         from pipeline import demo
 
         return demo.main(args)
+    if args.command == "bench" and args.bench == "hotkey":
+        from pipeline.bench import hotkey_bench
+
+        return hotkey_bench.main(args)
+    if args.command == "bench" and args.bench == "ingest":
+        from pipeline.bench import ingest_bench
+
+        return ingest_bench.main(args)
     if args.command == "bench":
         from pipeline.bench import coalesce_bench
 
         return coalesce_bench.main(args)
+    if args.command == "plan":
+        from pipeline import plan_command
+
+        return plan_command.main(args)
     if args.command == "servers":
         from pipeline import local_servers
 

@@ -1,0 +1,134 @@
+"""Capacity planning: what a workload will cost each tier, before running it.
+
+A closed-form model of the reduction. Keys follow a Zipf law; within a time
+span t a key with probability p is seen at least once with probability
+1 - exp(-rate * t * p) (Poisson arrivals), so the expected number of distinct
+keys — hence cells, hence Redis commands — in a window is a sum over keys.
+The model is checked against measured runs in docs/BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+# Capacities measured on the 2-core reference machine (docs/BENCHMARKS.md), halved for headroom.
+TIER1_EVENTS_PER_WORKER = 75_000.0
+MERGE_CELLS_PER_WORKER = 50_000.0
+
+
+@dataclass(frozen=True)
+class Workload:
+    events_per_s: float
+    keys: int
+    zipf_s: float = 1.1
+    hot_share: float = 0.0  # share of all events on one extra viral key
+    channels: int = 20
+    flush_interval_s: float = 0.25
+    events_partitions: int = 6
+    partials_partitions: int = 3
+    tier1_workers: int | None = None  # default: as many as the rate needs
+    leaderboard: bool = True  # each all-time cell also updates a sorted set
+    split_threshold_eps: float = 20_000.0  # a key above this rate is split by the writers
+    partition_budget_eps: float = 20_000.0  # what one sub-key may carry
+
+    def __post_init__(self) -> None:
+        if self.events_per_s <= 0 or self.keys <= 0 or self.flush_interval_s <= 0:
+            raise ValueError("rate, keys and flush interval must be positive")
+        if not 0 <= self.hot_share < 1:
+            raise ValueError("hot_share must be in [0, 1)")
+
+
+@dataclass
+class Plan:
+    events_per_s: float
+    cells_per_window: float
+    partials_per_s: float
+    applies_per_s: float
+    redis_commands_per_s: float
+    events_per_partial: float
+    events_per_redis_command: float
+    hot_keys: list[tuple[str, float, int]] = field(default_factory=list)  # (key, events/s, k)
+    workers: dict[str, int] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+
+
+def _key_rates(w: Workload) -> list[float]:
+    """Events/s of every key: the Zipf background, then the viral key (if any) last."""
+    weights = [1.0 / (i + 1) ** w.zipf_s for i in range(w.keys)]
+    total = sum(weights)
+    background = w.events_per_s * (1 - w.hot_share)
+    rates = [background * x / total for x in weights]
+    if w.hot_share:
+        rates.append(w.events_per_s * w.hot_share)
+    return rates
+
+
+def _distinct(rates: list[float], span_s: float) -> float:
+    """Expected number of keys seen at least once in `span_s`."""
+    return sum(-math.expm1(-r * span_s) for r in rates)
+
+
+def split_factor(rate: float, w: Workload) -> int:
+    if rate <= w.split_threshold_eps:
+        return 1
+    return min(w.events_partitions, math.ceil(rate / w.partition_budget_eps))
+
+
+def plan(w: Workload) -> Plan:
+    rates = _key_rates(w)
+    # hot keys are spread over k sub-keys, each landing on its own source partition
+    expanded: list[float] = []
+    hot: list[tuple[str, float, int]] = []
+    for i, r in enumerate(rates):
+        k = split_factor(r, w)
+        if k > 1:
+            name = "viral" if w.hot_share and i == len(rates) - 1 else f"key #{i + 1}"
+            hot.append((name, r, k))
+        expanded.extend([r / k] * k)
+    window = w.flush_interval_s
+    cells = _distinct(expanded, window)
+    # cells of one source partition spread over the root partitions by hash
+    per_source = cells / w.events_partitions
+    roots = w.partials_partitions
+    busy_sources = w.events_partitions * -math.expm1(-w.events_per_s * window / w.events_partitions)
+    partials_per_window = busy_sources * roots * -math.expm1(-per_source / roots) if per_source else 0.0
+    partials_per_s = partials_per_window / window
+    tier1 = w.tier1_workers or max(1, math.ceil(w.events_per_s / TIER1_EVENTS_PER_WORKER))
+    # the root applies about once per tier-1 flush burst; each apply merges what arrived since
+    applies_per_s = min(partials_per_s, tier1 / window) if partials_per_s else 0.0
+    if applies_per_s:
+        span = 1.0 / applies_per_s
+        cells_per_apply = _distinct(rates, span)  # sub-keys merge back into their key at the root
+        channels_per_apply = w.channels * -math.expm1(-cells_per_apply / w.channels)
+        per_cell = 2 if w.leaderboard else 1
+        ranges = min(roots, partials_per_s * span)
+        overhead = 2 * ranges + channels_per_apply + 4  # positions, sequence numbers, counters
+        commands_per_s = applies_per_s * (cells_per_apply * per_cell + overhead)
+    else:
+        commands_per_s = 0.0
+    merge_workers = max(1, min(roots, math.ceil(commands_per_s / MERGE_CELLS_PER_WORKER)))
+    result = Plan(
+        events_per_s=w.events_per_s,
+        cells_per_window=cells,
+        partials_per_s=partials_per_s,
+        applies_per_s=applies_per_s,
+        redis_commands_per_s=commands_per_s,
+        events_per_partial=w.events_per_s / partials_per_s if partials_per_s else 0.0,
+        events_per_redis_command=w.events_per_s / commands_per_s if commands_per_s else 0.0,
+        hot_keys=hot,
+        workers={"coalesce": tier1, "merge": merge_workers},
+    )
+    events_per_window = w.events_per_s * window
+    if cells > 0.5 * events_per_window:
+        result.warnings.append(
+            f"most keys see about one event per {window * 1000:.0f} ms window "
+            f"({events_per_window / cells:.2f} events per cell): the window saves almost no writes; "
+            "a longer flush interval (or a coarser key) is what would help"
+        )
+    if tier1 > w.events_partitions:
+        result.warnings.append(
+            f"{tier1} tier-1 workers are needed but the events topic has {w.events_partitions} partitions: "
+            "add partitions"
+        )
+    return result

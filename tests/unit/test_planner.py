@@ -1,0 +1,50 @@
+"""The capacity model: limits it must respect and the advice it must give."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pipeline.core.planner import Workload, plan
+
+
+def test_one_partial_per_source_and_root_partition_per_window_at_most() -> None:
+    p = plan(Workload(events_per_s=200_000, keys=100_000, events_partitions=6, partials_partitions=3))
+    assert p.partials_per_s == pytest.approx(6 * 3 / 0.25, rel=1e-3)
+
+
+def test_viral_key_is_split_by_its_rate() -> None:
+    p = plan(Workload(events_per_s=100_000, keys=10_000, hot_share=0.5, partition_budget_eps=20_000))
+    assert p.hot_keys == [("viral", 50_000, 3)]
+
+
+def test_sparse_keys_get_the_window_warning_and_dense_ones_do_not() -> None:
+    sparse = plan(Workload(events_per_s=1_000, keys=1_000_000, zipf_s=0.1))
+    dense = plan(Workload(events_per_s=100_000, keys=1_000))
+    assert any("saves almost no writes" in w for w in sparse.warnings)
+    assert not dense.warnings
+    assert dense.events_per_redis_command > 10 * sparse.events_per_redis_command
+
+
+def test_too_few_partitions_for_the_workers_is_flagged() -> None:
+    p = plan(Workload(events_per_s=2_000_000, keys=1_000, events_partitions=4))
+    assert p.workers["coalesce"] > 4
+    assert any("add partitions" in w for w in p.warnings)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    rate=st.floats(100, 500_000),
+    keys=st.integers(1, 20_000),
+    window=st.sampled_from([0.1, 0.25, 1.0]),
+)
+def test_more_events_never_mean_fewer_cells_and_writes_never_exceed_one_per_cell_apply(
+    rate: float, keys: int, window: float
+) -> None:
+    w = Workload(events_per_s=rate, keys=keys, flush_interval_s=window)
+    more = Workload(events_per_s=rate * 2, keys=keys, flush_interval_s=window)
+    assert plan(more).cells_per_window >= plan(w).cells_per_window
+    p = plan(w)
+    assert p.cells_per_window <= min(keys * 6, rate * window) + 1e-6  # a split key has up to 6 sub-keys
+    assert p.partials_per_s <= 6 * 3 / window + 1e-6

@@ -28,3 +28,10 @@ fi
 
 export VIRTUAL_ENV="$VENV"
 export PATH="$VENV/bin:$PATH"
+
+# The browser tests (tests/browser) drive Debian's Chromium through Playwright; install it once.
+if [[ ! -x /usr/bin/chromium ]] && command -v apt-get >/dev/null 2>&1 && [[ "$(id -u)" == 0 ]]; then
+  echo "==> installing chromium (for the browser tests)"
+  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; } \
+    >/dev/null 2>&1 || echo "warning: could not install chromium; the browser tests will fail" >&2
+fi

@@ -8,21 +8,31 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import itertools
+import random
+import secrets
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import orjson
 import redis.asyncio as aioredis
 
+from pipeline.core.model import message_key
+from pipeline.core.topology import Topology
 from pipeline.io import kafka, redis_query
 from pipeline.loadgen import LoadResult, Workload, produce
+from pipeline.local_servers import free_port
 from pipeline.supervisor import WorkerProcess
 from pipeline.tiers.worker import load_topology
 
 DRAIN_TIMEOUT_S = 90.0
+NODE_START_TIMEOUT_S = 30.0
+COMMENTS_PER_S = 4.0
 
 
 def main(args: argparse.Namespace) -> int:
@@ -58,9 +68,21 @@ async def _run(args: argparse.Namespace, kafka_url: str, redis_url: str, workdir
         WorkerProcess(args.topology, "coalesce", "demo-c2", kafka_url, redis_url, workdir),
         WorkerProcess(args.topology, "merge", "demo-m1", kafka_url, redis_url, workdir),
     ]
+    node = _broadcast_node(args.topology, kafka_url, redis_url, workdir)
+    workers.append(node.worker)
     for w in workers:
         w.start()
     _say(f"started {', '.join(w.name for w in workers)} (one process each)")
+    try:
+        await node.wait_ready(workers)
+    except BaseException:
+        for w in workers:
+            w.stop()
+        await client.aclose()
+        raise
+    _say(f"viewer page  {node.viewer_url}   (live comments and likes; pick any video)")
+    _say(f"dashboard    {node.dashboard_url}")
+    feeder = asyncio.create_task(_feed_comments(kafka_url, topology, args.channels))
     started = time.monotonic()
     counted = 0.0
 
@@ -107,6 +129,8 @@ async def _run(args: argparse.Namespace, kafka_url: str, redis_url: str, workdir
         stats = await redis_query.stats(client, topology.name)
         delta = {k: v - base_stats.get(k, 0) for k, v in stats.items()}
     finally:
+        feeder.cancel()
+        await asyncio.gather(feeder, return_exceptions=True)  # comments are for the page, not the count
         for w in workers:
             w.stop()
         await client.aclose()
@@ -127,7 +151,88 @@ async def _run(args: argparse.Namespace, kafka_url: str, redis_url: str, workdir
         "load_events_per_s": round(load.accepted / max(load.wall_s, 1e-9)),
         "wall_s": round(wall, 2),
         "logs": str(workdir),
+        "viewer_url": node.viewer_url,
+        "dashboard_url": node.dashboard_url,
     }
+
+
+@dataclass
+class DemoNode:
+    """The demo's broadcast node: it serves the viewer page and the dashboard (development tokens on)."""
+
+    worker: WorkerProcess
+    url: str
+
+    @property
+    def viewer_url(self) -> str:
+        return f"{self.url}/?channel=video-0"
+
+    @property
+    def dashboard_url(self) -> str:
+        return f"{self.url}/dashboard"
+
+    async def wait_ready(self, workers: list[WorkerProcess]) -> None:
+        deadline = time.monotonic() + NODE_START_TIMEOUT_S
+        async with aiohttp.ClientSession() as session:
+            while True:
+                with contextlib.suppress(aiohttp.ClientError):
+                    async with session.get(self.url + "/v1/node") as response:
+                        if response.status == 200:
+                            return
+                _check_workers(workers)
+                if time.monotonic() > deadline:
+                    raise SystemExit(f"the broadcast node did not answer; its log:\n{self.worker.log_tail()}")
+                await asyncio.sleep(0.2)
+
+
+def _broadcast_node(topology: str, kafka_url: str, redis_url: str, workdir: Path) -> DemoNode:
+    port = free_port()
+    env = {
+        "PIPELINE_BROADCAST_PORT": str(port),
+        "PIPELINE_BROADCAST_SECRET": secrets.token_urlsafe(24),  # this run's only: tokens die with it
+        "PIPELINE_BROADCAST_DEV_TOKENS": "true",  # the pages mint their own tokens; never in production
+    }
+    worker = WorkerProcess(topology, "broadcast", "demo-b1", kafka_url, redis_url, workdir, extra_env=env)
+    return DemoNode(worker, f"http://127.0.0.1:{port}")
+
+
+COMMENT_TEXTS = (
+    "first!",
+    "this is wild",
+    "who else is watching live?",
+    "hello from the demo",
+    "that play though",
+    "can't believe it",
+    "GG",
+    "again! again!",
+)
+
+
+async def _feed_comments(kafka_url: str, topology: Topology, channels: int) -> None:
+    """A few comments a second on the most liked keys, so that the viewer page has a live feed."""
+    if not topology.feed_types:
+        return
+    event_type = sorted(topology.feed_types)[0]
+    shape = Workload(keys=1, channels=channels)  # the load's key -> channel mapping
+    rng = random.Random(11)
+    producer = kafka.producer(kafka_url, "demo-comments")
+    await producer.start()
+    try:
+        for n in itertools.count(-1):
+            # every other comment on video-0 (the page the demo points to), the rest anywhere
+            i = n * channels // 2 if n % 2 == 0 else n
+            key, channel = ("comment-viral", "video-0") if n < 0 else (f"comment-{i}", shape.channel_of(i))
+            event = {
+                "type": event_type,
+                "key": key,
+                "channel": channel,
+                "user": f"user{rng.randrange(1000)}",
+                "text": rng.choice(COMMENT_TEXTS),
+            }
+            await producer.send(topology.topic("events"), orjson.dumps(event), key=message_key(key))
+            await asyncio.sleep(1 / COMMENTS_PER_S)
+    finally:
+        await producer.stop()
 
 
 def _check_workers(workers: list[WorkerProcess]) -> None:

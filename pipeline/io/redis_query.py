@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from typing import cast
+
+import orjson
 import redis.asyncio as aioredis
 
-from pipeline.core.redis_layout import agg_key, stats_key
+from pipeline.core.redis_layout import agg_key, seq_key, stats_key, top_key, uniq_key
 from pipeline.core.windows import TOTAL
 
 
@@ -27,6 +30,104 @@ async def metric_sum(client: aioredis.Redis, topology: str, metric: str) -> floa
 async def stats(client: aioredis.Redis, topology: str) -> dict[str, int]:
     raw = await client.hgetall(stats_key(topology))
     return {_text(k): int(v) for k, v in raw.items()}
+
+
+# --- reads behind the dashboard's JSON API (pipeline/web/dashboard.py) ----------------------------
+
+
+def splits_key(topology: str) -> str:
+    """HASH of hot key -> number of sub-keys it is split into, written by the tier-1 writers."""
+    return f"{topology}:splits"
+
+
+async def channel_seqs(client: aioredis.Redis, topology: str) -> dict[str, int]:
+    """Channel -> sequence number of its last update: every channel the root has written to."""
+    raw = await client.hgetall(seq_key(topology))
+    return {_text(k): int(v) for k, v in raw.items()}
+
+
+async def channel_totals(
+    client: aioredis.Redis, topology: str, metric: str, channel: str, bucket: str = TOTAL
+) -> dict[str, float]:
+    """Key -> value of one metric in one channel and bucket (count, sum, min, max)."""
+    raw = await client.hgetall(agg_key(topology, metric, bucket, channel))
+    return {_text(k): _number(v) for k, v in raw.items()}
+
+
+async def channel_distinct(
+    client: aioredis.Redis, topology: str, metric: str, channel: str, bucket: str = TOTAL
+) -> dict[str, int]:
+    """Key -> distinct users of one distinct metric in one channel and bucket (HyperLogLog estimates)."""
+    base = uniq_key(topology, metric, bucket, channel, "")
+    start = len(base) - len(orjson.dumps([channel, ""]))  # where the JSON [channel, key] begins
+    prefix = base[: -len('""]')]  # ...:["channel",
+    names = [_text(n) async for n in client.scan_iter(match=_glob_escape(prefix) + "*", count=1000)]
+    if not names:
+        return {}
+    async with client.pipeline(transaction=False) as pipe:
+        for name in names:
+            pipe.pfcount(name)
+        counts = await pipe.execute()
+    out: dict[str, int] = {}
+    for name, n in zip(names, counts, strict=True):
+        _, key = orjson.loads(name[start:])
+        out[key] = int(n)
+    return out
+
+
+async def channel_sums(client: aioredis.Redis, topology: str, metric: str) -> dict[str, list[float]]:
+    """Channel -> every key's all-time value of one metric (the caller folds them by kind)."""
+    prefix = agg_key(topology, metric, TOTAL, "")
+    out: dict[str, list[float]] = {}
+    async for name in client.scan_iter(match=_glob_escape(prefix) + "*", count=1000):
+        channel = _text(name)[len(prefix) :]
+        out[channel] = [_number(v) for v in await client.hvals(name)]
+    return out
+
+
+async def top_keys(
+    client: aioredis.Redis, topology: str, metric: str, channel: str, n: int
+) -> list[tuple[str, float]]:
+    """The channel's leaderboard: the n keys with the highest totals, highest first."""
+    raw = await client.zrevrange(top_key(topology, metric, channel), 0, n - 1, withscores=True)
+    return [(_text(k), _score(s)) for k, s in cast(list[tuple[bytes, float]], raw)]
+
+
+async def bucket_values(
+    client: aioredis.Redis, topology: str, metric: str, channel: str, key: str | None, buckets: list[str]
+) -> list[float]:
+    """One value per bucket: the key's, or with no key the sum over the channel's keys (0 when empty)."""
+    async with client.pipeline(transaction=False) as pipe:
+        for bucket in buckets:
+            name = agg_key(topology, metric, bucket, channel)
+            if key is None:
+                pipe.hvals(name)
+            else:
+                pipe.hget(name, key)
+        replies = await pipe.execute()
+    if key is None:
+        return [sum(_number(v) for v in reply) for reply in replies]
+    return [0 if reply is None else _number(reply) for reply in replies]
+
+
+async def bucket_distinct(
+    client: aioredis.Redis, topology: str, metric: str, channel: str, key: str, buckets: list[str]
+) -> list[int]:
+    """Distinct users of one (channel, key) per bucket (HyperLogLog estimates; 0 when empty)."""
+    async with client.pipeline(transaction=False) as pipe:
+        for bucket in buckets:
+            pipe.pfcount(uniq_key(topology, metric, bucket, channel, key))
+        return [int(n) for n in await pipe.execute()]
+
+
+async def splits(client: aioredis.Redis, topology: str) -> dict[str, int]:
+    """Hot key -> sub-keys it is split into (empty while no writer splits keys)."""
+    raw = await client.hgetall(splits_key(topology))
+    return {_text(k): int(v) for k, v in raw.items()}
+
+
+def _score(score: float) -> float:
+    return int(score) if score.is_integer() else score
 
 
 def _text(raw: bytes | str) -> str:

@@ -1,0 +1,1 @@
+"""What viewers and operators see: the static pages and the dashboard's JSON query API."""

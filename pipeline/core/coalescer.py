@@ -78,8 +78,8 @@ class _PartitionState:
     late: int = 0
     dead: int = 0
     duplicates: int = 0
-    # events with an id, waiting for the dedup verdict: (offset, fields, raw)
-    held: list[tuple[int, EventFields, bytes]] = field(default_factory=list)
+    # events with an id, waiting for the dedup verdict: (offset, fields, raw, watermark at the event)
+    held: list[tuple[int, EventFields, bytes, int]] = field(default_factory=list)
 
 
 def _fold(cells: dict[Cell, Any], cell: Cell, kind: Kind, value: float, user: str | None) -> int:
@@ -179,7 +179,7 @@ class Coalescer:
         size = self._size
         quick = 0
         dead: list[DeadLetter] = []
-        accepted: list[EventFields] = []
+        accepted: list[tuple[EventFields, int]] = []  # (fields, watermark at the event)
         offset = first = -1
         for record in records:
             offset = record.offset
@@ -226,10 +226,14 @@ class Coalescer:
             except orjson.JSONDecodeError as exc:
                 dead.append(DeadLetter(partition, offset, raw or b"", f"not valid JSON: {exc}"))
                 continue
+            # The watermark moves in offset order, so whether an event is late does not depend on
+            # when it is folded (held events are folded after their batch) or on batch boundaries.
+            if fields[3] > wm:
+                wm = fields[3]
             if dedup and fields[6] is not None:
-                part.held.append((offset, fields, raw))
+                part.held.append((offset, fields, raw, wm))
                 continue
-            accepted.append(fields)
+            accepted.append((fields, wm))
             if feed_types and fields[0] in feed_types:
                 self._feed.append((fields[2], raw))
         if part.first < 0:
@@ -240,12 +244,12 @@ class Coalescer:
         if offset >= 0:
             part.last = offset
         part.dead += len(dead)
-        self._fold(partition, part, accepted)
+        self._fold(part, accepted)
         return dead
 
     def held_ids(self) -> list[tuple[int, int, str]]:
         """(partition, offset, id) of every event waiting for its dedup verdict."""
-        return [(p, offset, f[6] or "") for p, part in self._parts.items() for offset, f, _ in part.held]
+        return [(p, offset, f[6] or "") for p, part in self._parts.items() for offset, f, _, _ in part.held]
 
     def resolve(self, duplicates: set[tuple[int, int]]) -> int:
         """Fold the held events except the (partition, offset) pairs that are duplicates."""
@@ -253,28 +257,26 @@ class Coalescer:
         for partition, part in self._parts.items():
             if not part.held:
                 continue
-            keep: list[EventFields] = []
-            for offset, fields, raw in part.held:
+            keep: list[tuple[EventFields, int]] = []
+            for offset, fields, raw, wm in part.held:
                 if (partition, offset) in duplicates:
                     dropped += 1
                     continue
-                keep.append(fields)
+                keep.append((fields, wm))
                 if fields[0] in self._feed_types:
                     self._feed.append((fields[2], raw))
             part.duplicates += len(part.held) - len(keep)
             part.held = []
-            self._fold(partition, part, keep)
+            self._fold(part, keep)
         return dropped
 
-    def _fold(self, partition: int, part: _PartitionState, events: list[EventFields]) -> None:
+    def _fold(self, part: _PartitionState, events: list[tuple[EventFields, int]]) -> None:
+        """Fold validated events, each judged late or not by the watermark it arrived under."""
         cells = part.cells
         plan = self._plan
-        wm = self._watermark.get(partition, 0)
         late = 0
         size = self._size
-        for etype, key, channel, ets, value, user, _id, _sub in events:
-            if ets > wm:
-                wm = ets
+        for (etype, key, channel, ets, value, user, _id, _sub), wm in events:
             for index, kind, has_total, bucketed in plan[etype]:
                 if has_total:
                     cell = (index, channel, key, TOTAL)
@@ -294,7 +296,6 @@ class Coalescer:
                         size += _fold(cells, (index, channel, key, rollup.bucket(ets)), kind, value, user)
         part.events += len(events)
         part.late += late
-        self._watermark[partition] = wm
         self._size = size
 
     def flush(self, now: float) -> Flush:

@@ -61,6 +61,9 @@ class Merger:
 
     def _check(self, partial: Partial) -> None:
         """Refuse cells this topology cannot merge or apply (they would fail every retry)."""
+        for n in (partial.events, partial.late_dropped, partial.dead, partial.duplicates):
+            if type(n) is not int:
+                raise ValueError(f"counter {n!r} is not an integer")
         for (index, channel, key, bucket), value in partial.cells.items():
             if type(index) is not int or not 0 <= index < len(self._kinds):
                 raise ValueError(f"unknown metric {index!r}")

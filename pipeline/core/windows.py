@@ -13,8 +13,8 @@ TOTAL = "total"
 class Rollup:
     """An event-time bucketing of a metric: the all-time total, or fixed buckets of `size_s`.
 
-    Buckets are kept in Redis for `retention_s`; an event later than `grace_s`
-    past its bucket's end (by the partition's watermark) is dropped and counted.
+    Buckets are kept in Redis for `retention_s`; an event whose bucket ended
+    `grace_s` or more before the partition's watermark is dropped and counted.
     """
 
     size_s: int = 0
@@ -32,7 +32,7 @@ class Rollup:
         return f"{self.size_s}:{start}"
 
     def is_late(self, ts_ms: int, watermark_ms: int) -> bool:
-        """True when the event's bucket closed more than grace ago."""
+        """True when the event's bucket closed `grace_s` or more before the watermark."""
         if not self.size_s:
             return False
         size_ms = self.size_s * 1000

@@ -150,6 +150,10 @@ MALFORMED: list[Any] = [
     orjson.dumps({**orjson.loads(partial(0, {}).to_json()), "cells": [[0, "c", None, "total", 1]]}),
     orjson.dumps({**orjson.loads(partial(0, {}).to_json()), "cells": [[0, "c", "k", 60, 1]]}),
     orjson.dumps({**orjson.loads(partial(0, {}).to_json()), "cells": [[0, "c", "k", "60:0", 1]]}),
+    # counters that are not integers
+    orjson.dumps({**orjson.loads(partial(0, {}).to_json()), "events": "3"}),
+    orjson.dumps({**orjson.loads(partial(0, {}).to_json()), "dead": None}),
+    orjson.dumps({**orjson.loads(partial(0, {}).to_json()), "dup": [1]}),
 ]
 
 

@@ -177,3 +177,15 @@ def test_shipped_topology_details() -> None:
     assert analytics.distinct_metrics == frozenset({2})
     assert [r.name for r in analytics.metrics[0].rollups] == ["total", "60s", "3600s"]
     assert analytics.metrics[0].rollups[1].grace_s == 30
+
+
+def test_feed_types_must_be_declared() -> None:
+    assert simple(feed_types=["a"]).feed_types == frozenset({"a"})
+    with pytest.raises(ValueError, match="feed types"):
+        simple(feed_types=["b"])
+
+
+def test_dedup_horizon_cannot_be_negative() -> None:
+    assert simple(dedup_horizon_s=0).dedup_horizon_s == 0
+    with pytest.raises(ValueError):
+        simple(dedup_horizon_s=-1)

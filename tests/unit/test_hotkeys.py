@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline.core.hotkeys import HotKeySplitter, SplitPolicy
+from pipeline.core.hotkeys import HotKeySplitter, PartitionOf, SplitPolicy
 from pipeline.core.model import MAX_SUBKEYS, message_key
 
 POLICY = SplitPolicy(threshold_eps=100, budget_eps=100, max_k=16, interval_s=1.0, cooldown_s=5.0)
@@ -26,7 +26,7 @@ def feed(splitter: HotKeySplitter, now: float, rates: dict[str, int], seconds: i
     return changes
 
 
-def partition_of(partitions: int) -> object:
+def partition_of(partitions: int) -> PartitionOf:
     return lambda raw: zlib.crc32(raw) % partitions
 
 
@@ -95,7 +95,7 @@ def test_a_retry_lands_on_the_same_sub_key(k: int, ids: list[str]) -> None:
 
 def test_sub_keys_spread_over_distinct_partitions_when_the_partitioner_is_known() -> None:
     partitions = 6
-    s = HotKeySplitter(POLICY, partitions=partitions, partition_of=partition_of(partitions))  # type: ignore[arg-type]
+    s = HotKeySplitter(POLICY, partitions=partitions, partition_of=partition_of(partitions))
     feed(s, 0, {"viral": 5000})
     assert s.k("viral") == partitions  # capped by the partition count
     subs = s.subs("viral", partitions)

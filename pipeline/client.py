@@ -1,0 +1,455 @@
+"""Async producer SDK: validate events against a topology, give each an id, split hot keys, send.
+
+    async with PipelineClient(topology, "127.0.0.1:9092") as client:
+        results = await client.send_many([{"type": "like", "key": "c1", "channel": "v1"}])
+
+Every event leaves with an id (the caller's, or a new uuid4 hex returned in its
+SendResult). Tier 1 counts an id once within the topology's dedup horizon
+(`Topology.dedup_horizon_s`, 600 s by default), so resending after an error or
+a BrokerUnavailable with the same ids never counts twice.
+
+Sends go through an idempotent producer with acks=all. `send_many` builds
+record batches per partition itself (no per-message bookkeeping in aiokafka);
+`send` gathers single events for `linger_ms` or `max_batch` events, whichever
+comes first. Nothing is buffered without bound: when the broker does not
+acknowledge within `ack_timeout_ms`, or too many sends are already waiting, the
+call raises BrokerUnavailable and the caller decides (the gateway answers 503).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any
+
+import orjson
+import redis.asyncio as aioredis
+from aiokafka import AIOKafkaProducer
+from aiokafka.errors import KafkaError
+from aiokafka.partitioner import DefaultPartitioner
+
+from pipeline.core.hotkeys import HotKeySplitter
+from pipeline.core.model import MAX_ID_CHARS, EventFields, InvalidEvent, check_event, message_key
+from pipeline.core.topology import Topology
+from pipeline.io.splits import SplitAnnouncer
+
+MAX_BATCH_BYTES = 512 * 1024
+MAX_SENDS_IN_FLIGHT = 64
+PARTITION_CACHE_MAX = 100_000
+
+
+class BrokerUnavailable(Exception):
+    """The broker could not be reached or did not acknowledge in time; nothing is known to be accepted.
+
+    Resend the same events with the same ids: accepted ones are not counted twice.
+    """
+
+
+@dataclass(slots=True)
+class SendResult:
+    index: int
+    id: str | None
+    accepted: bool
+    reason: str | None = None
+    field: str | None = None
+    sub: int = 0
+    shed: bool = False  # refused on purpose under overload (by the gateway), not invalid
+
+
+# Per event type: a reason to refuse it now (load shedding), or None to send it.
+ShedRule = Callable[[str], str | None]
+
+
+class PipelineClient:
+    def __init__(
+        self,
+        topology: Topology,
+        bootstrap: str,
+        *,
+        redis_url: str | None = None,
+        splitter: HotKeySplitter | None = None,
+        linger_ms: int = 5,
+        max_batch: int = 1000,
+        ack_timeout_ms: int = 5_000,
+        client_id: str | None = None,
+    ) -> None:
+        self.topology = topology
+        self.bootstrap = bootstrap
+        self.topic = topology.topic("events")
+        self.splitter = splitter
+        self.linger_s = linger_ms / 1000
+        self.max_batch = max_batch
+        self.ack_timeout_s = ack_timeout_ms / 1000
+        self.client_id = client_id or f"{topology.name}.writer.{uuid.uuid4().hex[:8]}"
+        self.ack_latency_ms = 0.0  # smoothed time from send to acknowledgement
+        self.last_ack_at = 0.0  # time.monotonic() of the last acknowledgement
+        self._types = topology.types
+        self._redis_url = redis_url
+        self._redis: aioredis.Redis | None = None
+        self._producer: AIOKafkaProducer | None = None
+        self._announcer: SplitAnnouncer | None = None
+        self._partitions: list[int] = []
+        self._partitioner = DefaultPartitioner()
+        self._partition_cache: dict[bytes, int] = {}
+        self._senders: dict[int, _PartitionSender] = {}
+        self._in_flight = asyncio.Semaphore(MAX_SENDS_IN_FLIGHT)
+        self._pending: list[tuple[Any, asyncio.Future[SendResult]]] = []
+        self._linger_task: asyncio.Task[None] | None = None
+        self._background: set[asyncio.Task[None]] = set()
+        self._ticker: asyncio.Task[None] | None = None
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Connect; BrokerUnavailable if the broker cannot be reached or the events topic is missing."""
+        producer = AIOKafkaProducer(
+            bootstrap_servers=self.bootstrap,
+            client_id=self.client_id,
+            enable_idempotence=True,
+            acks="all",
+            linger_ms=int(self.linger_s * 1000),
+            max_batch_size=MAX_BATCH_BYTES,
+            max_request_size=8 * MAX_BATCH_BYTES,
+            request_timeout_ms=max(1000, int(self.ack_timeout_s * 1000)),
+        )
+        try:
+            await asyncio.wait_for(producer.start(), self.ack_timeout_s * 2)
+            partitions = await asyncio.wait_for(producer.partitions_for(self.topic), self.ack_timeout_s)
+        except (KafkaError, OSError, TimeoutError) as exc:
+            with contextlib.suppress(Exception):
+                await producer.stop()
+            raise BrokerUnavailable(f"cannot reach the broker at {self.bootstrap}: {exc!r}") from exc
+        if not partitions:
+            await producer.stop()
+            raise BrokerUnavailable(f"topic {self.topic} does not exist")
+        self._producer = producer
+        self._partitions = sorted(partitions)
+        if self._redis_url:
+            self._redis = aioredis.Redis.from_url(self._redis_url)
+        self._announcer = SplitAnnouncer(self.topology.name, self.client_id, producer, self._redis)
+        if self.splitter is not None:
+            self.splitter.use_partitions(len(self._partitions), self._partition_of)
+            self.splitter.restart(time.monotonic())
+            self._ticker = asyncio.create_task(self._tick_forever())
+
+    async def stop(self) -> None:
+        if self._ticker is not None:
+            self._ticker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._ticker
+        if self._pending:
+            await self._flush_pending()
+        for task in list(self._background):
+            with contextlib.suppress(Exception):
+                await task
+        if self._producer is not None:
+            await self._producer.stop()
+            self._producer = None
+        if self._redis is not None:
+            await self._redis.aclose()
+            self._redis = None
+
+    async def __aenter__(self) -> PipelineClient:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.stop()
+
+    @property
+    def started(self) -> bool:
+        return self._producer is not None
+
+    # -- sending ----------------------------------------------------------------------------
+
+    async def send(self, event: dict[str, Any]) -> SendResult:
+        """One event; sent with others gathered within `linger_ms` (or as soon as `max_batch` are waiting)."""
+        fut: asyncio.Future[SendResult] = asyncio.get_running_loop().create_future()
+        self._pending.append((event, fut))
+        if len(self._pending) >= self.max_batch:
+            self._spawn(self._flush_pending())
+        elif self._linger_task is None or self._linger_task.done():
+            self._linger_task = asyncio.create_task(self._linger())
+        return await fut
+
+    async def _linger(self) -> None:
+        await asyncio.sleep(self.linger_s)
+        await self._flush_pending()
+
+    async def _flush_pending(self) -> None:
+        pending, self._pending = self._pending, []
+        if not pending:
+            return
+        try:
+            results = await self.send_many([e for e, _ in pending])
+        except BaseException as exc:
+            for _, fut in pending:
+                if not fut.done():
+                    fut.set_exception(exc if isinstance(exc, Exception) else BrokerUnavailable(repr(exc)))
+            return
+        for (_, fut), result in zip(pending, results, strict=True):
+            result.index = 0
+            if not fut.done():
+                fut.set_result(result)
+
+    async def send_many(
+        self, events: list[dict[str, Any]], *, shed: ShedRule | None = None
+    ) -> list[SendResult]:
+        """Validate each event; send the good ones; a result per event, in order.
+
+        Invalid events are rejected with field and reason and do not stop the others.
+        `shed` may refuse events by type (load shedding); they come back with `shed=True`
+        and an id, to resend later. Raises BrokerUnavailable if the sends are not acknowledged.
+        """
+        producer = self._producer
+        if producer is None:
+            raise BrokerUnavailable("client not started")
+        results: list[SendResult | None] = [None] * len(events)
+        ready: list[tuple[int, EventFields, str, Any]] = []
+        types = self._types
+        keys: dict[str, int] = {}
+        new_ids = _IdSource(len(events))
+        for i, obj in enumerate(events):
+            try:
+                fields = check_event(obj, types)
+            except InvalidEvent as exc:
+                results[i] = SendResult(i, _given_id(obj), False, exc.reason, exc.field)
+                continue
+            event_id = fields[6]
+            if event_id is None:
+                event_id = new_ids.next()
+            if shed is not None:
+                reason = shed(fields[0])
+                if reason is not None:
+                    results[i] = SendResult(i, event_id, False, reason, None, shed=True)
+                    continue
+            ready.append((i, fields, event_id, obj.get("text") if len(obj) > 3 else None))
+            key = fields[1]
+            keys[key] = keys.get(key, 0) + 1
+        splitter = self.splitter
+        if splitter is not None and ready:
+            splitter.observe_counts(keys)
+            self._announce(splitter.tick(time.monotonic()))
+        by_partition: dict[int, list[tuple[bytes, bytes]]] = {}
+        partition_of = self._partition_of
+        for i, (etype, key, channel, ts, value, user, _, sub), event_id, text in ready:
+            if splitter is not None:
+                sub = splitter.sub_for(key, event_id)
+            mkey = message_key(key, sub)
+            value_json = _wire(etype, key, channel, ts, value, user, event_id, sub, text)
+            partition = partition_of(mkey)
+            batch = by_partition.get(partition)
+            if batch is None:
+                by_partition[partition] = batch = []
+            batch.append((mkey, value_json))
+            results[i] = SendResult(i, event_id, True, sub=sub)
+        if by_partition:
+            await self._produce(producer, by_partition)
+        return [r for r in results if r is not None]
+
+    def _partition_of(self, mkey: bytes) -> int:
+        """The producer's own key partitioner (murmur2), cached: it is pure Python and keys repeat."""
+        cache = self._partition_cache
+        partition = cache.get(mkey)
+        if partition is None:
+            if len(cache) >= PARTITION_CACHE_MAX:
+                cache.clear()
+            parts = self._partitions
+            cache[mkey] = partition = self._partitioner(mkey, parts, parts)
+        return partition
+
+    async def _produce(
+        self, producer: AIOKafkaProducer, by_partition: dict[int, list[tuple[bytes, bytes]]]
+    ) -> None:
+        started = time.monotonic()
+        try:
+            await asyncio.wait_for(self._in_flight.acquire(), self.ack_timeout_s)
+        except TimeoutError:
+            raise BrokerUnavailable("too many sends waiting for the broker") from None
+        try:
+            senders = self._senders
+            acks = []
+            for partition, messages in by_partition.items():
+                sender = senders.get(partition)
+                if sender is None:
+                    senders[partition] = sender = _PartitionSender(producer, self.topic, partition)
+                acks.append(sender.submit(messages))
+            # on timeout, wait_for cancels the gather and so the submissions: those not yet handed
+            # to the producer are dropped, which keeps what waits in memory bounded
+            await asyncio.wait_for(asyncio.gather(*acks), self.ack_timeout_s)
+        except (KafkaError, OSError, TimeoutError) as exc:
+            raise BrokerUnavailable(f"the broker did not acknowledge in time: {exc!r}") from exc
+        finally:
+            self._in_flight.release()
+        self.last_ack_at = time.monotonic()
+        took_ms = (self.last_ack_at - started) * 1000
+        self.ack_latency_ms = (
+            took_ms if not self.ack_latency_ms else 0.8 * self.ack_latency_ms + 0.2 * took_ms
+        )
+
+    # -- splits -----------------------------------------------------------------------------
+
+    def _announce(self, changes: dict[str, int]) -> None:
+        if changes and self._announcer is not None:
+            self._spawn(self._announcer.announce(changes))
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(_finished(self._background))
+
+    async def _tick_forever(self) -> None:
+        """Close rate intervals without traffic too, so cooled keys are unsplit and announced."""
+        assert self.splitter is not None
+        while True:
+            await asyncio.sleep(self.splitter.policy.interval_s)
+            self._announce(self.splitter.tick(time.monotonic()))
+
+
+class _PartitionSender:
+    """One partition's way to the producer: concurrent sends are merged into shared record batches.
+
+    aiokafka holds one batch per partition and makes every other `send_batch` wait for it
+    to drain; many waiters on one partition also trip its timeout accounting. Here a single
+    task per partition hands batches over, filled with whatever the callers submitted
+    meanwhile (so concurrency makes batches bigger instead of queues longer).
+    """
+
+    def __init__(self, producer: AIOKafkaProducer, topic: str, partition: int) -> None:
+        self.producer = producer
+        self.topic = topic
+        self.partition = partition
+        self._pending: list[tuple[list[tuple[bytes, bytes]], asyncio.Future[None]]] = []
+        self._task: asyncio.Task[None] | None = None
+
+    def submit(self, messages: list[tuple[bytes, bytes]]) -> asyncio.Future[None]:
+        """A future that is done when every message is acknowledged."""
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._pending.append((messages, fut))
+        if self._task is None or self._task.done():
+            self._task = asyncio.create_task(self._run())
+        return fut
+
+    async def _run(self) -> None:
+        producer, topic, partition = self.producer, self.topic, self.partition
+        while self._pending:
+            taken = [(m, f) for m, f in self._pending if not f.done()]  # done: cancelled by a timeout
+            self._pending = []
+            waits: list[list[asyncio.Future[Any]]] = [[] for _ in taken]
+            in_batch: list[int] = []
+            try:
+                batch = producer.create_batch()
+                for index, (messages, _) in enumerate(taken):
+                    for key, value in messages:
+                        if batch.append(key=key, value=value, timestamp=None) is None:
+                            sent = await producer.send_batch(batch, topic, partition=partition)
+                            for member in in_batch:
+                                waits[member].append(sent)
+                            in_batch = []
+                            batch = producer.create_batch()
+                            batch.append(key=key, value=value, timestamp=None)
+                        if not in_batch or in_batch[-1] != index:
+                            in_batch.append(index)
+                if batch.record_count():
+                    sent = await producer.send_batch(batch, topic, partition=partition)
+                    for member in in_batch:
+                        waits[member].append(sent)
+            except Exception as exc:
+                for _, fut in taken:
+                    if not fut.done():
+                        fut.set_exception(exc)
+                continue
+            for (_, fut), deps in zip(taken, waits, strict=True):
+                _settle_when_acked(fut, deps)
+
+
+def _settle_when_acked(fut: asyncio.Future[None], deps: list[asyncio.Future[Any]]) -> None:
+    """Complete `fut` once every batch holding its messages is acknowledged (or with the first error)."""
+    remaining = len(deps)
+    if not remaining and not fut.done():
+        fut.set_result(None)
+
+    def acked(dep: asyncio.Future[Any]) -> None:
+        nonlocal remaining
+        if fut.done():
+            return
+        if dep.cancelled():
+            fut.set_exception(BrokerUnavailable("send cancelled"))
+            return
+        exc = dep.exception()
+        if exc is not None:
+            fut.set_exception(exc)
+            return
+        remaining -= 1
+        if not remaining:
+            fut.set_result(None)
+
+    for dep in deps:
+        dep.add_done_callback(acked)
+
+
+class _IdSource:
+    """Random 128-bit ids in uuid4 hex form, drawn from the OS in one call per batch (uuid4() is slow)."""
+
+    def __init__(self, n: int) -> None:
+        self._raw = bytearray(os.urandom(16 * n))
+        self._at = 0
+
+    def next(self) -> str:
+        at = self._at
+        self._at = at + 16
+        raw = self._raw
+        raw[at + 6] = (raw[at + 6] & 0x0F) | 0x40  # version 4
+        raw[at + 8] = (raw[at + 8] & 0x3F) | 0x80  # RFC 4122 variant
+        return raw[at : at + 16].hex()
+
+
+def _wire(
+    etype: str,
+    key: str,
+    channel: str,
+    ts: int,
+    value: float,
+    user: str | None,
+    event_id: str,
+    sub: int,
+    text: str | None,
+) -> bytes:
+    """The event as it goes on the events topic (the fields of Event.to_json, without building an Event)."""
+    obj: dict[str, Any] = {"type": etype, "key": key, "id": event_id}
+    if channel:
+        obj["channel"] = channel
+    if ts:
+        obj["ts"] = ts
+    if value != 1:
+        obj["value"] = value
+    if user is not None:
+        obj["user"] = user
+    if sub:
+        obj["sub"] = sub
+    if text is not None:
+        obj["text"] = text
+    return orjson.dumps(obj)
+
+
+def _given_id(obj: Any) -> str | None:
+    """The caller's id of a rejected event, when it is a usable one (to match results to events)."""
+    event_id = obj.get("id") if isinstance(obj, dict) else None
+    return event_id if isinstance(event_id, str) and len(event_id) <= MAX_ID_CHARS else None
+
+
+def _finished(tasks: set[asyncio.Task[None]]) -> Callable[[asyncio.Task[None]], None]:
+    def done(task: asyncio.Task[None]) -> None:
+        tasks.discard(task)
+        if not task.cancelled():
+            task.exception()  # retrieved: announcing is best effort, the next change announces again
+
+    return done

@@ -49,9 +49,8 @@ from pipeline.core.hotkeys import HotKeySplitter, SplitPolicy
 from pipeline.core.redis_layout import agg_key
 from pipeline.core.topology import Topology
 from pipeline.core.windows import TOTAL
-from pipeline.io import kafka
+from pipeline.io import kafka, redis_query
 from pipeline.io.lag import Tier1Lag
-from pipeline.io.splits import current_splits
 from pipeline.supervisor import WorkerProcess
 
 TIER1_WORKERS = 3
@@ -326,7 +325,7 @@ async def _measure(
         ends_after = await _partition_ends(bootstrap, topology)
         redis = aioredis.Redis.from_url(redis_url)
         try:
-            result.announced_splits = await current_splits(redis, topology.name)
+            result.announced_splits = await redis_query.splits(redis, topology.name)
         finally:
             await redis.aclose()
     finally:

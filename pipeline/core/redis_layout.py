@@ -47,6 +47,11 @@ def stats_key(topology: str) -> str:
     return f"{topology}:stats"
 
 
+def splits_key(topology: str) -> str:
+    """HASH of hot key -> number of sub-keys the writers currently split it into."""
+    return f"{topology}:splits"
+
+
 def seq_key(topology: str) -> str:
     """HASH of channel -> sequence number of its last update."""
     return f"{topology}:seq"

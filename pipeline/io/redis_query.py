@@ -7,7 +7,7 @@ from typing import cast
 import orjson
 import redis.asyncio as aioredis
 
-from pipeline.core.redis_layout import agg_key, seq_key, stats_key, top_key, uniq_key
+from pipeline.core.redis_layout import agg_key, seq_key, splits_key, stats_key, top_key, uniq_key
 from pipeline.core.windows import TOTAL
 
 
@@ -33,11 +33,6 @@ async def stats(client: aioredis.Redis, topology: str) -> dict[str, int]:
 
 
 # --- reads behind the dashboard's JSON API (pipeline/web/dashboard.py) ----------------------------
-
-
-def splits_key(topology: str) -> str:
-    """HASH of hot key -> number of sub-keys it is split into, written by the tier-1 writers."""
-    return f"{topology}:splits"
 
 
 async def channel_seqs(client: aioredis.Redis, topology: str) -> dict[str, int]:

@@ -17,10 +17,7 @@ import orjson
 import redis.asyncio as aioredis
 from aiokafka import AIOKafkaProducer
 
-
-def splits_key(topology: str) -> str:
-    """HASH of key -> k for keys currently split over k sub-keys."""
-    return f"{topology}:splits"
+from pipeline.core.redis_layout import splits_key
 
 
 class SplitAnnouncer:
@@ -60,9 +57,3 @@ class SplitAnnouncer:
                 futures.append(await self.producer.send(self.topic, value, key=key.encode()))
             for fut in futures:
                 await fut
-
-
-async def current_splits(client: aioredis.Redis, topology: str) -> dict[str, int]:
-    """What the writers last announced: key -> k."""
-    raw = await client.hgetall(splits_key(topology))
-    return {(k.decode() if isinstance(k, bytes) else k): int(v) for k, v in raw.items()}

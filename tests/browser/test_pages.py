@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
-from pipeline.io.redis_query import splits_key
+from pipeline.core.redis_layout import splits_key
 from tests.browser.live_pipeline import LivePipeline
 
 pytestmark = [pytest.mark.integration, pytest.mark.browser]

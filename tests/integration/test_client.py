@@ -18,8 +18,7 @@ from aiokafka import AIOKafkaConsumer
 from pipeline.client import BrokerUnavailable, PipelineClient
 from pipeline.core.hotkeys import HotKeySplitter, SplitPolicy
 from pipeline.core.model import parse_message_key
-from pipeline.io import kafka
-from pipeline.io.splits import current_splits
+from pipeline.io import kafka, redis_query
 from pipeline.local_servers import Endpoints, free_port
 from tests.integration.pipeline_harness import LedgerKey, Pipeline, wait_for_totals
 from topologies.live_likes import TOPOLOGY
@@ -98,12 +97,12 @@ async def test_a_hot_key_is_split_over_distinct_partitions_and_announced(
         assert splitter.k("viral") == partitions  # capped by the partition count
         assert len({r.sub for r in second}) == partitions
         deadline = time.monotonic() + 5
-        while (await current_splits(redis, topology.name)).get("viral") != partitions:
+        while (await redis_query.splits(redis, topology.name)).get("viral") != partitions:
             assert time.monotonic() < deadline, "split never announced in Redis"
             await asyncio.sleep(0.05)
         # the key cools down: unsplit and the announcement removed
         deadline = time.monotonic() + 5
-        while "viral" in await current_splits(redis, topology.name):
+        while "viral" in await redis_query.splits(redis, topology.name):
             assert time.monotonic() < deadline, "split never withdrawn"
             await asyncio.sleep(0.1)
     finally:

@@ -21,8 +21,8 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from pipeline.core.coalescer import Coalescer
 from pipeline.core.merger import Merger
+from pipeline.core.redis_layout import splits_key
 from pipeline.core.topology import Topology
-from pipeline.io.redis_query import splits_key
 from pipeline.io.redis_sink import RedisSink
 from pipeline.local_servers import Endpoints
 from pipeline.web import dashboard

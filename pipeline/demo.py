@@ -26,7 +26,7 @@ from pipeline.core.model import message_key
 from pipeline.core.topology import Topology
 from pipeline.io import kafka, redis_query
 from pipeline.loadgen import LoadResult, Workload, produce
-from pipeline.local_servers import free_port
+from pipeline.local_servers import free_port, servers_or_local
 from pipeline.supervisor import WorkerProcess
 from pipeline.tiers.worker import load_topology
 
@@ -38,14 +38,9 @@ COMMENTS_PER_S = 4.0
 def main(args: argparse.Namespace) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="pipeline-demo-"))
     with contextlib.ExitStack() as stack:
-        kafka_url, redis_url = args.kafka, args.redis
-        if not (kafka_url and redis_url):
-            from pipeline.local_servers import LocalServers
-
-            _say("starting a local Kafka-protocol broker and Redis ...")
-            servers = stack.enter_context(LocalServers(workdir / "servers"))
-            kafka_url = kafka_url or servers.kafka_bootstrap
-            redis_url = redis_url or servers.redis_url
+        kafka_url, redis_url = stack.enter_context(
+            servers_or_local(args.kafka, args.redis, workdir / "servers", say=_say)
+        )
         _say(f"kafka {kafka_url}   redis {redis_url}   logs {workdir}")
         try:
             summary = asyncio.run(_run(args, kafka_url, redis_url, workdir))

@@ -22,7 +22,7 @@ import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType, TracebackType
@@ -454,3 +454,17 @@ def serve_forever(data_dir: str | None = None) -> int:
             return 0
     print("a server exited; see the logs in the data directory", flush=True)
     return 1
+
+
+@contextlib.contextmanager
+def servers_or_local(
+    kafka: str | None, redis: str | None, root: Path | None = None, say: Callable[[str], None] | None = None
+) -> Iterator[tuple[str, str]]:
+    """(kafka, redis) to use: the given ones, with local servers started for whichever is missing."""
+    if kafka and redis:
+        yield kafka, redis
+        return
+    if say:
+        say("starting a local Kafka-protocol broker and Redis ...")
+    with LocalServers(root) as local:
+        yield kafka or local.kafka_bootstrap, redis or local.redis_url

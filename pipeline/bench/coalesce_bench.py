@@ -37,6 +37,7 @@ from pipeline.bench import faust_app
 from pipeline.bench.workload import preload
 from pipeline.core.topology import Topology
 from pipeline.io import kafka
+from pipeline.local_servers import servers_or_local
 from pipeline.settings import Settings
 
 TARGET_VS_CEILING = 0.75
@@ -439,18 +440,8 @@ def main(args: argparse.Namespace) -> int:
     rounds = int(getattr(args, "rounds", None) or ROUNDS)
     obs.configure_logging("warning")
     try:
-        if args.kafka:
-            redis_url = args.redis or settings_mod.load().redis  # tier 1 reads it only to deduplicate
-            results = run(args.kafka, redis_url, args.events, args.faust_events, args.keys, rounds)
-        else:
-            from pipeline.local_servers import LocalServers
-
-            say("starting a local broker and Redis")
-            with LocalServers() as servers:
-                redis_url = args.redis or servers.redis_url
-                results = run(
-                    servers.kafka_bootstrap, redis_url, args.events, args.faust_events, args.keys, rounds
-                )
+        with servers_or_local(args.kafka, args.redis, say=say) as (kafka_url, redis_url):
+            results = run(kafka_url, redis_url, args.events, args.faust_events, args.keys, rounds)
     except BenchError as exc:
         print(f"pipeline bench coalesce: {exc}", file=sys.stderr)
         return 1

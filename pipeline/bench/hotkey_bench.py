@@ -51,6 +51,7 @@ from pipeline.core.topology import Topology
 from pipeline.core.windows import TOTAL
 from pipeline.io import kafka, redis_query
 from pipeline.io.lag import Tier1Lag
+from pipeline.local_servers import servers_or_local
 from pipeline.supervisor import WorkerProcess
 
 TIER1_WORKERS = 3
@@ -440,14 +441,8 @@ def main(args: argparse.Namespace) -> int:
         return 2
     args.rate = float(getattr(args, "rate", 0) or 0)
     obs.configure_logging("warning")
-    if args.kafka and args.redis:
-        summary = run(args.kafka, args.redis, args)
-    else:
-        from pipeline.local_servers import LocalServers
-
-        say("starting a local broker and Redis")
-        with LocalServers() as servers:
-            summary = run(args.kafka or servers.kafka_bootstrap, args.redis or servers.redis_url, args)
+    with servers_or_local(args.kafka, args.redis, say=say) as (kafka_url, redis_url):
+        summary = run(kafka_url, redis_url, args)
     off, on = summary["split_off"], summary["split_on"]
     rows = [
         ("events/s", "events_per_s"),

@@ -39,7 +39,7 @@ from pipeline.bench.coalesce_bench import machine
 from pipeline.client import PipelineClient
 from pipeline.core.topology import Topology
 from pipeline.io import kafka
-from pipeline.local_servers import free_port
+from pipeline.local_servers import free_port, servers_or_local
 from pipeline.supervisor import WorkerProcess
 
 API_KEY = "bench-key"
@@ -210,14 +210,8 @@ def main(args: argparse.Namespace) -> int:
         )
         return 2
     obs.configure_logging("warning")
-    if args.kafka and args.redis:
-        summary = run(args.kafka, args.redis, args)
-    else:
-        from pipeline.local_servers import LocalServers
-
-        say("starting a local broker and Redis")
-        with LocalServers() as servers:
-            summary = run(args.kafka or servers.kafka_bootstrap, args.redis or servers.redis_url, args)
+    with servers_or_local(args.kafka, args.redis, say=say) as (kafka_url, redis_url):
+        summary = run(kafka_url, redis_url, args)
     print(f"{'':34}{'events/s':>10}{'p50 ms':>10}{'p99 ms':>10}")
     for label, name in (
         (f"gateway, POST of {args.batch}", "gateway"),

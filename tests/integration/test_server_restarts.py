@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.core.topology import Topology
 from pipeline.local_servers import Endpoints
 from tests.integration.pipeline_harness import LedgerKey, Pipeline, send_events, wait_for_totals
 from topologies.live_likes import TOPOLOGY
@@ -22,10 +23,11 @@ def _events(start: int, n: int) -> list[dict[str, object]]:
     ]
 
 
-async def test_redis_restart_mid_stream(servers: Endpoints, unique_name: str, tmp_path: Path) -> None:
-    if servers.redis is None:
-        pytest.skip("needs the embedded Redis to restart it (PIPELINE_TEST_REDIS points elsewhere)")
-    topology = TOPOLOGY.renamed(unique_name)
+async def _running(
+    servers: Endpoints, name: str, tmp_path: Path
+) -> tuple[Pipeline, Topology, Counter[LedgerKey]]:
+    """A tier-1 worker and a merger that have counted a first 3,000 events."""
+    topology = TOPOLOGY.renamed(name)
     pipe = Pipeline(servers, topology, "live_likes", tmp_path)
     await pipe.create_topics()
     pipe.add("coalesce", "c1")
@@ -34,6 +36,17 @@ async def test_redis_restart_mid_stream(servers: Endpoints, unique_name: str, tm
     try:
         await send_events(servers.kafka_bootstrap, topology.topic("events"), _events(0, 3000), ledger)
         assert await wait_for_totals(servers.redis_url, topology, "likes", ledger, 60) == dict(ledger)
+    except BaseException:
+        pipe.stop()
+        raise
+    return pipe, topology, ledger
+
+
+async def test_redis_restart_mid_stream(servers: Endpoints, unique_name: str, tmp_path: Path) -> None:
+    if servers.redis is None:
+        pytest.skip("needs the embedded Redis to restart it (PIPELINE_TEST_REDIS points elsewhere)")
+    pipe, topology, ledger = await _running(servers, unique_name, tmp_path)
+    try:
         servers.redis.stop()  # SIGTERM: Redis writes its append-only file and exits
         await send_events(servers.kafka_bootstrap, topology.topic("events"), _events(3000, 3000), ledger)
         await asyncio.sleep(1.5)  # both tiers now hit a closed port
@@ -49,15 +62,8 @@ async def test_redis_restart_mid_stream(servers: Endpoints, unique_name: str, tm
 async def test_broker_restart_mid_stream(servers: Endpoints, unique_name: str, tmp_path: Path) -> None:
     if servers.broker is None:
         pytest.skip("needs the embedded broker to restart it (PIPELINE_TEST_KAFKA points elsewhere)")
-    topology = TOPOLOGY.renamed(unique_name)
-    pipe = Pipeline(servers, topology, "live_likes", tmp_path)
-    await pipe.create_topics()
-    pipe.add("coalesce", "c1")
-    pipe.add("merge", "m1")
-    ledger: Counter[LedgerKey] = Counter()
+    pipe, topology, ledger = await _running(servers, unique_name, tmp_path)
     try:
-        await send_events(servers.kafka_bootstrap, topology.topic("events"), _events(0, 3000), ledger)
-        assert await wait_for_totals(servers.redis_url, topology, "likes", ledger, 60) == dict(ledger)
         await asyncio.sleep(1.0)  # the broker snapshots its data ~0.4 s after changes
         servers.broker.stop()  # SIGTERM: the broker flushes and exits
         await asyncio.sleep(1.0)

@@ -10,18 +10,21 @@ Redis and Kafka do not commit together.
 
 from __future__ import annotations
 
+import orjson
 import redis.asyncio as aioredis
 
 from pipeline.io.redis_retry import redis_retry
 
 CLAIM_LUA = r"""
 local ttl = tonumber(ARGV[1])
+local prefix = ARGV[2]
 local dups = {}
-for i = 2, #ARGV, 2 do
-  local key, mark = ARGV[i], ARGV[i + 1]
+for i, claim in ipairs(cjson.decode(ARGV[3])) do
+  local key = prefix .. claim[3]
+  local mark = string.format('%d:%d', claim[1], claim[2])
   if not redis.call('SET', key, mark, 'NX', 'EX', ttl) then
     if redis.call('GET', key) ~= mark then
-      dups[#dups + 1] = (i - 2) / 2
+      dups[#dups + 1] = i - 1
     end
   end
 end
@@ -46,8 +49,5 @@ class DedupStore:
 
         Retried while Redis is unreachable: the window cannot close without a verdict.
         """
-        args: list[str | int] = [self.horizon_s]
-        for partition, offset, event_id in held:
-            args += [dedup_key(self.topology, event_id), f"{partition}:{offset}"]
-        found = await self._script(args=args)
+        found = await self._script(args=[self.horizon_s, dedup_key(self.topology, ""), orjson.dumps(held)])
         return {(held[int(i)][0], held[int(i)][1]) for i in found}

@@ -15,6 +15,8 @@ examples:
   pipeline run live_likes --tier merge --instance m1 --redis redis://127.0.0.1:6379/0
   pipeline bench coalesce --json         tier-1 drain rate vs. a bare consumer and a naive Faust agent
   pipeline servers                       start a local Kafka-protocol broker and Redis, print their URLs
+  pipeline run live_likes --tier broadcast --instance b1 --port 8765   a broadcast node (viewers)
+  pipeline token --viewer v1 --channels video-1 --ttl 3600             a viewer token
 
 Settings come from (lowest to highest): defaults, a TOML file (--config or PIPELINE_CONFIG),
 environment variables PIPELINE_<NAME> (e.g. PIPELINE_KAFKA, PIPELINE_REDIS, PIPELINE_INSTANCE), flags.
@@ -43,9 +45,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("topology", help="a name in topologies/ (live_likes, analytics) or module:ATTR")
     run.add_argument(
-        "--tier", required=True, choices=["coalesce", "merge", "ingest"], help="which tier this worker runs"
+        "--tier",
+        required=True,
+        choices=["coalesce", "merge", "ingest", "broadcast"],
+        help="which tier this worker runs",
     )
-    run.add_argument("--port", type=int, help="ingest tier: HTTP port of the gateway (0: any free port)")
+    run.add_argument(
+        "--port", type=int, help="ingest and broadcast tiers: HTTP port to serve on (0: any free port)"
+    )
     run.add_argument("--instance", help="stable identity of this worker (keep it across restarts)")
     run.add_argument("--name", help="run the topology under another name (its own topics and Redis keys)")
     run.add_argument("--kafka", help="Kafka bootstrap servers")
@@ -87,6 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     bh.add_argument("--writers", type=int, default=2, help="producer processes (default 2)")
     bh.add_argument("--viral-share", type=float, default=0.5, help="share of events on the viral key")
     bh.add_argument("--keys", type=int, default=10_000)
+    bh.add_argument("--rate", type=float, default=0, help="total events/s to aim for (default: all they can)")
     bh.add_argument("--json", action="store_true")
     _server_flags(bh)
     bi = bsub.add_parser("ingest", help="gateway events/s and p99 latency, batches of 100, beside the SDK")
@@ -95,6 +103,20 @@ def build_parser() -> argparse.ArgumentParser:
     bi.add_argument("--concurrency", type=int, default=16, help="requests in flight (default 16)")
     bi.add_argument("--json", action="store_true")
     _server_flags(bi)
+    bf = bsub.add_parser(
+        "fanout", help="one broadcast node, simulated viewers in several processes: pushes/s, staleness, RSS"
+    )
+    bf.add_argument("--viewers", type=int, default=10_000, help="viewers to connect (default 10000)")
+    bf.add_argument("--procs", type=int, default=4, help="viewer processes (default 4)")
+    bf.add_argument(
+        "--channels", type=int, default=100, help="channels the viewers spread over (default 100)"
+    )
+    bf.add_argument("--keys", type=int, default=20, help="keys per channel (default 20)")
+    bf.add_argument("--update-rate", type=float, default=8.0, help="updates/s published per channel")
+    bf.add_argument("--push-rate", type=float, default=4.0, help="the node's pushes/s per viewer (default 4)")
+    bf.add_argument("--duration", type=float, default=20.0, help="seconds measured once all are connected")
+    bf.add_argument("--json", action="store_true")
+    _server_flags(bf)
 
     plan = sub.add_parser(
         "plan",
@@ -114,6 +136,16 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--split-threshold", type=float, default=20_000.0, help="events/s that makes a key hot")
     plan.add_argument("--json", action="store_true")
 
+    token = sub.add_parser(
+        "token",
+        help="print a viewer token signed with the configured secret (PIPELINE_BROADCAST_SECRET)",
+        description="A signed, expiring viewer token scoped to channels (docs/BROADCAST.md).",
+    )
+    token.add_argument("--viewer", required=True, help="viewer id (the token's sub)")
+    token.add_argument("--channels", required=True, help="comma-separated channels, or * for all")
+    token.add_argument("--ttl", type=int, default=3600, help="seconds until it expires (default 3600)")
+    token.add_argument("--config", help="TOML settings file")
+
     servers = sub.add_parser("servers", help="start a local broker and Redis and wait (Ctrl-C stops them)")
     servers.add_argument("--data-dir", help="keep data here (default: a temporary directory)")
     return parser
@@ -132,7 +164,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 instance=args.instance,
                 metrics_port=args.metrics_port,
                 log_level=args.log_level,
-                ingest_port=args.port,
+                ingest_port=args.port if args.tier == "ingest" else None,
+                broadcast_port=args.port if args.tier == "broadcast" else None,
             )
         except (FileNotFoundError, ValueError) as exc:
             print(f"pipeline run: {exc}", file=sys.stderr)
@@ -141,6 +174,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(
                 "pipeline run: the ingest gateway needs API keys (PIPELINE_INGEST_API_KEYS=k1,k2) "
                 "or PIPELINE_INGEST_OPEN=true to serve without them",
+                file=sys.stderr,
+            )
+            return 2
+        if args.tier == "broadcast" and not settings.broadcast_secret.get_secret_value():
+            print(
+                "pipeline run: a broadcast node needs PIPELINE_BROADCAST_SECRET (signs viewer tokens)",
                 file=sys.stderr,
             )
             return 2
@@ -157,6 +196,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         from pipeline.bench import hotkey_bench
 
         return hotkey_bench.main(args)
+    if args.command == "bench" and args.bench == "fanout":
+        from pipeline.bench import fanout_bench
+
+        return fanout_bench.main(args)
+    if args.command == "token":
+        return _token(args)
     if args.command == "bench" and args.bench == "ingest":
         from pipeline.bench import ingest_bench
 
@@ -174,6 +219,26 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return local_servers.serve_forever(args.data_dir)
     return 2
+
+
+def _token(args: argparse.Namespace) -> int:
+    import time
+
+    from pipeline.core import tokens
+    from pipeline.core.fanout import parse_channels
+
+    try:
+        settings = settings_mod.load(args.config)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"pipeline token: {exc}", file=sys.stderr)
+        return 2
+    secret = settings.broadcast_secret.get_secret_value()
+    if not secret:
+        print("pipeline token: set PIPELINE_BROADCAST_SECRET (the nodes' secret)", file=sys.stderr)
+        return 2
+    expires = int(time.time()) + args.ttl
+    print(tokens.issue(secret.encode(), args.viewer, parse_channels(args.channels), expires))
+    return 0
 
 
 if __name__ == "__main__":

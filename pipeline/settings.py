@@ -9,7 +9,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -46,11 +46,32 @@ class Settings(BaseSettings):
     ingest_latency_high_ms: float = Field(2_000, description="Broker ack latency that throttles (0: off)")
     ingest_lag_interval_ms: int = Field(1_000, description="How often the gateway samples tier-1 lag")
     ingest_ack_timeout_ms: int = Field(5_000, description="No broker ack within this: 503")
+    ingest_cors_origins: str = Field("", description="Comma-separated browser origins allowed (CORS); *: any")
     split_threshold_eps: float = Field(1_000, description="A key seen this often (events/s) is split")
     split_budget_eps: float = Field(1_000, description="Events/s per sub-key: k = ceil(rate / budget)")
     split_max_k: int = Field(64, description="Most sub-keys per key (also capped by the partition count)")
     split_cooldown_s: float = Field(10, description="A cooled key stays split this long before rejoining")
     split_static_k: int = Field(0, description="Static mode: split every key this many ways (0: off)")
+
+    # broadcast nodes (tier "broadcast"): viewers over WebSocket and SSE (docs/BROADCAST.md)
+    broadcast_host: str = Field("127.0.0.1", description="Address a broadcast node binds")
+    broadcast_port: int = Field(8765, description="HTTP port of a broadcast node (0: any free port, logged)")
+    broadcast_public_url: str = Field(
+        "", description="URL viewers reach this node at (default http://host:port)"
+    )
+    broadcast_secret: SecretStr = Field(SecretStr(""), description="HMAC secret of viewer tokens (required)")
+    broadcast_push_rate: float = Field(4.0, description="Pushes per second per viewer and channel, at most")
+    broadcast_max_blocked_s: float = Field(5.0, description="A viewer blocked this long is disconnected")
+    broadcast_max_lag_bytes: int = Field(
+        64 * 1024, description="Bytes waiting in a viewer's socket buffer beyond which it counts as blocked"
+    )
+    broadcast_comment_rate: float = Field(10.0, description="Comments per second per viewer; a sample beyond")
+    broadcast_max_message_bytes: int = Field(4096, description="Largest viewer -> node WebSocket message")
+    broadcast_client_messages_per_s: float = Field(5.0, description="Viewer messages per second allowed")
+    broadcast_max_channels: int = Field(50, description="Channels one connection may watch")
+    broadcast_node_ttl_s: float = Field(5.0, description="A node that misses heartbeats this long leaves")
+    broadcast_reorder_wait_ms: int = Field(1000, description="Wait for a missing seq, then re-snapshot")
+    broadcast_dev_tokens: bool = Field(False, description="Serve /api/dev-token (development only)")
 
     @classmethod
     def settings_customise_sources(

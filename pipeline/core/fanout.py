@@ -649,4 +649,5 @@ class Fanout(Generic[V]):
 
 
 def valid_channel(name: str) -> bool:
-    return 0 < len(name) <= MAX_KEY_CHARS
+    """A channel a viewer may name: CR and LF would break SSE framing, commas the query syntax."""
+    return 0 < len(name) <= MAX_KEY_CHARS and not any(c in name for c in "\r\n,")

@@ -21,6 +21,8 @@ class Tier(Protocol):
 TIERS = {
     "coalesce": "pipeline.tiers.coalesce:CoalesceWorker",
     "merge": "pipeline.tiers.merge:MergeWorker",
+    "ingest": "pipeline.tiers.ingest:IngestWorker",
+    "broadcast": "pipeline.tiers.broadcast:BroadcastNode",
 }
 
 

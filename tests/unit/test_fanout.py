@@ -23,6 +23,7 @@ from pipeline.core.fanout import (
     parse_since,
     sample_comments,
     top_liked,
+    valid_channel,
 )
 from pipeline.core.model import ChannelUpdate
 
@@ -402,3 +403,8 @@ def test_a_send_budget_leaves_the_remaining_channels_due_in_order() -> None:
     assert [o.channel for o, _ in first.sends] == ["x", "y"]  # 3 + 3 >= 4: stop after the second
     assert f.next_due() is not None and f.next_due() <= 0.2  # type: ignore[operator]
     assert [o.channel for o, _ in f.collect(0.2, ALWAYS, max_sends=4).sends] == ["z"]
+
+
+def test_channel_names_that_would_break_the_framing_are_refused() -> None:
+    assert valid_channel("video-1") and valid_channel("x" * 256)
+    assert not any(valid_channel(c) for c in ("", "x" * 257, "a\nb", "a\rb", "a,b"))

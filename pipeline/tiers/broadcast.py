@@ -20,7 +20,7 @@ import struct
 import time
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import orjson
 import redis.asyncio as aioredis
@@ -94,6 +94,22 @@ def ws_frame(data: bytes) -> bytes:
     if n < 65536:
         return struct.pack("!BBH", 0x81, 126, n) + data
     return struct.pack("!BBQ", 0x81, 127, n) + data
+
+
+@web.middleware
+async def _any_origin(request: web.Request, handler: Any) -> web.StreamResponse:
+    """Viewer endpoints answer any origin: a page served by one node connects to (or is
+    redirected to) another node, and access is by token in the query, never by cookie."""
+    if not request.path.startswith("/v1/"):
+        return cast(web.StreamResponse, await handler(request))
+    try:
+        response = cast(web.StreamResponse, await handler(request))
+    except web.HTTPException as exc:
+        exc.headers["Access-Control-Allow-Origin"] = "*"
+        raise
+    if not response.prepared:
+        response.headers["Access-Control-Allow-Origin"] = "*"
+    return response
 
 
 def sse_event(out: Outgoing) -> bytes:
@@ -260,7 +276,7 @@ class BroadcastNode:
         return consumer
 
     async def _start_http(self) -> int:
-        app = web.Application()
+        app = web.Application(middlewares=[_any_origin])
         app.router.add_get("/v1/route", self._route)
         app.router.add_get("/v1/ws", self._ws)
         app.router.add_get("/v1/sse", self._sse)
@@ -478,6 +494,7 @@ class BroadcastNode:
             headers={
                 "Content-Type": "text/event-stream",
                 "Cache-Control": "no-cache",
+                "Access-Control-Allow-Origin": "*",
                 "X-Accel-Buffering": "no",
             }
         )

@@ -111,6 +111,8 @@ async def test_route_redirects_and_a_joining_node_taking_over_its_viewers(
             await ws.close()
             async with s.get(f"{b1.url}/v1/sse?{query}", allow_redirects=False) as r:
                 assert r.status == 307 and r.headers["Location"] == f"{b2.url}/v1/sse?{query}"
+                # the page that follows it comes from another node: the redirect must allow its origin
+                assert r.headers["Access-Control-Allow-Origin"] == "*"
             async with s.get(f"{b1.url}/v1/sse?{query}") as r:
                 assert str(r.url).startswith(b2.url)
                 assert (await anext(sse_messages(r)))["type"] == "snapshot"

@@ -19,6 +19,7 @@ from pipeline.core.fanout import Snapshot
 from pipeline.core.redis_layout import agg_key, seq_key, top_key
 from pipeline.core.topology import Metric, Topology
 from pipeline.core.windows import TOTAL
+from pipeline.io.redis_query import number, text, whole
 
 
 def leaderboard_metric(topology: Topology) -> Metric | None:
@@ -39,25 +40,9 @@ async def read_snapshot(client: aioredis.Redis, topology: Topology, channel: str
     replies = await pipe.execute()
     seq = int(replies[0] or 0)
     values = [
-        (m.name, _text(key), _number(value))
+        (m.name, text(key), number(value))
         for m, totals in zip(metrics, replies[1 : 1 + len(metrics)], strict=True)
         for key, value in totals.items()
     ]
-    top = [(_text(key), _whole(score)) for key, score in replies[-1]] if board is not None else []
+    top = [(text(key), whole(score)) for key, score in replies[-1]] if board is not None else []
     return Snapshot(channel, seq, values, top)
-
-
-def _text(raw: bytes | str) -> str:
-    return raw.decode() if isinstance(raw, bytes) else raw
-
-
-def _number(raw: bytes | str) -> float:
-    try:
-        return int(raw)
-    except ValueError:
-        return float(raw)
-
-
-def _whole(score: float) -> float:
-    """Sorted-set scores come back as floats; counts read better as integers."""
-    return int(score) if score.is_integer() else score

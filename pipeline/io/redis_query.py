@@ -16,9 +16,9 @@ async def key_totals(client: aioredis.Redis, topology: str, metric: str) -> dict
     prefix = agg_key(topology, metric, TOTAL, "")
     out: dict[tuple[str, str], float] = {}
     async for name in client.scan_iter(match=_glob_escape(prefix) + "*", count=1000):
-        channel = _text(name)[len(prefix) :]
+        channel = text(name)[len(prefix) :]
         for field, value in (await client.hgetall(name)).items():
-            out[(channel, _text(field))] = _number(value)
+            out[(channel, text(field))] = number(value)
     return out
 
 
@@ -29,7 +29,7 @@ async def metric_sum(client: aioredis.Redis, topology: str, metric: str) -> floa
 
 async def stats(client: aioredis.Redis, topology: str) -> dict[str, int]:
     raw = await client.hgetall(stats_key(topology))
-    return {_text(k): int(v) for k, v in raw.items()}
+    return {text(k): int(v) for k, v in raw.items()}
 
 
 # --- reads behind the dashboard's JSON API (pipeline/web/dashboard.py) ----------------------------
@@ -38,7 +38,7 @@ async def stats(client: aioredis.Redis, topology: str) -> dict[str, int]:
 async def channel_seqs(client: aioredis.Redis, topology: str) -> dict[str, int]:
     """Channel -> sequence number of its last update: every channel the root has written to."""
     raw = await client.hgetall(seq_key(topology))
-    return {_text(k): int(v) for k, v in raw.items()}
+    return {text(k): int(v) for k, v in raw.items()}
 
 
 async def channel_totals(
@@ -46,7 +46,7 @@ async def channel_totals(
 ) -> dict[str, float]:
     """Key -> value of one metric in one channel and bucket (count, sum, min, max)."""
     raw = await client.hgetall(agg_key(topology, metric, bucket, channel))
-    return {_text(k): _number(v) for k, v in raw.items()}
+    return {text(k): number(v) for k, v in raw.items()}
 
 
 async def channel_distinct(
@@ -56,7 +56,7 @@ async def channel_distinct(
     base = uniq_key(topology, metric, bucket, channel, "")
     start = len(base) - len(orjson.dumps([channel, ""]))  # where the JSON [channel, key] begins
     prefix = base[: -len('""]')]  # ...:["channel",
-    names = [_text(n) async for n in client.scan_iter(match=_glob_escape(prefix) + "*", count=1000)]
+    names = [text(n) async for n in client.scan_iter(match=_glob_escape(prefix) + "*", count=1000)]
     if not names:
         return {}
     async with client.pipeline(transaction=False) as pipe:
@@ -75,8 +75,8 @@ async def channel_sums(client: aioredis.Redis, topology: str, metric: str) -> di
     prefix = agg_key(topology, metric, TOTAL, "")
     out: dict[str, list[float]] = {}
     async for name in client.scan_iter(match=_glob_escape(prefix) + "*", count=1000):
-        channel = _text(name)[len(prefix) :]
-        out[channel] = [_number(v) for v in await client.hvals(name)]
+        channel = text(name)[len(prefix) :]
+        out[channel] = [number(v) for v in await client.hvals(name)]
     return out
 
 
@@ -85,7 +85,7 @@ async def top_keys(
 ) -> list[tuple[str, float]]:
     """The channel's leaderboard: the n keys with the highest totals, highest first."""
     raw = await client.zrevrange(top_key(topology, metric, channel), 0, n - 1, withscores=True)
-    return [(_text(k), _score(s)) for k, s in cast(list[tuple[bytes, float]], raw)]
+    return [(text(k), whole(s)) for k, s in cast(list[tuple[bytes, float]], raw)]
 
 
 async def bucket_values(
@@ -101,8 +101,8 @@ async def bucket_values(
                 pipe.hget(name, key)
         replies = await pipe.execute()
     if key is None:
-        return [sum(_number(v) for v in reply) for reply in replies]
-    return [0 if reply is None else _number(reply) for reply in replies]
+        return [sum(number(v) for v in reply) for reply in replies]
+    return [0 if reply is None else number(reply) for reply in replies]
 
 
 async def bucket_distinct(
@@ -118,18 +118,21 @@ async def bucket_distinct(
 async def splits(client: aioredis.Redis, topology: str) -> dict[str, int]:
     """Hot key -> sub-keys it is split into (empty while no writer splits keys)."""
     raw = await client.hgetall(splits_key(topology))
-    return {_text(k): int(v) for k, v in raw.items()}
+    return {text(k): int(v) for k, v in raw.items()}
 
 
-def _score(score: float) -> float:
+def whole(score: float) -> float:
+    """Sorted-set scores come back as floats; counts read better as integers."""
     return int(score) if score.is_integer() else score
 
 
-def _text(raw: bytes | str) -> str:
+def text(raw: bytes | str) -> str:
+    """A Redis reply as text (clients may or may not decode responses)."""
     return raw.decode() if isinstance(raw, bytes) else raw
 
 
-def _number(raw: bytes | str) -> float:
+def number(raw: bytes | str) -> float:
+    """A stored value as int when it is one (counts), else float (sums)."""
     try:
         return int(raw)
     except ValueError:

@@ -20,7 +20,7 @@ from pipeline import observability as obs
 from pipeline.core.merger import Merger
 from pipeline.core.model import ChannelUpdate
 from pipeline.core.topology import Topology
-from pipeline.io import kafka
+from pipeline.io import kafka, redis_query
 from pipeline.io.redis_retry import redis_retry
 from pipeline.io.redis_sink import ApplyResult, RedisSink
 from pipeline.settings import Settings
@@ -129,7 +129,7 @@ class MergeWorker:
             update = updates.get(channel)
             if update is None:
                 update = updates[channel] = ChannelUpdate(channel, result.seqs[channel], now_ms)
-            update.values.append((metric, key, _number(value)))
+            update.values.append((metric, key, redis_query.number(value)))
         for channel, update in updates.items():
             await self.producer.send(self.updates_topic, update.to_json(), key=channel.encode())
         obs.UPDATES_OUT.labels(*self.labels).inc(len(updates))
@@ -153,13 +153,6 @@ class MergeWorker:
             await asyncio.sleep(LAG_EVERY_S)
             for partition, behind in (await kafka.lag(self.consumer)).items():
                 obs.LAG.labels(*self.labels, str(partition)).set(behind)
-
-
-def _number(text: str) -> float:
-    try:
-        return int(text)
-    except ValueError:
-        return float(text)
 
 
 class _SeekToApplied(ConsumerRebalanceListener):

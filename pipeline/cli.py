@@ -17,6 +17,8 @@ examples:
   pipeline servers                       start a local Kafka-protocol broker and Redis, print their URLs
   pipeline run live_likes --tier broadcast --instance b1 --port 8765   a broadcast node (viewers)
   pipeline token --viewer v1 --channels video-1 --ttl 3600             a viewer token
+  PIPELINE_INGEST_API_KEYS=k1 pipeline run live_likes --tier ingest --port 8080   the HTTP front door
+  pipeline plan --rate 100000 --keys 50000 --hot-share 0.3             what a workload costs each tier
 
 Settings come from (lowest to highest): defaults, a TOML file (--config or PIPELINE_CONFIG),
 environment variables PIPELINE_<NAME> (e.g. PIPELINE_KAFKA, PIPELINE_REDIS, PIPELINE_INSTANCE), flags.

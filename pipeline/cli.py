@@ -84,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="measure throughput (results go in docs/BENCHMARKS.md)")
     bsub = bench.add_subparsers(dest="bench", required=True, metavar="BENCHMARK")
     bc = bsub.add_parser("coalesce", help="tier-1 drain rate vs. bare getmany ceiling vs. naive Faust agent")
-    bc.add_argument("--events", type=int, default=600_000, help="events pre-loaded (default 600000)")
+    bc.add_argument("--events", type=int, default=1_000_000, help="events pre-loaded (default 1000000)")
     bc.add_argument("--faust-events", type=int, default=15_000, help="events the Faust baseline gets")
     bc.add_argument("--keys", type=int, default=10_000)
     bc.add_argument("--rounds", type=int, default=3, help="alternating ceiling/tier-1 rounds (default 3)")

@@ -8,7 +8,7 @@ in the window, never by the number of events: a viral key costs one cell.
 from __future__ import annotations
 
 import zlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -159,7 +159,7 @@ class Coalescer:
     def due(self, now: float) -> bool:
         return self.full or self.clock.due(now)
 
-    def add_batch(self, partition: int, records: Iterable[Record]) -> list[DeadLetter]:
+    def add_batch(self, partition: int, records: Sequence[Record]) -> list[DeadLetter]:
         """Fold a batch of one partition's records; return those that can never be counted.
 
         Events that carry an id are held back when the topology deduplicates:
@@ -180,11 +180,14 @@ class Coalescer:
         quick = 0
         dead: list[DeadLetter] = []
         accepted: list[tuple[EventFields, int]] = []  # (fields, watermark at the event)
-        offset = first = -1
+        if not records:
+            return dead
+        if part.first < 0:
+            part.first = records[0].offset
+        part.last = records[-1].offset
+        count = cells.get
+        cells_before = len(cells)
         for record in records:
-            offset = record.offset
-            if first < 0:
-                first = offset
             raw = record.value
             try:
                 if raw is None:
@@ -212,37 +215,28 @@ class Coalescer:
                                     wm = ts
                             for index in indexes:
                                 cell = (index, channel, key, TOTAL)
-                                old = cells.get(cell)
-                                if old is None:
-                                    cells[cell] = 1
-                                    size += 1
-                                else:
-                                    cells[cell] = old + 1
+                                cells[cell] = count(cell, 0) + 1
                             continue
                 fields = check_event(obj, types, record.timestamp)
             except InvalidEvent as exc:
-                dead.append(DeadLetter(partition, offset, raw or b"", exc.reason, exc.field))
+                dead.append(DeadLetter(partition, record.offset, raw or b"", exc.reason, exc.field))
                 continue
             except orjson.JSONDecodeError as exc:
-                dead.append(DeadLetter(partition, offset, raw or b"", f"not valid JSON: {exc}"))
+                dead.append(DeadLetter(partition, record.offset, raw or b"", f"not valid JSON: {exc}"))
                 continue
             # The watermark moves in offset order, so whether an event is late does not depend on
             # when it is folded (held events are folded after their batch) or on batch boundaries.
             if fields[3] > wm:
                 wm = fields[3]
             if dedup and fields[6] is not None:
-                part.held.append((offset, fields, raw, wm))
+                part.held.append((record.offset, fields, raw, wm))
                 continue
             accepted.append((fields, wm))
             if feed_types and fields[0] in feed_types:
                 self._feed.append((fields[2], raw))
-        if part.first < 0:
-            part.first = first
         part.events += quick
-        self._size = size
+        self._size = size + len(cells) - cells_before  # cells the shortcut added
         self._watermark[partition] = wm
-        if offset >= 0:
-            part.last = offset
         part.dead += len(dead)
         self._fold(part, accepted)
         return dead

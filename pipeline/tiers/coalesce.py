@@ -57,6 +57,7 @@ class CoalesceWorker:
         self.dedup = DedupStore(self.redis, topology.name, topology.dedup_horizon_s)
         self.feed_topic = topology.topic("feed")
         self.events_in = 0
+        self.records_in = 0
         self.partials_out = 0
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -92,6 +93,7 @@ class CoalesceWorker:
             for tp, records in batch.items():
                 dead = c.add_batch(tp.partition, records)
                 records_in.inc(len(records))
+                self.records_in += len(records)
                 if dead:
                     self._dead.extend(dead)
             held = c.held_ids()

@@ -19,6 +19,7 @@ examples:
   pipeline token --viewer v1 --channels video-1 --ttl 3600             a viewer token
   PIPELINE_INGEST_API_KEYS=k1 pipeline run live_likes --tier ingest --port 8080   the HTTP front door
   pipeline plan --rate 100000 --keys 50000 --hot-share 0.3             what a workload costs each tier
+  pipeline chaos --seed 7 --json           the whole pipeline under faults, exact counts checked
 
 Settings come from (lowest to highest): defaults, a TOML file (--config or PIPELINE_CONFIG),
 environment variables PIPELINE_<NAME> (e.g. PIPELINE_KAFKA, PIPELINE_REDIS, PIPELINE_INSTANCE), flags.
@@ -149,6 +150,19 @@ def build_parser() -> argparse.ArgumentParser:
     token.add_argument("--ttl", type=int, default=3600, help="seconds until it expires (default 3600)")
     token.add_argument("--config", help="TOML settings file")
 
+    chaos = sub.add_parser(
+        "chaos",
+        help="run the whole pipeline under injected faults and check every key's count exactly",
+        description="Writers (producer SDK) send a seeded workload while tier-1, root and broadcast workers "
+        "are SIGKILLed and restarted, Redis and the broker are restarted and a tier-1 worker joins; then "
+        "every key's total in Redis is compared with the ledger of accepted events. Exit 1 if any is wrong.",
+    )
+    chaos.add_argument("--seed", type=int, default=1, help="workload and fault schedule seed (default 1)")
+    chaos.add_argument("--faults", type=int, default=20, help="faults to inject (default 20)")
+    chaos.add_argument("--duration", type=float, default=60.0, help="seconds of load (default 60)")
+    chaos.add_argument("--json", action="store_true", help="print the result as JSON on the last line")
+    _server_flags(chaos)
+
     servers = sub.add_parser("servers", help="start a local broker and Redis and wait (Ctrl-C stops them)")
     servers.add_argument("--data-dir", help="keep data here (default: a temporary directory)")
     return parser
@@ -217,6 +231,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from pipeline import plan_command
 
         return plan_command.main(args)
+    if args.command == "chaos":
+        from pipeline import chaos as chaos_mod
+
+        return chaos_mod.main(args)
     if args.command == "servers":
         from pipeline import local_servers
 

@@ -74,6 +74,8 @@ async def produce(
     on_progress: Callable[[LoadResult], None] | None = None,
 ) -> LoadResult:
     """Send for `duration_s` seconds (at `rate` events/s, or as fast as the broker takes them)."""
+    if rate:
+        chunk = max(10, min(chunk, rate // 100))  # about 100 sends a second: paced, not bursts
     producer = AIOKafkaProducer(
         bootstrap_servers=bootstrap,
         enable_idempotence=True,

@@ -95,15 +95,16 @@ def plan(w: Workload) -> Plan:
     partials_per_window = busy_sources * roots * -math.expm1(-per_source / roots) if per_source else 0.0
     partials_per_s = partials_per_window / window
     tier1 = w.tier1_workers or max(1, math.ceil(w.events_per_s / TIER1_EVENTS_PER_WORKER))
-    # the root applies about once per tier-1 flush burst; each apply merges what arrived since
+    # A root that keeps up applies each tier-1 worker's flush on its own: one window of that
+    # worker's partitions, whose keys no other worker sees (sub-keys merge back at the root).
+    # A root that falls behind merges several flushes per apply and so writes less: an upper bound.
     applies_per_s = min(partials_per_s, tier1 / window) if partials_per_s else 0.0
     if applies_per_s:
-        span = 1.0 / applies_per_s
-        cells_per_apply = _distinct(rates, span)  # sub-keys merge back into their key at the root
+        cells_per_apply = _distinct(rates, window) / tier1
         channels_per_apply = w.channels * -math.expm1(-cells_per_apply / w.channels)
         per_cell = 2 if w.leaderboard else 1
-        ranges = min(roots, partials_per_s * span)
-        overhead = 2 * ranges + channels_per_apply + 4  # positions, sequence numbers, counters
+        ranges = min(roots, partials_per_s / applies_per_s)
+        overhead = 2 * ranges + channels_per_apply + 7  # positions, sequence numbers, counters
         commands_per_s = applies_per_s * (cells_per_apply * per_cell + overhead)
     else:
         commands_per_s = 0.0

@@ -58,7 +58,12 @@ def bucket_start(bucket: str) -> int | None:
 
 
 class FlushClock:
-    """Processing-time coalescing window: due every `interval_s`, even with no events."""
+    """Processing-time coalescing window: due every `interval_s`, even with no events.
+
+    The cadence is fixed: the time a flush takes (a Kafka transaction) does not
+    stretch the next window, an early flush (memory bound) does not move the
+    next tick, and ticks missed while the worker was busy are skipped, not made up.
+    """
 
     def __init__(self, interval_s: float, now: float) -> None:
         if interval_s <= 0:
@@ -73,4 +78,6 @@ class FlushClock:
         return max(0.0, self.deadline - now)
 
     def reset(self, now: float) -> None:
-        self.deadline = now + self.interval_s
+        if now >= self.deadline:
+            missed = (now - self.deadline) // self.interval_s
+            self.deadline += (missed + 1) * self.interval_s

@@ -121,14 +121,23 @@ class CoalesceWorker:
             offsets = {TopicPartition(self.events_topic, p): o for p, o in result.next_offsets.items()}
             try:
                 async with self.producer.transaction():
+                    sent = []
                     for partial in result.partials:
-                        await self.producer.send(
-                            self.partials_topic, partial.to_json(), partition=partial.root_partition
+                        sent.append(
+                            await self.producer.send(
+                                self.partials_topic, partial.to_json(), partition=partial.root_partition
+                            )
                         )
                     for channel, raw in result.feed:
-                        await self.producer.send(self.feed_topic, raw, key=channel.encode())
+                        sent.append(await self.producer.send(self.feed_topic, raw, key=channel.encode()))
                     for d in dead:
-                        await self.producer.send(self.dead_topic, d.raw, headers=_dead_headers(self, d))
+                        sent.append(
+                            await self.producer.send(self.dead_topic, d.raw, headers=_dead_headers(self, d))
+                        )
+                    # aiokafka commits a transaction even if a record in it failed (e.g.
+                    # OutOfOrderSequenceNumber after a broker restart): wait for every delivery
+                    # so that a failure aborts the window instead of committing its offsets alone
+                    await asyncio.gather(*sent)
                     await self.producer.send_offsets_to_transaction(offsets, self.group)
             except ProducerFenced:
                 self.log.error("fenced: another worker took this identity; stopping")

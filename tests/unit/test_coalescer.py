@@ -514,8 +514,23 @@ def test_flush_clock_due_after_interval_without_events() -> None:
     assert c.due(1000.0)
     f = c.flush(100.3)
     assert f.partials == []
-    assert not c.due(100.5)
-    assert c.due(100.55)
+    # a fixed cadence: a flush that ran late does not push the next tick back
+    assert not c.due(100.49)
+    assert c.due(100.5)
+    # ticks missed while busy are skipped, not made up
+    c.flush(101.1)
+    assert not c.due(101.24)
+    assert c.due(101.25)
+
+
+def test_early_flush_keeps_the_cadence() -> None:
+    topo = topology("clock", [count("n", "a")], {"a": 0}, flush_interval_ms=250, max_cells=1)
+    c = Coalescer(topo, 1, now=0.0)
+    feed(c, 0, [ev(key="k1")])
+    assert c.due(0.1)  # full
+    c.flush(0.1)
+    assert not c.due(0.2)
+    assert c.due(0.25)
 
 
 def test_forget_drops_state_of_revoked_partitions() -> None:

@@ -1,0 +1,586 @@
+"""`pipeline chaos`: the whole pipeline under injected faults, then an exact count per key.
+
+Writers (producer SDK, hot keys split) send a seeded workload and keep a ledger of
+every event the SDK reports accepted; a failed send is resent later with the same
+ids and counted in the ledger once. Meanwhile workers are SIGKILLed and restarted
+with the same identity, Redis and the broker are restarted, a tier-1 worker joins.
+At the end every key's all-time total in Redis must equal the ledger: exactly once.
+
+Workers are never removed: on the local broker a stopped static member's partitions
+are not reassigned (docs/ARCHITECTURE.md, "Chaos").
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import itertools
+import random
+import secrets
+import signal
+import sys
+import tempfile
+import time
+import uuid
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import orjson
+import redis.asyncio as aioredis
+
+from pipeline.client import BrokerUnavailable, PipelineClient
+from pipeline.core.fault_plan import DEFAULT_WEIGHTS, SERVER_FAULTS, Fault, FaultKind, breakdown, plan_faults
+from pipeline.core.hotkeys import HotKeySplitter, SplitPolicy
+from pipeline.core.topology import Topology
+from pipeline.io import kafka, redis_query
+from pipeline.local_servers import Endpoints, LocalServers, free_port
+from pipeline.supervisor import WorkerProcess
+from pipeline.tiers.worker import load_topology
+
+LedgerKey = tuple[str, str]  # (channel, key)
+
+BASE_TOPOLOGY = "live_likes"
+METRIC = "likes"
+BROKER_QUIET_S = 1.2  # the broker snapshots ~0.4 s after a change; stop it only after a quiet second
+PROGRESS_EVERY_S = 5.0
+CLIENT_STOP_TIMEOUT_S = 5.0
+
+# Keys and channels with characters that have tripped key layouts elsewhere: ':' (Redis key
+# separators), '{x}' (cluster hash tags), '#', U+00FF (its UTF-8 holds the 0xFF sub-key mark's
+# byte value), non-Latin text, spaces. NUL is left out: Redis glob patterns and C clients mishandle it.
+KEY_STYLES = ("c{i}", "c{i}:x", "{{c{i}}}", "#c{i}", "c{i}\xff", "ключ{i}", "c {i}/é")
+CHANNEL_STYLES = ("video-{i}", "video:{i}", "{{video-{i}}}", "#video-{i}", "video-{i}\xff")
+VIRAL_KEY = "viral:{hot}#\xff"
+
+
+@dataclass
+class ChaosConfig:
+    seed: int = 1
+    faults: int = 20
+    duration_s: float = 60.0
+    writers: int = 2
+    rate: float = 1500.0  # events/s per writer
+    batch: int = 100
+    keys: int = 2000
+    channels: int = 8
+    viral_share: float = 0.3
+    split_threshold_eps: float = 200.0  # low, so that the viral key is split at this rate
+    coalesce_workers: int = 2
+    merge_workers: int = 2
+    max_added: int = 1
+    drain_timeout_s: float = 90.0
+    plan: list[Fault] | None = None  # explicit faults instead of the seeded plan (tests)
+
+
+@dataclass
+class ChaosReport:
+    seed: int
+    topology: str
+    events_accepted: int
+    events_counted: int
+    keys_checked: int
+    keys_wrong: int
+    lost: int
+    duplicated: int
+    faults_injected: int
+    faults_by_kind: dict[str, int]
+    faults_skipped: int
+    events_resent: int
+    events_on_subkeys: int
+    events_rejected: int
+    send_failures: int
+    unexpected_exits: int
+    broadcast_ok: bool
+    wall_s: float
+    workdir: str
+    wrong_keys: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return self.keys_wrong == 0 and self.events_accepted > 0
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+@dataclass(frozen=True)
+class CountCheck:
+    keys_checked: int
+    keys_wrong: int
+    lost: int
+    duplicated: int
+    wrong: list[tuple[LedgerKey, int, float]]  # (key, expected, got), first few
+
+
+def compare_counts(ledger: Counter[LedgerKey], got: dict[LedgerKey, float], show: int = 10) -> CountCheck:
+    """Every key in either side; lost = counts missing from Redis, duplicated = counts too many."""
+    keys = set(ledger) | set(got)
+    lost = duplicated = 0
+    wrong: list[tuple[LedgerKey, int, float]] = []
+    for key in sorted(keys):
+        want, have = ledger.get(key, 0), got.get(key, 0.0)
+        if want != have:
+            lost += max(0, int(want - have))
+            duplicated += max(0, int(have - want))
+            wrong.append((key, want, have))
+    return CountCheck(len(keys), len(wrong), lost, duplicated, wrong[:show])
+
+
+class Workload:
+    """One writer's deterministic event stream: Zipf keys over channels plus one viral key."""
+
+    def __init__(self, seed: int, writer: int, keys: int, channels: int, viral_share: float) -> None:
+        self.rng = random.Random(seed * 1009 + writer)
+        self.writer = writer
+        self.viral_share = viral_share
+        self.keys = [KEY_STYLES[i % len(KEY_STYLES)].format(i=i) for i in range(keys)]
+        self.channels = [CHANNEL_STYLES[i % len(CHANNEL_STYLES)].format(i=i) for i in range(channels)]
+        self.cum_weights = list(itertools.accumulate(1 / (i + 1) ** 1.1 for i in range(keys)))
+        self.seq = 0
+
+    def batch(self, n: int) -> list[dict[str, Any]]:
+        rng, out = self.rng, []
+        for _ in range(n):
+            if rng.random() < self.viral_share:
+                key, channel = VIRAL_KEY, self.channels[0]
+            else:
+                i = rng.choices(range(len(self.keys)), cum_weights=self.cum_weights)[0]
+                key, channel = self.keys[i], self.channels[i % len(self.channels)]
+            self.seq += 1
+            out.append({"type": "like", "key": key, "channel": channel, "id": f"w{self.writer}-{self.seq}"})
+        return out
+
+
+class Writer:
+    """Sends batches through the SDK at a steady rate; resends failed batches with the same ids."""
+
+    def __init__(
+        self,
+        index: int,
+        topology: Topology,
+        endpoints: Endpoints,
+        cfg: ChaosConfig,
+        ledger: Counter[LedgerKey],
+    ) -> None:
+        self.index = index
+        self.topology = topology
+        self.endpoints = endpoints
+        self.cfg = cfg
+        self.ledger = ledger
+        self.workload = Workload(cfg.seed, index, cfg.keys, cfg.channels, cfg.viral_share)
+        policy = SplitPolicy(threshold_eps=cfg.split_threshold_eps, budget_eps=cfg.split_threshold_eps)
+        self.splitter = HotKeySplitter(policy)
+        self.client: PipelineClient | None = None
+        self.retry: list[list[dict[str, Any]]] = []
+        self.sending = False
+        self.accepted = self.resent = self.on_subkeys = self.rejected = self.failures = 0
+
+    async def run(self, stop: asyncio.Event, gate: asyncio.Event) -> None:
+        interval = self.cfg.batch / self.cfg.rate
+        try:
+            while not stop.is_set():
+                await gate.wait()
+                started = time.monotonic()
+                if not await self._send_one():
+                    await asyncio.sleep(0.5)
+                    continue
+                await asyncio.sleep(max(0.0, interval - (time.monotonic() - started)))
+        finally:
+            self.sending = False
+
+    async def flush(self, gate: asyncio.Event, deadline: float) -> None:
+        """Resend what failed until it is accepted (or the deadline passes)."""
+        while self.retry and time.monotonic() < deadline:
+            await gate.wait()
+            if not await self._send_one(new=False):
+                await asyncio.sleep(0.5)
+
+    async def _send_one(self, new: bool = True) -> bool:
+        resend = bool(self.retry)
+        if not resend and not new:
+            return True
+        batch = self.retry.pop(0) if resend else self.workload.batch(self.cfg.batch)
+        self.sending = True
+        try:
+            if self.client is None:
+                client = PipelineClient(
+                    self.topology,
+                    self.endpoints.kafka_bootstrap,
+                    redis_url=self.endpoints.redis_url,
+                    splitter=self.splitter,
+                    client_id=f"{self.topology.name}.chaos-writer-{self.index}",
+                )
+                await client.start()
+                self.client = client
+            results = await self.client.send_many(batch)
+        except BrokerUnavailable:
+            self.failures += 1
+            self.retry.insert(0, batch)
+            await self.close()  # a fresh producer after a broker restart, not a wedged one
+            return False
+        finally:
+            self.sending = False
+        self.resent += len(batch) if resend else 0
+        for event, result in zip(batch, results, strict=True):
+            if result.accepted:
+                self.ledger[(event["channel"], event["key"])] += 1
+                self.accepted += 1
+                self.on_subkeys += result.sub != 0
+            else:
+                self.rejected += 1
+        return True
+
+    async def close(self) -> None:
+        client, self.client = self.client, None
+        if client is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(client.stop(), CLIENT_STOP_TIMEOUT_S)
+
+
+class Workers:
+    """Every worker process of the run, by tier; those that exit on their own are restarted."""
+
+    def __init__(self, topology: Topology, endpoints: Endpoints, workdir: Path) -> None:
+        self.topology = topology
+        self.endpoints = endpoints
+        self.workdir = workdir
+        self.tiers: dict[str, list[WorkerProcess]] = {"coalesce": [], "merge": [], "broadcast": []}
+        self.down: set[str] = set()  # killed on purpose, waiting for their restart
+        self.unexpected_exits: list[str] = []
+        self.broadcast_port = free_port()
+
+    def add(self, tier: str) -> WorkerProcess:
+        env: dict[str, str] = {}
+        if tier == "broadcast":
+            env = {
+                "PIPELINE_BROADCAST_PORT": str(self.broadcast_port),
+                "PIPELINE_BROADCAST_SECRET": secrets.token_urlsafe(24),
+            }
+        instance = f"chaos-{tier[0]}{len(self.tiers[tier]) + 1}"
+        worker = WorkerProcess(
+            BASE_TOPOLOGY,
+            tier,
+            instance,
+            self.endpoints.kafka_bootstrap,
+            self.endpoints.redis_url,
+            self.workdir,
+            extra_env=env,
+            name=self.topology.name,
+        )
+        self.tiers[tier].append(worker)
+        return worker.start()
+
+    @property
+    def all(self) -> list[WorkerProcess]:
+        return [w for ws in self.tiers.values() for w in ws]
+
+    def revive(self) -> None:
+        for w in self.all:
+            if w.name not in self.down and not w.running:
+                self.unexpected_exits.append(w.name)
+                _say(
+                    f"!! {w.name} exited on its own (code {w.proc.returncode if w.proc else None}); "
+                    "restarting"
+                )
+                w.start()
+
+    def stop(self) -> None:
+        """SIGTERM to all at once (they commit in parallel), then wait for each."""
+        for w in self.all:
+            if w.proc is not None and w.running:
+                with contextlib.suppress(OSError):
+                    w.proc.send_signal(signal.SIGTERM)
+        for w in self.all:
+            w.stop()
+
+
+async def run_chaos(
+    endpoints: Endpoints, cfg: ChaosConfig, workdir: Path, name: str | None = None
+) -> ChaosReport:
+    """Run the whole pipeline under faults against `endpoints`; servers are restarted only if given."""
+    started = time.monotonic()
+    topology = load_topology(BASE_TOPOLOGY).renamed(name or f"chaos{cfg.seed}x{uuid.uuid4().hex[:6]}")
+    weights = dict(DEFAULT_WEIGHTS)
+    if endpoints.broker is None:
+        weights[FaultKind.RESTART_BROKER] = 0
+    if endpoints.redis is None:
+        weights[FaultKind.RESTART_REDIS] = 0
+    plan = (
+        cfg.plan
+        if cfg.plan is not None
+        else plan_faults(cfg.seed, cfg.faults, cfg.duration_s, weights=weights, max_added=cfg.max_added)
+    )
+    await kafka.ensure_topics(endpoints.kafka_bootstrap, kafka.topology_topics(topology))
+    workers = Workers(topology, endpoints, workdir)
+    ledger: Counter[LedgerKey] = Counter()
+    writers = [Writer(i, topology, endpoints, cfg, ledger) for i in range(cfg.writers)]
+    stop, gate = asyncio.Event(), asyncio.Event()
+    gate.set()
+    injected: list[Fault] = []
+    skipped: list[Fault] = []
+    redis = aioredis.Redis.from_url(endpoints.redis_url, socket_timeout=5)
+    tasks: list[asyncio.Task[None]] = []
+    _say(
+        f"chaos: topology {topology.name}, seed {cfg.seed}, {len(plan)} faults in {cfg.duration_s:g} s, "
+        f"logs {workdir}"
+    )
+    try:
+        for _ in range(cfg.coalesce_workers):
+            workers.add("coalesce")
+        for _ in range(cfg.merge_workers):
+            workers.add("merge")
+        workers.add("broadcast")
+        load_started = time.monotonic()
+        tasks = [asyncio.create_task(w.run(stop, gate)) for w in writers]
+        faults = asyncio.create_task(
+            _inject_all(plan, load_started, workers, writers, endpoints, gate, injected, skipped)
+        )
+        counted = 0.0
+        next_progress = time.monotonic() + PROGRESS_EVERY_S
+        while time.monotonic() - load_started < cfg.duration_s or not faults.done():
+            await asyncio.sleep(0.25)
+            workers.revive()
+            for t in tasks:
+                if t.done() and t.exception() is not None:
+                    raise t.exception()  # type: ignore[misc]
+            if faults.done() and faults.exception() is not None:
+                raise faults.exception()  # type: ignore[misc]
+            if time.monotonic() >= next_progress:
+                next_progress += PROGRESS_EVERY_S
+                counted = await _counted(redis, topology, counted)
+                _progress(load_started, ledger, counted, injected, plan, workers)
+        stop.set()
+        await asyncio.gather(*tasks)
+        deadline = time.monotonic() + cfg.drain_timeout_s
+        await asyncio.gather(*(w.flush(gate, deadline) for w in writers))
+        for w in writers:
+            await w.close()
+        _say(f"load done: {sum(ledger.values()):,} events accepted; waiting for the pipeline to drain ...")
+        got = await _drain(redis, topology, ledger, workers, deadline, load_started, injected, plan)
+        broadcast_ok = await _node_answers(workers.broadcast_port)
+    finally:
+        stop.set()
+        gate.set()
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for w in writers:
+            await w.close()
+        workers.stop()
+        await redis.aclose()
+    check = compare_counts(ledger, got)
+    return ChaosReport(
+        seed=cfg.seed,
+        topology=topology.name,
+        events_accepted=sum(ledger.values()),
+        events_counted=int(sum(got.values())),
+        keys_checked=check.keys_checked,
+        keys_wrong=check.keys_wrong,
+        lost=check.lost,
+        duplicated=check.duplicated,
+        faults_injected=len(injected),
+        faults_by_kind=breakdown(injected),
+        faults_skipped=len(skipped),
+        events_resent=sum(w.resent for w in writers),
+        events_on_subkeys=sum(w.on_subkeys for w in writers),
+        events_rejected=sum(w.rejected for w in writers),
+        send_failures=sum(w.failures for w in writers),
+        unexpected_exits=len(workers.unexpected_exits),
+        broadcast_ok=broadcast_ok,
+        wall_s=round(time.monotonic() - started, 2),
+        workdir=str(workdir),
+        wrong_keys=[{"channel": k[0], "key": k[1], "expected": e, "got": g} for k, e, g in check.wrong],
+    )
+
+
+async def _inject_all(
+    plan: list[Fault],
+    load_started: float,
+    workers: Workers,
+    writers: list[Writer],
+    endpoints: Endpoints,
+    gate: asyncio.Event,
+    injected: list[Fault],
+    skipped: list[Fault],
+) -> None:
+    """Each fault at its moment (or at once, if the one before ran late), one at a time."""
+    for n, fault in enumerate(plan, 1):
+        await asyncio.sleep(max(0.0, load_started + fault.at_s - time.monotonic()))
+        at = time.monotonic() - load_started
+        if await _inject(fault, workers, writers, endpoints, gate):
+            injected.append(fault)
+            _say(f"[{at:6.1f}s] fault {n}/{len(plan)}: {_describe(fault, workers)}")
+        else:
+            skipped.append(fault)
+            _say(f"[{at:6.1f}s] fault {n}/{len(plan)}: {fault.kind} skipped (server not ours to restart)")
+
+
+async def _inject(
+    fault: Fault, workers: Workers, writers: list[Writer], endpoints: Endpoints, gate: asyncio.Event
+) -> bool:
+    kind = fault.kind
+    if kind in (FaultKind.KILL_COALESCE, FaultKind.KILL_MERGE, FaultKind.KILL_BROADCAST):
+        tier = {FaultKind.KILL_COALESCE: "coalesce", FaultKind.KILL_MERGE: "merge"}.get(kind, "broadcast")
+        victims = workers.tiers[tier]
+        victim = victims[fault.target % len(victims)]
+        workers.down.add(victim.name)
+        try:
+            victim.kill()
+            await asyncio.sleep(fault.pause_s)
+            victim.start()
+        finally:
+            workers.down.discard(victim.name)
+        return True
+    if kind is FaultKind.ADD_COALESCE:
+        workers.add("coalesce")
+        return True
+    if kind is FaultKind.RESTART_REDIS:
+        if endpoints.redis is None:
+            return False
+        await asyncio.to_thread(endpoints.redis.stop)
+        await asyncio.sleep(fault.pause_s)
+        await asyncio.to_thread(endpoints.redis.start)
+        return True
+    if kind is FaultKind.RESTART_BROKER:
+        if endpoints.broker is None:
+            return False
+        gate.clear()  # writers pause: the broker must see a quiet second before SIGTERM
+        try:
+            while any(w.sending for w in writers):
+                await asyncio.sleep(0.05)
+            await asyncio.sleep(BROKER_QUIET_S)
+            await asyncio.to_thread(endpoints.broker.stop)
+            await asyncio.sleep(fault.pause_s)
+            await asyncio.to_thread(endpoints.broker.start)
+        finally:
+            gate.set()
+        return True
+    raise ValueError(f"unknown fault {kind}")
+
+
+def _describe(fault: Fault, workers: Workers) -> str:
+    if fault.kind in SERVER_FAULTS:
+        return f"{fault.kind}, down {fault.pause_s:.2f} s"
+    if fault.kind is FaultKind.ADD_COALESCE:
+        return f"{fault.kind}: {workers.tiers['coalesce'][-1].name} joins"
+    tier = {FaultKind.KILL_COALESCE: "coalesce", FaultKind.KILL_MERGE: "merge"}.get(fault.kind, "broadcast")
+    victims = workers.tiers[tier]
+    victim = victims[fault.target % len(victims)].name
+    return f"{fault.kind}: SIGKILL {victim}, restarted after {fault.pause_s:.2f} s"
+
+
+async def _counted(redis: aioredis.Redis, topology: Topology, last: float) -> float:
+    """Events counted so far (the last known value while Redis is down)."""
+    try:
+        return await redis_query.metric_sum(redis, topology.name, METRIC)
+    except (aioredis.ConnectionError, aioredis.TimeoutError, OSError):
+        return last
+
+
+async def _drain(
+    redis: aioredis.Redis,
+    topology: Topology,
+    ledger: Counter[LedgerKey],
+    workers: Workers,
+    deadline: float,
+    load_started: float,
+    injected: list[Fault],
+    plan: list[Fault],
+) -> dict[LedgerKey, float]:
+    """Poll until Redis agrees with the ledger, or until the deadline; the last totals read."""
+    want = dict(ledger)
+    got: dict[LedgerKey, float] = {}
+    next_progress = time.monotonic() + PROGRESS_EVERY_S
+    while True:
+        workers.revive()
+        with contextlib.suppress(aioredis.ConnectionError, aioredis.TimeoutError, OSError):
+            got = await redis_query.key_totals(redis, topology.name, METRIC)
+        if got == want or time.monotonic() > deadline:
+            return got
+        if time.monotonic() >= next_progress:
+            next_progress += PROGRESS_EVERY_S
+            _progress(load_started, ledger, sum(got.values()), injected, plan, workers)
+        await asyncio.sleep(0.5)
+
+
+async def _node_answers(port: int, timeout_s: float = 15.0) -> bool:
+    """The broadcast node is up again after its faults (it serves /v1/node)."""
+    deadline = time.monotonic() + timeout_s
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as session:
+        while time.monotonic() < deadline:
+            with contextlib.suppress(aiohttp.ClientError, TimeoutError):
+                async with session.get(f"http://127.0.0.1:{port}/v1/node") as response:
+                    if response.status == 200:
+                        return True
+            await asyncio.sleep(0.3)
+    return False
+
+
+def _progress(
+    load_started: float,
+    ledger: Counter[LedgerKey],
+    counted: float,
+    injected: list[Fault],
+    plan: list[Fault],
+    workers: Workers,
+) -> None:
+    up = sum(w.running for w in workers.all)
+    _say(
+        f"[{time.monotonic() - load_started:6.1f}s] accepted {sum(ledger.values()):>9,}  "
+        f"counted {int(counted):>9,}  faults {len(injected)}/{len(plan)}  workers up {up}/{len(workers.all)}"
+    )
+
+
+def _say(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+def main(args: argparse.Namespace) -> int:
+    """The CLI entry: embedded servers unless --kafka/--redis (then no server faults)."""
+    cfg = ChaosConfig(seed=args.seed, faults=args.faults, duration_s=args.duration)
+    workdir = Path(tempfile.mkdtemp(prefix="pipeline-chaos-"))
+    try:
+        with contextlib.ExitStack() as stack:
+            if args.kafka and args.redis:
+                endpoints = Endpoints(args.kafka, args.redis)
+            else:
+                local = stack.enter_context(LocalServers(workdir / "servers"))
+                endpoints = Endpoints(
+                    args.kafka or local.kafka_bootstrap,
+                    args.redis or local.redis_url,
+                    None if args.kafka else local.broker,
+                    None if args.redis else local.redis,
+                )
+            report = asyncio.run(run_chaos(endpoints, cfg, workdir))
+    except KeyboardInterrupt:
+        _say(f"interrupted; everything stopped (logs in {workdir})")
+        return 130
+    _print_report(report, args.json)
+    return 0 if report.ok else 1
+
+
+def _print_report(report: ChaosReport, as_json: bool) -> None:
+    kinds = ", ".join(f"{k} {n}" for k, n in report.faults_by_kind.items() if n)
+    lines = [
+        "",
+        f"events accepted   {report.events_accepted:>10,}   (ledger: acknowledged by the broker, once each)",
+        f"events counted    {report.events_counted:>10,}   (read back from Redis)",
+        f"keys checked      {report.keys_checked:>10,}   wrong {report.keys_wrong}",
+        f"lost              {report.lost:>10,}   duplicated {report.duplicated:,}",
+        f"faults injected   {report.faults_injected:>10}   ({kinds})",
+        f"resent events     {report.events_resent:>10,}   after {report.send_failures} failed sends",
+        f"on sub-keys       {report.events_on_subkeys:>10,}   (hot key split)",
+        f"unexpected exits  {report.unexpected_exits:>10}   broadcast node up at the end: "
+        f"{report.broadcast_ok}",
+        f"wall time         {report.wall_s:>10} s   logs {report.workdir}",
+        "RESULT            " + ("exact" if report.ok else "WRONG COUNTS"),
+    ]
+    for wrong in report.wrong_keys:
+        lines.append(f"  {wrong}")
+    print("\n".join(lines), file=sys.stderr if as_json else sys.stdout, flush=True)
+    if as_json:
+        print(orjson.dumps(report.as_dict()).decode(), flush=True)

@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Iterable
 
 import redis.asyncio as aioredis
 from aiokafka import AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
-from aiokafka.errors import KafkaError, ProducerFenced
+from aiokafka.errors import KafkaError, OutOfOrderSequenceNumber, ProducerFenced
 
 from pipeline import observability as obs
 from pipeline.core.coalescer import Coalescer, DeadLetter
@@ -90,15 +91,19 @@ class CoalesceWorker:
         while not stop.is_set():
             # an idle pause never outlasts the open window: it closes on time with no new events
             batch = await poller.poll(c.clock.remaining(time.monotonic()))
-            for tp, records in batch.items():
-                dead = c.add_batch(tp.partition, records)
-                records_in.inc(len(records))
-                self.records_in += len(records)
-                if dead:
-                    self._dead.extend(dead)
-            held = c.held_ids()
-            if held:
-                c.resolve(await self.dedup.duplicates(held))
+            if batch:
+                # Folding a batch and settling its dedup verdicts is one step: a rebalance that
+                # revokes partitions meanwhile waits for it (the lock) and then commits it whole.
+                async with self._lock:
+                    for tp, records in batch.items():
+                        dead = c.add_batch(tp.partition, records)
+                        records_in.inc(len(records))
+                        self.records_in += len(records)
+                        if dead:
+                            self._dead.extend(dead)
+                    held = c.held_ids()
+                    if held:
+                        c.resolve(await self.dedup.duplicates(held))
             now = time.monotonic()
             if c.due(now):
                 await self.flush()
@@ -146,9 +151,15 @@ class CoalesceWorker:
                 # Nothing of the window is visible; read it again from the committed offsets.
                 obs.TX_ABORTS.labels(*self.labels).inc()
                 self.log.warning("transaction aborted; rewinding", error=repr(exc), window=result.window)
+                if isinstance(exc, OutOfOrderSequenceNumber):
+                    await self._renew_producer()
                 await self._rewind()
                 return
             self._count(result.events, len(result.partials), result.cells, dead)
+
+    def drop_dead_letters(self, partitions: Iterable[int]) -> None:
+        gone = set(partitions)
+        self._dead = [d for d in self._dead if d.partition not in gone]
 
     def _count(self, events: int, partials: int, cells: int, dead: list[DeadLetter]) -> None:
         self.events_in += events
@@ -164,6 +175,24 @@ class CoalesceWorker:
             self.log.warning("dead letters", count=len(dead), first_reason=dead[0].reason)
         if self.partials_out:
             obs.COALESCING_RATIO.labels(*self.labels).set(self.events_in / self.partials_out)
+
+    async def _renew_producer(self) -> None:
+        """A fresh producer, as on a restart: the broker forgot the old one's sequence numbers.
+
+        The local broker does on a restart, and every later send of that producer then fails
+        alike. A new incarnation (new transactional id, the old one fenced) starts afresh.
+        """
+        old = self.producer
+        try:
+            await asyncio.wait_for(old.stop(), 10)
+        except Exception as exc:  # it is being replaced: nothing of it is needed any more
+            self.log.warning("stopping the old producer failed", error=repr(exc))
+        self.transactional_id = await incarnation.begin(
+            self.redis, self.settings.kafka, self.group, self.settings.instance
+        )
+        self.producer = kafka.transactional_producer(self.settings.kafka, self.transactional_id)
+        await self.producer.start()
+        self.log.info("producer renewed", transactional_id=self.transactional_id)
 
     async def _rewind(self) -> None:
         for tp in self.consumer.assignment():
@@ -196,8 +225,16 @@ class _FlushOnRevoke(ConsumerRebalanceListener):
         self.worker = worker
 
     async def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
-        if revoked:
+        if not revoked:
+            return
+        try:
             await self.worker.flush()
+        except Exception:
+            # The new owner starts from the committed offsets: never flush this state later.
+            self.worker.log.exception("flush before revocation failed; dropping uncommitted state")
+            self.worker.coalescer.forget(tp.partition for tp in revoked)
+            self.worker.drop_dead_letters(tp.partition for tp in revoked)
+            raise
 
     async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
         self.worker.log.info("assigned", partitions=sorted(tp.partition for tp in assigned))

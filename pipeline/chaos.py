@@ -16,6 +16,7 @@ import argparse
 import asyncio
 import contextlib
 import itertools
+import logging
 import random
 import secrets
 import signal
@@ -69,6 +70,7 @@ class ChaosConfig:
     channels: int = 8
     viral_share: float = 0.3
     split_threshold_eps: float = 200.0  # low, so that the viral key is split at this rate
+    ack_timeout_ms: int = 1000  # shorter than most broker restarts: sends then fail and are resent
     coalesce_workers: int = 2
     merge_workers: int = 2
     max_added: int = 1
@@ -212,6 +214,7 @@ class Writer:
                     self.endpoints.kafka_bootstrap,
                     redis_url=self.endpoints.redis_url,
                     splitter=self.splitter,
+                    ack_timeout_ms=self.cfg.ack_timeout_ms,
                     client_id=f"{self.topology.name}.chaos-writer-{self.index}",
                 )
                 await client.start()
@@ -454,6 +457,7 @@ async def _inject(
                 await asyncio.sleep(0.05)
             await asyncio.sleep(BROKER_QUIET_S)
             await asyncio.to_thread(endpoints.broker.stop)
+            gate.set()  # while it is down, sends fail (BrokerUnavailable) and are resent later
             await asyncio.sleep(fault.pause_s)
             await asyncio.to_thread(endpoints.broker.start)
         finally:
@@ -542,6 +546,8 @@ def _say(text: str) -> None:
 def main(args: argparse.Namespace) -> int:
     """The CLI entry: embedded servers unless --kafka/--redis (then no server faults)."""
     cfg = ChaosConfig(seed=args.seed, faults=args.faults, duration_s=args.duration)
+    # the writers' producers complain on every broker restart; the progress lines say what happens
+    logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
     workdir = Path(tempfile.mkdtemp(prefix="pipeline-chaos-"))
     try:
         with contextlib.ExitStack() as stack:

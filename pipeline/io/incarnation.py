@@ -18,7 +18,7 @@ import time
 import redis.asyncio as aioredis
 
 from pipeline.io import kafka
-from pipeline.io.redis_retry import redis_retry
+from pipeline.io.redis_retry import retrying
 
 
 def _key(group: str, instance: str) -> str:
@@ -28,7 +28,7 @@ def _key(group: str, instance: str) -> str:
 async def begin(client: aioredis.Redis, bootstrap: str, group: str, instance: str) -> str:
     """Record and return this start's transactional id, after fencing the previous start's."""
     new_id = f"{group}.{instance}.{time.time_ns():x}"
-    previous = await redis_retry(client.getset)(_key(group, instance), new_id)
+    previous = await retrying(lambda: client.getset(_key(group, instance), new_id))
     if previous:
         await kafka.fence(bootstrap, previous.decode() if isinstance(previous, bytes) else str(previous))
     return new_id

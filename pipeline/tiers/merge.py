@@ -21,7 +21,7 @@ from pipeline.core.merger import Merger
 from pipeline.core.model import ChannelUpdate
 from pipeline.core.topology import Topology
 from pipeline.io import kafka, redis_query
-from pipeline.io.redis_retry import redis_retry
+from pipeline.io.redis_retry import retrying
 from pipeline.io.redis_sink import ApplyResult, RedisSink
 from pipeline.settings import Settings
 
@@ -58,7 +58,7 @@ class MergeWorker:
 
     async def run(self, stop: asyncio.Event) -> None:
         await kafka.ensure_topics(self.settings.kafka, kafka.topology_topics(self.topology))
-        await redis_retry(self.redis.ping)()  # wait for Redis, as for any apply
+        await retrying(self.redis.ping)  # wait for Redis, as for any apply
         await self.producer.start()
         self.consumer.subscribe([self.partials_topic], listener=_SeekToApplied(self))
         await self.consumer.start()

@@ -27,6 +27,7 @@ import tempfile
 import time
 import urllib.request
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -72,65 +73,61 @@ def _batches(batch: int, count: int = 64) -> list[list[dict[str, Any]]]:
     return out
 
 
-async def measure_gateway(port: int, batch: int, concurrency: int, duration_s: float) -> Rate:
-    bodies = [orjson.dumps(b) for b in _batches(batch)]
-    url = f"http://127.0.0.1:{port}/v1/events"
-    headers = {"Content-Type": "application/json", "Authorization": f"Bearer {API_KEY}"}
+async def _drive(
+    send: Callable[[int], Awaitable[tuple[int, bool]]], concurrency: int, duration_s: float
+) -> Rate:
+    """`concurrency` closed loops of `send(i)` -> (events accepted, whole batch ok) until the deadline."""
     latencies: list[float] = []
     rate = Rate()
-    connector = aiohttp.TCPConnector(limit=concurrency)
-    async with aiohttp.ClientSession(connector=connector) as session:
-        deadline = time.perf_counter() + duration_s
+    deadline = time.perf_counter() + duration_s
 
-        async def loop(worker: int) -> None:
-            i = worker
-            while time.perf_counter() < deadline:
-                body = bodies[i % len(bodies)]
-                i += concurrency
-                started = time.perf_counter()
-                async with session.post(url, data=body, headers=headers) as resp:
-                    answer = await resp.read()
-                latencies.append(time.perf_counter() - started)
-                accepted = orjson.loads(answer).get("accepted", 0) if resp.status == 202 else 0
-                rate.events += accepted
-                if accepted != batch:
-                    rate.failures += 1
+    async def loop(worker: int) -> None:
+        i = worker
+        while time.perf_counter() < deadline:
+            started = time.perf_counter()
+            accepted, ok = await send(i)
+            latencies.append(time.perf_counter() - started)
+            i += concurrency
+            rate.events += accepted
+            if not ok:
+                rate.failures += 1
 
-        started = time.perf_counter()
-        await asyncio.gather(*(loop(w) for w in range(concurrency)))
-        wall = time.perf_counter() - started
+    started = time.perf_counter()
+    await asyncio.gather(*(loop(w) for w in range(concurrency)))
+    wall = time.perf_counter() - started
     rate.events_per_s = round(rate.events / wall)
     rate.requests_per_s = round(len(latencies) / wall, 1)
     _percentiles(rate, latencies)
     return rate
+
+
+async def measure_gateway(port: int, batch: int, concurrency: int, duration_s: float) -> Rate:
+    bodies = [orjson.dumps(b) for b in _batches(batch)]
+    url = f"http://127.0.0.1:{port}/v1/events"
+    headers = {"Content-Type": "application/json", "Authorization": f"Bearer {API_KEY}"}
+    connector = aiohttp.TCPConnector(limit=concurrency)
+    async with aiohttp.ClientSession(connector=connector) as session:
+
+        async def post(i: int) -> tuple[int, bool]:
+            async with session.post(url, data=bodies[i % len(bodies)], headers=headers) as resp:
+                answer = await resp.read()
+            accepted = int(orjson.loads(answer).get("accepted", 0)) if resp.status == 202 else 0
+            return accepted, accepted == batch
+
+        return await _drive(post, concurrency, duration_s)
 
 
 async def measure_sdk(
     topology: Topology, bootstrap: str, batch: int, concurrency: int, duration_s: float
 ) -> Rate:
     batches = _batches(batch)
-    latencies: list[float] = []
-    rate = Rate()
     async with PipelineClient(topology, bootstrap) as client:
-        deadline = time.perf_counter() + duration_s
 
-        async def loop(worker: int) -> None:
-            i = worker
-            while time.perf_counter() < deadline:
-                events = batches[i % len(batches)]
-                i += concurrency
-                started = time.perf_counter()
-                results = await client.send_many(events)
-                latencies.append(time.perf_counter() - started)
-                rate.events += sum(1 for r in results if r.accepted)
+        async def send(i: int) -> tuple[int, bool]:
+            results = await client.send_many(batches[i % len(batches)])
+            return sum(1 for r in results if r.accepted), True
 
-        started = time.perf_counter()
-        await asyncio.gather(*(loop(w) for w in range(concurrency)))
-        wall = time.perf_counter() - started
-    rate.events_per_s = round(rate.events / wall)
-    rate.requests_per_s = round(len(latencies) / wall, 1)
-    _percentiles(rate, latencies)
-    return rate
+        return await _drive(send, concurrency, duration_s)
 
 
 def _percentiles(rate: Rate, latencies: list[float]) -> None:

@@ -34,7 +34,17 @@ import orjson
 import redis.asyncio as aioredis
 
 from pipeline.client import BrokerUnavailable, PipelineClient
-from pipeline.core.fault_plan import DEFAULT_WEIGHTS, SERVER_FAULTS, Fault, FaultKind, breakdown, plan_faults
+from pipeline.core.fault_plan import (
+    ADDS,
+    DEFAULT_WEIGHTS,
+    KILLS,
+    REMOVALS,
+    SERVER_FAULTS,
+    Fault,
+    FaultKind,
+    breakdown,
+    plan_faults,
+)
 from pipeline.core.hotkeys import HotKeySplitter, SplitPolicy
 from pipeline.core.topology import Topology
 from pipeline.io import kafka, redis_query
@@ -253,6 +263,7 @@ class Workers:
         self.workdir = workdir
         self.tiers: dict[str, list[WorkerProcess]] = {"coalesce": [], "merge": [], "broadcast": []}
         self.down: set[str] = set()  # killed on purpose, waiting for their restart
+        self.retired: set[str] = set()  # stopped gracefully for good (scale-in)
         self.unexpected_exits: list[str] = []
         self.broadcast_port = free_port()
 
@@ -281,9 +292,20 @@ class Workers:
     def all(self) -> list[WorkerProcess]:
         return [w for ws in self.tiers.values() for w in ws]
 
+    def active(self, tier: str) -> list[WorkerProcess]:
+        return [w for w in self.tiers[tier] if w.name not in self.retired]
+
+    async def remove(self, tier: str, target: int) -> WorkerProcess:
+        """Stop one worker of the tier gracefully (SIGTERM: it commits, leaves its group) for good."""
+        victims = self.active(tier)
+        victim = victims[target % len(victims)]
+        self.retired.add(victim.name)
+        await asyncio.to_thread(victim.stop)
+        return victim
+
     def revive(self) -> None:
         for w in self.all:
-            if w.name not in self.down and not w.running:
+            if w.name not in self.down and w.name not in self.retired and not w.running:
                 self.unexpected_exits.append(w.name)
                 _say(
                     f"!! {w.name} exited on its own (code {w.proc.returncode if w.proc else None}); "
@@ -315,7 +337,14 @@ async def run_chaos(
     plan = (
         cfg.plan
         if cfg.plan is not None
-        else plan_faults(cfg.seed, cfg.faults, cfg.duration_s, weights=weights, max_added=cfg.max_added)
+        else plan_faults(
+            cfg.seed,
+            cfg.faults,
+            cfg.duration_s,
+            weights=weights,
+            max_added=cfg.max_added,
+            workers={"coalesce": cfg.coalesce_workers, "merge": cfg.merge_workers},
+        )
     )
     await kafka.ensure_topics(endpoints.kafka_bootstrap, kafka.topology_topics(topology))
     workers = Workers(topology, endpoints, workdir)
@@ -426,9 +455,8 @@ async def _inject(
     fault: Fault, workers: Workers, writers: list[Writer], endpoints: Endpoints, gate: asyncio.Event
 ) -> bool:
     kind = fault.kind
-    if kind in (FaultKind.KILL_COALESCE, FaultKind.KILL_MERGE, FaultKind.KILL_BROADCAST):
-        tier = {FaultKind.KILL_COALESCE: "coalesce", FaultKind.KILL_MERGE: "merge"}.get(kind, "broadcast")
-        victims = workers.tiers[tier]
+    if kind in KILLS:
+        victims = workers.active(KILLS[kind])
         victim = victims[fault.target % len(victims)]
         workers.down.add(victim.name)
         try:
@@ -438,8 +466,11 @@ async def _inject(
         finally:
             workers.down.discard(victim.name)
         return True
-    if kind is FaultKind.ADD_COALESCE:
-        workers.add("coalesce")
+    if kind in ADDS:
+        workers.add(ADDS[kind])
+        return True
+    if kind in REMOVALS:
+        await workers.remove(REMOVALS[kind], fault.target)
         return True
     if kind is FaultKind.RESTART_REDIS:
         if endpoints.redis is None:
@@ -469,10 +500,12 @@ async def _inject(
 def _describe(fault: Fault, workers: Workers) -> str:
     if fault.kind in SERVER_FAULTS:
         return f"{fault.kind}, down {fault.pause_s:.2f} s"
-    if fault.kind is FaultKind.ADD_COALESCE:
-        return f"{fault.kind}: {workers.tiers['coalesce'][-1].name} joins"
-    tier = {FaultKind.KILL_COALESCE: "coalesce", FaultKind.KILL_MERGE: "merge"}.get(fault.kind, "broadcast")
-    victims = workers.tiers[tier]
+    if fault.kind in ADDS:
+        return f"{fault.kind}: {workers.tiers[ADDS[fault.kind]][-1].name} joins"
+    if fault.kind in REMOVALS:
+        gone = [w.name for w in workers.tiers[REMOVALS[fault.kind]] if w.name in workers.retired]
+        return f"{fault.kind}: {gone[-1]} stopped gracefully (SIGTERM) and leaves"
+    victims = workers.active(KILLS[fault.kind])
     victim = victims[fault.target % len(victims)].name
     return f"{fault.kind}: SIGKILL {victim}, restarted after {fault.pause_s:.2f} s"
 

@@ -33,6 +33,11 @@ class Settings(BaseSettings):
     log_level: str = Field("info", description="debug, info, warning or error")
     max_poll_records: int = Field(20_000, description="Records per fetch batch")
     idle_backoff_ms: int = Field(100, description="Pause fetching this long when a fetch finds nothing")
+    leave_group_on_stop: bool = Field(
+        True,
+        description="A stopped worker leaves its consumer group, so its partitions move at once; "
+        "false keeps them for a restart with the same identity (no rebalance on a rolling restart)",
+    )
 
     # ingest gateway (tier "ingest") and the writers' hot-key splitting
     ingest_host: str = Field("127.0.0.1", description="Address the ingest gateway binds")

@@ -19,6 +19,9 @@ class FaultKind(StrEnum):
     RESTART_REDIS = "restart_redis"  # SIGTERM Redis (AOF keeps the data), start it again
     RESTART_BROKER = "restart_broker"  # SIGTERM the broker (it flushes), start it again
     ADD_COALESCE = "add_coalesce"  # a new tier-1 instance joins the group (a rebalance)
+    REMOVE_COALESCE = "remove_coalesce"  # a tier-1 worker stops gracefully for good (a rebalance)
+    ADD_MERGE = "add_merge"  # a new root merger joins its group
+    REMOVE_MERGE = "remove_merge"  # a root merger stops gracefully for good
 
 
 # Relative weights: worker kills are the common case, server restarts and scale-out rarer.
@@ -29,8 +32,18 @@ DEFAULT_WEIGHTS: Mapping[FaultKind, float] = {
     FaultKind.RESTART_REDIS: 2,
     FaultKind.RESTART_BROKER: 2,
     FaultKind.ADD_COALESCE: 1,
+    FaultKind.REMOVE_COALESCE: 1,
+    FaultKind.ADD_MERGE: 1,
+    FaultKind.REMOVE_MERGE: 1,
 }
 SERVER_FAULTS = frozenset({FaultKind.RESTART_REDIS, FaultKind.RESTART_BROKER})
+KILLS = {
+    FaultKind.KILL_COALESCE: "coalesce",
+    FaultKind.KILL_MERGE: "merge",
+    FaultKind.KILL_BROADCAST: "broadcast",
+}
+ADDS = {FaultKind.ADD_COALESCE: "coalesce", FaultKind.ADD_MERGE: "merge"}
+REMOVALS = {FaultKind.REMOVE_COALESCE: "coalesce", FaultKind.REMOVE_MERGE: "merge"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,12 +63,15 @@ def plan_faults(
     max_added: int = 1,
     max_pause_s: float = 2.0,
     window: tuple[float, float] = (0.1, 0.85),
+    workers: Mapping[str, int] | None = None,
 ) -> list[Fault]:
     """`count` faults at random moments inside `window` (fractions of the run), sorted by time.
 
-    Kinds whose weight is 0 never appear; at most `max_added` ADD_COALESCE faults
-    (each adds a process for the rest of the run). Every fault fits in the window,
-    so the pipeline always gets the tail of the run to settle before the drain.
+    Kinds whose weight is 0 never appear; at most `max_added` additions per tier
+    (each adds a process for the rest of the run), and a removal only while its
+    tier keeps at least one worker (`workers`: how many each tier starts with).
+    Every fault fits in the window, so the pipeline always gets the tail of the
+    run to settle before the drain.
     """
     if count < 0 or duration_s <= 0:
         raise ValueError("count must be >= 0 and duration positive")
@@ -66,12 +82,28 @@ def plan_faults(
     start, end = window[0] * duration_s, window[1] * duration_s
     times = sorted(rng.uniform(start, end) for _ in range(count))
     faults: list[Fault] = []
-    added = 0
+    running = {"coalesce": 2, "merge": 2, **(workers or {})}
+    added = dict.fromkeys(running, 0)
+
+    def possible(kind: FaultKind) -> bool:
+        if kind in ADDS:
+            return added[ADDS[kind]] < max_added
+        if kind in REMOVALS:
+            return running[REMOVALS[kind]] > 1
+        return True
+
     for at in times:
-        allowed = [k for k in kinds if k is not FaultKind.ADD_COALESCE or added < max_added]
+        allowed = [k for k in kinds if possible(k)]
+        if not allowed:
+            raise ValueError("no fault kind is possible: give a kill or restart a positive weight")
         kind = rng.choices(allowed, weights=[weights[k] for k in allowed])[0]
-        added += kind is FaultKind.ADD_COALESCE
-        pause = 0.0 if kind is FaultKind.ADD_COALESCE else round(rng.uniform(0.1, max_pause_s), 2)
+        if kind in ADDS:
+            added[ADDS[kind]] += 1
+            running[ADDS[kind]] += 1
+        if kind in REMOVALS:
+            running[REMOVALS[kind]] -= 1
+        scaling = kind in ADDS or kind in REMOVALS
+        pause = 0.0 if scaling else round(rng.uniform(0.1, max_pause_s), 2)
         faults.append(Fault(round(at, 2), kind, rng.randrange(1_000), pause))
     return faults
 

@@ -14,7 +14,9 @@ from dataclasses import dataclass, field
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import TopicAlreadyExistsError
+from aiokafka.client import AIOKafkaClient, CoordinationType
+from aiokafka.errors import KafkaError, TopicAlreadyExistsError
+from aiokafka.protocol.group import LeaveGroupRequest
 
 from pipeline.core.topology import Topology
 
@@ -119,6 +121,36 @@ async def fence(bootstrap: str, transactional_id: str) -> None:
     await zombie_killer.stop()
 
 
+def member_id(consumer: AIOKafkaConsumer) -> str | None:
+    """The consumer's current group member id (aiokafka keeps it on its coordinator)."""
+    coordinator = getattr(consumer, "_coordinator", None)
+    member = getattr(coordinator, "member_id", None)
+    return member if isinstance(member, str) and member else None
+
+
+async def leave_group(bootstrap: str, group: str, member: str | None, timeout_s: float = 10.0) -> bool:
+    """Tell the coordinator a stopped static member is gone, so its partitions move at once.
+
+    aiokafka sends no LeaveGroup for a static member (one with
+    `group_instance_id`): its partitions then wait for the session timeout on
+    Apache Kafka, and for ever on a broker that does not expire members. A
+    LeaveGroup naming the member id removes it on both. Best effort: False if
+    it could not be sent.
+    """
+    if not member:
+        return False
+    client = AIOKafkaClient(bootstrap_servers=bootstrap, request_timeout_ms=int(timeout_s * 1000))
+    try:
+        await client.bootstrap()
+        node = await client.coordinator_lookup(CoordinationType.GROUP, group)
+        response = await client.send(node, LeaveGroupRequest(group, member))
+        return getattr(response, "error_code", 1) == 0
+    except (KafkaError, OSError, TimeoutError):
+        return False
+    finally:
+        await client.close()
+
+
 def producer(bootstrap: str, client_id: str, *, linger_ms: int = 5) -> AIOKafkaProducer:
     """An idempotent producer for at-least-once outputs that carry absolute values."""
     return AIOKafkaProducer(
@@ -162,10 +194,18 @@ class Poller:
     pause at all while records keep coming.
     """
 
-    def __init__(self, consumer: AIOKafkaConsumer, max_records: int, idle_backoff_s: float) -> None:
+    def __init__(
+        self,
+        consumer: AIOKafkaConsumer,
+        max_records: int,
+        idle_backoff_s: float,
+        held: set[TopicPartition] | None = None,
+    ) -> None:
         self.consumer = consumer
         self.max_records = max_records
         self.idle_backoff_s = idle_backoff_s
+        # partitions the owner keeps paused for reasons of its own: never resumed here
+        self.held: set[TopicPartition] = held if held is not None else set()
         self._empty = 0
 
     async def poll(
@@ -187,5 +227,5 @@ class Poller:
             )
         finally:
             # a rebalance during the sleep may have taken some away (or brought new, unpaused ones)
-            consumer.resume(*(consumer.assignment() & consumer.paused()))
+            consumer.resume(*((consumer.assignment() & consumer.paused()) - self.held))
         return {}

@@ -6,6 +6,11 @@ together or not at all, so a worker killed at any moment leaves either the
 whole window or nothing; after a restart it re-reads from the committed
 offsets and may cut windows differently, which is harmless because the lost
 window was never visible to the root (it reads read_committed).
+
+Only the worker that last claimed a partition (pipeline/io/partition_owners)
+can commit its offsets: a newly assigned partition is read only after its
+previous holders are fenced, and a worker whose transaction fails hands its
+partitions to a new producer only where nobody has claimed them since.
 """
 
 from __future__ import annotations
@@ -16,17 +21,19 @@ from collections.abc import Iterable
 
 import redis.asyncio as aioredis
 from aiokafka import AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
-from aiokafka.errors import KafkaError, OutOfOrderSequenceNumber, ProducerFenced
+from aiokafka.errors import KafkaError
 
 from pipeline import observability as obs
 from pipeline.core.coalescer import Coalescer, DeadLetter
 from pipeline.core.topology import Topology
 from pipeline.io import incarnation, kafka
 from pipeline.io.dedup_store import DedupStore
+from pipeline.io.partition_owners import PartitionOwners
 from pipeline.settings import Settings
 
 LAG_EVERY_S = 2.0
 PROGRESS_EVERY_S = 10.0
+RETRY_EVERY_S = 1.0
 
 
 class CoalesceWorker:
@@ -56,6 +63,11 @@ class CoalesceWorker:
         )
         self.redis = aioredis.Redis.from_url(settings.redis)
         self.dedup = DedupStore(self.redis, topology.name, topology.dedup_horizon_s)
+        self.owners = PartitionOwners(self.redis, self.group)
+        # assigned partitions not read: waiting for their claim, or claimed by another worker since
+        self._held: set[TopicPartition] = set()
+        self._to_claim: set[TopicPartition] = set()
+        self._producer_claimed = False  # the current producer holds claims (renew it for new ones)
         self.feed_topic = topology.topic("feed")
         self.events_in = 0
         self.records_in = 0
@@ -63,22 +75,23 @@ class CoalesceWorker:
 
     async def run(self, stop: asyncio.Event) -> None:
         await kafka.ensure_topics(self.settings.kafka, kafka.topology_topics(self.topology))
-        self.transactional_id = await incarnation.begin(
-            self.redis, self.settings.kafka, self.group, self.settings.instance
-        )
-        self.producer = kafka.transactional_producer(self.settings.kafka, self.transactional_id)
-        await self.producer.start()
+        await self._new_producer()
         self.consumer.subscribe([self.events_topic], listener=_FlushOnRevoke(self))
         await self.consumer.start()
         self.log.info("started", group=self.group, transactional_id=self.transactional_id)
         lag_task = asyncio.create_task(self._report_lag(stop))
+        member = None
         try:
             await self._loop(stop)
             await self.flush()
+            member = kafka.member_id(self.consumer)
         finally:
             lag_task.cancel()
             await self.consumer.stop()
             await self.producer.stop()
+            if member and self.settings.leave_group_on_stop:
+                left = await kafka.leave_group(self.settings.kafka, self.group, member)
+                self.log.info("left the group", ok=left)
             await self.redis.aclose()
             self.log.info("stopped", events_in=self.events_in, partials_out=self.partials_out)
 
@@ -87,8 +100,13 @@ class CoalesceWorker:
         consumer = self.consumer
         records_in = obs.RECORDS_IN.labels(*self.labels)
         next_progress = time.monotonic() + PROGRESS_EVERY_S
-        poller = kafka.Poller(consumer, self.settings.max_poll_records, self.settings.idle_backoff_ms / 1000)
+        poller = kafka.Poller(
+            consumer, self.settings.max_poll_records, self.settings.idle_backoff_ms / 1000, self._held
+        )
         while not stop.is_set():
+            if self._to_claim and not await self._claim():
+                await asyncio.sleep(RETRY_EVERY_S)
+                continue
             # an idle pause never outlasts the open window: it closes on time with no new events
             batch = await poller.poll(c.clock.remaining(time.monotonic()))
             if batch:
@@ -144,16 +162,13 @@ class CoalesceWorker:
                     # so that a failure aborts the window instead of committing its offsets alone
                     await asyncio.gather(*sent)
                     await self.producer.send_offsets_to_transaction(offsets, self.group)
-            except ProducerFenced:
-                self.log.error("fenced: another worker took this identity; stopping")
-                raise
             except KafkaError as exc:
-                # Nothing of the window is visible; read it again from the committed offsets.
+                # Nothing of the window is visible; read it again from the committed offsets, with
+                # a new producer: the old one may be fenced (a newer owner of some partition) or
+                # forgotten by a restarted broker (OutOfOrderSequenceNumber on every later send).
                 obs.TX_ABORTS.labels(*self.labels).inc()
                 self.log.warning("transaction aborted; rewinding", error=repr(exc), window=result.window)
-                if isinstance(exc, OutOfOrderSequenceNumber):
-                    await self._renew_producer()
-                await self._rewind()
+                await self._after_abort()
                 return
             self._count(result.events, len(result.partials), result.cells, dead)
 
@@ -176,31 +191,92 @@ class CoalesceWorker:
         if self.partials_out:
             obs.COALESCING_RATIO.labels(*self.labels).set(self.events_in / self.partials_out)
 
-    async def _renew_producer(self) -> None:
-        """A fresh producer, as on a restart: the broker forgot the old one's sequence numbers.
-
-        The local broker does on a restart, and every later send of that producer then fails
-        alike. A new incarnation (new transactional id, the old one fenced) starts afresh.
-        """
-        old = self.producer
-        try:
-            await asyncio.wait_for(old.stop(), 10)
-        except Exception as exc:  # it is being replaced: nothing of it is needed any more
-            self.log.warning("stopping the old producer failed", error=repr(exc))
+    async def _new_producer(self) -> None:
+        """A fresh transactional id (fencing this worker's previous one) and its producer."""
         self.transactional_id = await incarnation.begin(
             self.redis, self.settings.kafka, self.group, self.settings.instance
         )
         self.producer = kafka.transactional_producer(self.settings.kafka, self.transactional_id)
         await self.producer.start()
+        self._producer_claimed = False
+
+    async def _renew_producer(self) -> None:
+        old = self.producer
+        try:
+            await asyncio.wait_for(old.stop(), 10)
+        except Exception as exc:  # it is being replaced: nothing of it is needed any more
+            self.log.warning("stopping the old producer failed", error=repr(exc))
+        while True:
+            try:
+                await self._new_producer()
+                break
+            except (KafkaError, OSError) as exc:  # the broker is away: no window can commit anyway
+                self.log.warning("cannot start a producer yet; retrying", error=repr(exc))
+                await asyncio.sleep(RETRY_EVERY_S)
         self.log.info("producer renewed", transactional_id=self.transactional_id)
 
-    async def _rewind(self) -> None:
-        for tp in self.consumer.assignment():
+    def _reading(self) -> set[TopicPartition]:
+        return self.consumer.assignment() - self._held
+
+    async def _claim(self) -> bool:
+        """Claim newly assigned partitions, fence their previous holders, then read from the commits."""
+        async with self._lock:
+            claiming = self._to_claim & self.consumer.assignment()
+            try:
+                if self._producer_claimed:
+                    # a new producer per assignment: the new owners of partitions this worker had
+                    # fence its previous id, and must not abort the windows of the ones it keeps
+                    await self._renew_producer()
+                partitions = sorted(tp.partition for tp in claiming)
+                for previous in await self.owners.claim(partitions, self.transactional_id):
+                    await kafka.fence(self.settings.kafka, previous)
+                self._producer_claimed = True
+                self.coalescer.forget(partitions)
+                self.drop_dead_letters(partitions)
+                await self._seek_to_committed(claiming)
+            except (KafkaError, OSError) as exc:
+                self.log.warning("claiming partitions failed; retrying", error=repr(exc))
+                return False
+            self._to_claim.clear()
+            self._held.difference_update(claiming)
+            self.consumer.resume(*claiming)
+            self.log.info("claimed", partitions=partitions, transactional_id=self.transactional_id)
+            return True
+
+    async def _after_abort(self) -> None:
+        """Renew the producer; keep reading only the partitions nobody claimed meanwhile."""
+        old_id = self.transactional_id
+        await self._renew_producer()
+        reading = self._reading()
+        partitions = sorted(tp.partition for tp in reading)
+        kept = await self.owners.hand_over(partitions, old_id, self.transactional_id)
+        self._producer_claimed = True
+        lost = {tp for tp in reading if tp.partition not in kept}
+        if lost:
+            # another worker claimed them: hold them until the group hands out partitions again
+            self.consumer.pause(*lost)
+            self._held.update(lost)
+            self.coalescer.forget(tp.partition for tp in lost)
+            self.drop_dead_letters(tp.partition for tp in lost)
+            gone = sorted(tp.partition for tp in lost)
+            self.log.warning("partitions claimed by another worker", partitions=gone)
+        await self._seek_to_committed(reading - lost)
+
+    async def _seek_to_committed(self, partitions: Iterable[TopicPartition]) -> None:
+        for tp in partitions:
             committed = await self.consumer.committed(tp)
             if committed is None:
                 await self.consumer.seek_to_beginning(tp)
             else:
                 self.consumer.seek(tp, committed)
+
+    def assigned(self, assigned: Iterable[TopicPartition]) -> None:
+        """A new generation: hold every assigned partition until it is claimed."""
+        partitions = set(assigned)
+        self.consumer.pause(*partitions)
+        self._held.clear()
+        self._held.update(partitions)
+        self._to_claim = set(partitions)
 
     async def _report_lag(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
@@ -238,3 +314,5 @@ class _FlushOnRevoke(ConsumerRebalanceListener):
 
     async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
         self.worker.log.info("assigned", partitions=sorted(tp.partition for tp in assigned))
+        # claimed in the worker's loop, not here: aiokafka logs and ignores a listener's errors
+        self.worker.assigned(assigned)

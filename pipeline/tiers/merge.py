@@ -64,12 +64,17 @@ class MergeWorker:
         await self.consumer.start()
         self.log.info("started", group=self.group)
         lag_task = asyncio.create_task(self._report_lag(stop))
+        member = None
         try:
             await self._loop(stop)
+            member = kafka.member_id(self.consumer)
         finally:
             lag_task.cancel()
             await self.consumer.stop()
             await self.producer.stop()
+            if member and self.settings.leave_group_on_stop:
+                left = await kafka.leave_group(self.settings.kafka, self.group, member)
+                self.log.info("left the group", ok=left)
             await self.redis.aclose()
             self.log.info("stopped", partials_in=self.partials_in, redis_commands=self.commands)
 

@@ -23,7 +23,31 @@ def test_a_plan_is_a_function_of_its_seed_and_stays_in_the_window(
     assert all(0.1 * duration - 0.01 <= f.at_s <= 0.85 * duration + 0.01 for f in plan)
     assert all(0 <= f.pause_s <= 2.0 for f in plan)
     assert sum(f.kind is FaultKind.ADD_COALESCE for f in plan) <= 1
+    assert sum(f.kind is FaultKind.ADD_MERGE for f in plan) <= 1
     assert sum(breakdown(plan).values()) == count
+
+
+@given(st.integers(0, 2**32), st.integers(1, 3), st.integers(1, 3), st.integers(0, 2))
+def test_removals_never_empty_a_tier(seed: int, coalesce: int, merge: int, max_added: int) -> None:
+    weights = {**DEFAULT_WEIGHTS, FaultKind.REMOVE_COALESCE: 5, FaultKind.REMOVE_MERGE: 5}
+    plan = plan_faults(
+        seed, 40, 60, weights=weights, max_added=max_added, workers={"coalesce": coalesce, "merge": merge}
+    )
+    for tier, add, remove, start in [
+        ("coalesce", FaultKind.ADD_COALESCE, FaultKind.REMOVE_COALESCE, coalesce),
+        ("merge", FaultKind.ADD_MERGE, FaultKind.REMOVE_MERGE, merge),
+    ]:
+        running = start
+        for f in plan:
+            running += (f.kind is add) - (f.kind is remove)
+            assert running >= 1, (tier, plan)
+        assert sum(f.kind is add for f in plan) <= max_added
+
+
+def test_the_default_plan_scales_both_groups_out_and_in() -> None:
+    kinds = {f.kind for seed in (1, 2, 3) for f in plan_faults(seed, 20, 60)}
+    scaling = {FaultKind.ADD_COALESCE, FaultKind.REMOVE_COALESCE, FaultKind.ADD_MERGE, FaultKind.REMOVE_MERGE}
+    assert scaling <= kinds
 
 
 def test_kinds_with_zero_weight_never_appear() -> None:

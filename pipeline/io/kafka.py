@@ -12,13 +12,40 @@ import contextlib
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+import structlog
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.client import AIOKafkaClient, CoordinationType
-from aiokafka.errors import KafkaError, TopicAlreadyExistsError
+from aiokafka.errors import KafkaConnectionError, KafkaError, TopicAlreadyExistsError
 from aiokafka.protocol.group import LeaveGroupRequest
+from tenacity import RetryCallState, retry, retry_if_exception_type, stop_after_delay, wait_exponential
 
 from pipeline.core.topology import Topology
+
+BROKER_WAIT_S = 120.0
+
+
+def _log_wait(state: RetryCallState) -> None:
+    error = state.outcome.exception() if state.outcome else None
+    structlog.get_logger().warning(
+        "broker unavailable; retrying", attempt=state.attempt_number, error=repr(error)
+    )
+
+
+# A worker may start while the broker restarts: wait for it rather than exit.
+broker_retry = retry(
+    retry=retry_if_exception_type(KafkaConnectionError),
+    wait=wait_exponential(multiplier=0.1, max=2),
+    stop=stop_after_delay(BROKER_WAIT_S),
+    before_sleep=_log_wait,
+    reraise=True,
+)
+
+
+@broker_retry
+async def start(client: AIOKafkaConsumer | AIOKafkaProducer) -> None:
+    """Start a client, waiting (up to BROKER_WAIT_S) for a broker that is not there yet."""
+    await client.start()
 
 
 @dataclass(frozen=True)
@@ -40,6 +67,7 @@ def topology_topics(topology: Topology) -> list[TopicSpec]:
     ]
 
 
+@broker_retry
 async def ensure_topics(bootstrap: str, specs: Iterable[TopicSpec], timeout_s: float = 30.0) -> None:
     """Create topics explicitly, with their partition counts; existing ones are left alone."""
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=int(timeout_s * 1000))
@@ -117,7 +145,7 @@ async def fence(bootstrap: str, transactional_id: str) -> None:
     open transaction and refuses the old producer from then on.
     """
     zombie_killer = transactional_producer(bootstrap, transactional_id)
-    await zombie_killer.start()
+    await start(zombie_killer)
     await zombie_killer.stop()
 
 

@@ -266,7 +266,7 @@ class BroadcastNode:
             fetch_max_wait_ms=100,
             max_partition_fetch_bytes=4 * 1024 * 1024,
         )
-        await consumer.start()
+        await kafka.start(consumer)
         parts = self.topology.partitions.updates  # topology_topics gives the feed as many
         assigned = [TopicPartition(t, p) for t in (self.updates_topic, self.feed_topic) for p in range(parts)]
         consumer.assign(assigned)

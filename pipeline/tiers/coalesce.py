@@ -77,7 +77,7 @@ class CoalesceWorker:
         await kafka.ensure_topics(self.settings.kafka, kafka.topology_topics(self.topology))
         await self._new_producer()
         self.consumer.subscribe([self.events_topic], listener=_FlushOnRevoke(self))
-        await self.consumer.start()
+        await kafka.start(self.consumer)
         self.log.info("started", group=self.group, transactional_id=self.transactional_id)
         lag_task = asyncio.create_task(self._report_lag(stop))
         member = None
@@ -197,7 +197,7 @@ class CoalesceWorker:
             self.redis, self.settings.kafka, self.group, self.settings.instance
         )
         self.producer = kafka.transactional_producer(self.settings.kafka, self.transactional_id)
-        await self.producer.start()
+        await kafka.start(self.producer)
         self._producer_claimed = False
 
     async def _renew_producer(self) -> None:

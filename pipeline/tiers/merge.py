@@ -59,9 +59,9 @@ class MergeWorker:
     async def run(self, stop: asyncio.Event) -> None:
         await kafka.ensure_topics(self.settings.kafka, kafka.topology_topics(self.topology))
         await retrying(self.redis.ping)  # wait for Redis, as for any apply
-        await self.producer.start()
+        await kafka.start(self.producer)
         self.consumer.subscribe([self.partials_topic], listener=_SeekToApplied(self))
-        await self.consumer.start()
+        await kafka.start(self.consumer)
         self.log.info("started", group=self.group)
         lag_task = asyncio.create_task(self._report_lag(stop))
         member = None

@@ -66,10 +66,14 @@ async def test_broker_restart_mid_stream(servers: Endpoints, unique_name: str, t
     try:
         await asyncio.sleep(1.0)  # the broker snapshots its data ~0.4 s after changes
         servers.broker.stop()  # SIGTERM: the broker flushes and exits
-        await asyncio.sleep(1.0)
+        pipe.add("coalesce", "c2")  # workers that start while the broker is away wait for it
+        pipe.add("merge", "m2")
+        await asyncio.sleep(2.0)
         servers.broker.start()
         await send_events(servers.kafka_bootstrap, topology.topic("events"), _events(3000, 3000), ledger)
         got = await wait_for_totals(servers.redis_url, topology, "likes", ledger, timeout_s=90)
         assert got == dict(ledger), pipe.logs()
+        assert all(w.running for w in pipe.workers), pipe.logs()
+        assert "broker unavailable; retrying" in pipe.workers[2].log_tail(200), pipe.logs()
     finally:
         pipe.stop()

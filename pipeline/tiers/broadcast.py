@@ -49,6 +49,7 @@ from pipeline.core.topology import Topology
 from pipeline.io import kafka
 from pipeline.io.channel_snapshot import leaderboard_metric, read_snapshot
 from pipeline.io.node_registry import NodeRegistry, Ring
+from pipeline.io.redis_retry import retrying
 from pipeline.settings import Settings
 
 LABELS = obs.LABELS
@@ -212,7 +213,7 @@ class BroadcastNode:
             raise SystemExit("a broadcast node needs PIPELINE_BROADCAST_SECRET (the viewer token secret)")
         _raise_fd_limit()
         await kafka.ensure_topics(self.settings.kafka, kafka.topology_topics(self.topology))
-        await self.redis.ping()
+        await retrying(self.redis.ping)  # a node may start while Redis restarts: wait for it
         consumer = await self._start_consumer()
         try:
             port = await self._start_http()
@@ -220,7 +221,7 @@ class BroadcastNode:
             self.registry = NodeRegistry(
                 self.redis, self.topology.name, self.node_id, self.url, self.settings.broadcast_node_ttl_s
             )
-            self.ring = await self.registry.heartbeat()
+            self.ring = await retrying(self.registry.heartbeat)
             self.log.info("started", url=self.url, nodes=sorted(self.ring.urls))
             loops = [
                 asyncio.create_task(self._consume(consumer, stop)),

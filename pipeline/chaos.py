@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import itertools
 import logging
 import random
 import secrets
@@ -47,6 +46,7 @@ from pipeline.core.fault_plan import (
 )
 from pipeline.core.hotkeys import HotKeySplitter, SplitPolicy
 from pipeline.core.topology import Topology
+from pipeline.core.zipf import Zipf
 from pipeline.io import kafka, redis_query
 from pipeline.local_servers import Endpoints, LocalServers, free_port
 from pipeline.supervisor import WorkerProcess
@@ -155,7 +155,7 @@ class Workload:
         self.viral_share = viral_share
         self.keys = [KEY_STYLES[i % len(KEY_STYLES)].format(i=i) for i in range(keys)]
         self.channels = [CHANNEL_STYLES[i % len(CHANNEL_STYLES)].format(i=i) for i in range(channels)]
-        self.cum_weights = list(itertools.accumulate(1 / (i + 1) ** 1.1 for i in range(keys)))
+        self.zipf = Zipf(keys, 1.1)
         self.seq = 0
 
     def batch(self, n: int) -> list[dict[str, Any]]:
@@ -164,7 +164,7 @@ class Workload:
             if rng.random() < self.viral_share:
                 key, channel = VIRAL_KEY, self.channels[0]
             else:
-                i = rng.choices(range(len(self.keys)), cum_weights=self.cum_weights)[0]
+                i = self.zipf.ranks(rng)[0]
                 key, channel = self.keys[i], self.channels[i % len(self.channels)]
             self.seq += 1
             out.append({"type": "like", "key": key, "channel": channel, "id": f"w{self.writer}-{self.seq}"})

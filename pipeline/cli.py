@@ -14,6 +14,7 @@ examples:
   pipeline run live_likes --tier coalesce --instance c1 --kafka 127.0.0.1:9092
   pipeline run live_likes --tier merge --instance m1 --redis redis://127.0.0.1:6379/0
   pipeline bench coalesce --json         tier-1 drain rate vs. a bare consumer and a naive Faust agent
+  pipeline bench all --json --plot DIR   every benchmark, median/min/max of 3 runs, PNG plots (~15 min)
   pipeline servers                       start a local Kafka-protocol broker and Redis, print their URLs
   pipeline run live_likes --tier broadcast --instance b1 --port 8765   a broadcast node (viewers)
   pipeline token --viewer v1 --channels video-1 --ttl 3600             a viewer token
@@ -122,6 +123,48 @@ def build_parser() -> argparse.ArgumentParser:
     bf.add_argument("--json", action="store_true")
     _server_flags(bf)
 
+    brb = bsub.add_parser(
+        "redis-baseline",
+        help="per-event Redis HINCRBY/INCR without coalescing: events/s, round trip or pipelined",
+    )
+    brb.add_argument("--events", type=int, default=300_000, help="events pre-loaded (default 300000)")
+    brb.add_argument(
+        "--roundtrip-events",
+        type=int,
+        default=50_000,
+        help="events the round-trip modes apply (default 50000)",
+    )
+    brb.add_argument("--keys", type=int, default=10_000)
+    brb.add_argument(
+        "--modes",
+        default="hincrby_roundtrip,hincrby_pipelined,incr_pipelined",
+        help="comma-separated: hincrby_roundtrip, hincrby_pipelined, incr_pipelined, incr_roundtrip",
+    )
+    brb.add_argument("--json", action="store_true")
+    _server_flags(brb)
+    ball = bsub.add_parser(
+        "all", help="every benchmark N times on one set of servers: median/min/max, one JSON, PNG plots"
+    )
+    ball.add_argument("--runs", type=int, help="runs of every benchmark (default 3, --quick 2)")
+    ball.add_argument("--quick", action="store_true", help="small sizes, a few minutes (for trying it out)")
+    ball.add_argument("--plot", metavar="DIR", help="write PNG plots to DIR")
+    ball.add_argument(
+        "--only", help="comma-separated subset: coalesce,redis_baseline,ingest,hotkey,fanout,e2e"
+    )
+    ball.add_argument("--json", action="store_true", help="print one JSON document on stdout")
+    _server_flags(ball)
+
+    be = bsub.add_parser(
+        "e2e", help="whole pipeline at a set rate: p50/p99 send->Redis, send->viewer; each tier's reduction"
+    )
+    be.add_argument("--rate", type=float, default=20_000.0, help="events/s to send (default 20000)")
+    be.add_argument("--duration", type=float, default=20.0, help="seconds of load (default 20)")
+    be.add_argument("--keys", type=int, default=10_000, help="distinct comment keys (default 10000)")
+    be.add_argument("--channels", type=int, default=20, help="distinct live videos (default 20)")
+    be.add_argument("--viewers", type=int, default=200, help="WebSocket viewers on the busy channels")
+    be.add_argument("--json", action="store_true")
+    _server_flags(be)
+
     plan = sub.add_parser(
         "plan",
         help="predict what a workload costs each tier (partials/s, Redis commands/s, hot keys, workers)",
@@ -154,7 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
         "chaos",
         help="run the whole pipeline under injected faults and check every key's count exactly",
         description="Writers (producer SDK) send a seeded workload while tier-1, root and broadcast workers "
-        "are SIGKILLed and restarted, Redis and the broker are restarted and a tier-1 worker joins; then "
+        "are SIGKILLed and restarted, Redis and the broker are restarted, and tier-1 and root workers join "
+        "and leave gracefully; then "
         "every key's total in Redis is compared with the ledger of accepted events. Exit 1 if any is wrong.",
     )
     chaos.add_argument("--seed", type=int, default=1, help="workload and fault schedule seed (default 1)")
@@ -162,6 +206,27 @@ def build_parser() -> argparse.ArgumentParser:
     chaos.add_argument("--duration", type=float, default=60.0, help="seconds of load (default 60)")
     chaos.add_argument("--json", action="store_true", help="print the result as JSON on the last line")
     _server_flags(chaos)
+
+    soak = sub.add_parser(
+        "soak",
+        help="the pipeline at half its measured capacity for N minutes: RSS growth, lag trend, exact counts",
+        description="Starts a local broker and Redis (unless --kafka/--redis are given) and the live_likes "
+        "pipeline (2 tier-1 workers, 1 root merger, 1 broadcast node, as processes). First measures the "
+        "capacity: 2 writer processes send as fast as they can for --capacity-seconds, capacity = events / "
+        "time until Redis has counted them all. Then paced writers send at --rate (default: half that "
+        "capacity) for --minutes while the RSS of every worker (and of the broker and Redis, for "
+        "information) and the consumer lag of tier 1 and of the root are sampled every 2 s. Reports RSS "
+        "at the end of the warm-up (the first 10% of the soak, at most 60 s) and at the end, the lag "
+        "samples and trend, and checks that Redis counted exactly the events the broker accepted. "
+        "Targets: RSS growth under 5% for every worker, lag not growing. Exit 1 if the counts differ.",
+    )
+    soak.add_argument("--minutes", type=float, default=30.0, help="minutes of paced load (default 30)")
+    soak.add_argument("--rate", type=int, default=0, help="events/s (default: half the measured capacity)")
+    soak.add_argument(
+        "--capacity-seconds", type=float, default=20.0, help="seconds of flat-out load to measure capacity"
+    )
+    soak.add_argument("--json", action="store_true", help="print the report as JSON on the last line")
+    _server_flags(soak)
 
     servers = sub.add_parser("servers", help="start a local broker and Redis and wait (Ctrl-C stops them)")
     servers.add_argument("--data-dir", help="keep data here (default: a temporary directory)")
@@ -223,6 +288,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         from pipeline.bench import ingest_bench
 
         return ingest_bench.main(args)
+    if args.command == "bench" and args.bench == "redis-baseline":
+        from pipeline.bench import redis_baseline
+
+        return redis_baseline.main(args)
+    if args.command == "bench" and args.bench == "all":
+        from pipeline.bench import suite
+
+        return suite.main(args)
+    if args.command == "bench" and args.bench == "e2e":
+        from pipeline.bench import e2e_bench
+
+        return e2e_bench.main(args)
     if args.command == "bench":
         from pipeline.bench import coalesce_bench
 
@@ -235,6 +312,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from pipeline import chaos as chaos_mod
 
         return chaos_mod.main(args)
+    if args.command == "soak":
+        from pipeline import soak as soak_mod
+
+        return soak_mod.main(args)
     if args.command == "servers":
         from pipeline import local_servers
 

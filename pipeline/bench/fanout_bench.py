@@ -395,7 +395,7 @@ async def measure(args: argparse.Namespace, bootstrap: str, redis_url: str, work
             pipes.append(parent)
         connected = failed = 0
         for pipe in pipes:
-            reply = await _recv(pipe, CONNECT_TIMEOUT_S)
+            reply = await recv_child(pipe, CONNECT_TIMEOUT_S)
             connected += reply[1]
             failed += reply[2]
         connect_s = time.monotonic() - started
@@ -420,7 +420,7 @@ async def measure(args: argparse.Namespace, bootstrap: str, redis_url: str, work
         published = publisher.published - published0
         rss_peak = rss_kb(pid)
         stats = await node_stats(base)
-        summaries = [(await _recv(pipe, 60.0))[1] for pipe in pipes]
+        summaries = [(await recv_child(pipe, 60.0))[1] for pipe in pipes]
         stop_publishing.set()
         await publish_task
     finally:
@@ -479,12 +479,13 @@ async def measure(args: argparse.Namespace, bootstrap: str, redis_url: str, work
     return result
 
 
-async def _recv(pipe: Connection, timeout_s: float) -> Any:
+async def recv_child(pipe: Connection, timeout_s: float) -> Any:
+    """The next message from a child process, without blocking the event loop."""
     deadline = time.monotonic() + timeout_s
     while not pipe.poll():
         if time.monotonic() > deadline:
-            raise RuntimeError("a viewer process did not answer")
-        await asyncio.sleep(0.05)
+            raise RuntimeError("a child process did not answer in time")
+        await asyncio.sleep(0.02)
     return pipe.recv()
 
 

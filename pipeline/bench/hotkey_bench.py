@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import itertools
 import multiprocessing
 import os
 import random
@@ -44,11 +43,11 @@ import redis.asyncio as aioredis
 
 from pipeline import observability as obs
 from pipeline.bench.coalesce_bench import machine
+from pipeline.bench.probes import Prober, percentiles, warm_up
 from pipeline.client import BrokerUnavailable, PipelineClient
 from pipeline.core.hotkeys import HotKeySplitter, SplitPolicy
-from pipeline.core.redis_layout import agg_key
 from pipeline.core.topology import Topology
-from pipeline.core.windows import TOTAL
+from pipeline.core.zipf import Zipf
 from pipeline.io import kafka, redis_query
 from pipeline.io.lag import Tier1Lag
 from pipeline.local_servers import servers_or_local
@@ -61,7 +60,6 @@ CONCURRENCY = 4  # send_many calls in flight per writer
 THRESHOLD_EPS = 1000.0
 BUDGET_EPS = 500.0  # a viral key at a few thousand events/s per writer gets one sub-key per partition
 SAMPLE_EVERY_S = 0.5
-PROBE_EVERY_S = 0.1
 DRAIN_TIMEOUT_S = 60.0
 TARGET_SHARE_RATIO = 1.5
 # lag "grows" when its trend exceeds this share of the input rate: tier 1 commits every 250 ms, so a
@@ -104,7 +102,7 @@ def _writer(job: WriterJob) -> WriterResult:
 async def _write(job: WriterJob) -> WriterResult:
     rng = random.Random(job.seed)
     background = [{"type": "like", "key": f"c{k}", "channel": f"v{k % CHANNELS}"} for k in range(job.keys)]
-    cum = list(itertools.accumulate(1.0 / (k + 1) ** ZIPF_S for k in range(job.keys)))
+    zipf = Zipf(job.keys, ZIPF_S)
     viral = {"type": "like", "key": "viral", "channel": "v0"}
     splitter = (
         HotKeySplitter(SplitPolicy(threshold_eps=THRESHOLD_EPS, budget_eps=BUDGET_EPS)) if job.split else None
@@ -129,7 +127,7 @@ async def _write(job: WriterJob) -> WriterResult:
                     await asyncio.sleep(0.002)
                     continue
                 n_viral = sum(1 for _ in range(BATCH) if rng.random() < job.viral_share)
-                batch = [viral] * n_viral + rng.choices(background, cum_weights=cum, k=BATCH - n_viral)
+                batch = [viral] * n_viral + zipf.items(rng, background, BATCH - n_viral)
                 try:
                     results = await client.send_many(batch)
                 except BrokerUnavailable:
@@ -165,61 +163,6 @@ class ModeResult:
     lag_samples: list[tuple[float, int]] = field(default_factory=list)
 
 
-class Prober:
-    """Likes on the viral key, each on a channel of its own, timed until Redis shows them."""
-
-    def __init__(self, topology: Topology, bootstrap: str, redis_url: str, split: bool) -> None:
-        self.topology = topology
-        # the same sub-keys a splitting writer uses for the viral key: every partition, by id
-        splitter = HotKeySplitter(SplitPolicy(static_k=topology.partitions.events)) if split else None
-        self.client = PipelineClient(topology, bootstrap, splitter=splitter, linger_ms=0)
-        self.redis = aioredis.Redis.from_url(redis_url)
-        self.sent: dict[str, float] = {}
-        self.visible_ms: list[float] = []
-        self._n = 0
-
-    async def run(self, stop: asyncio.Event) -> None:
-        await self.client.start()
-        try:
-            watcher = asyncio.create_task(self._watch(stop))
-            while not stop.is_set():
-                self._n += 1
-                channel = f"probe-{self._n}"
-                sent_at = time.monotonic()
-                await self.client.send_many([{"type": "like", "key": "viral", "channel": channel}])
-                self.sent[channel] = sent_at
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), PROBE_EVERY_S)
-            await watcher
-        finally:
-            await self.client.stop()
-
-    async def _watch(self, stop: asyncio.Event) -> None:
-        """Poll for the outstanding probes until all are visible (or, after stop, the drain timeout)."""
-        give_up: float | None = None
-        while True:
-            if stop.is_set() and give_up is None:
-                give_up = time.monotonic() + DRAIN_TIMEOUT_S
-            pending = list(self.sent)
-            if pending:
-                pipe = self.redis.pipeline(transaction=False)
-                for channel in pending:
-                    pipe.hget(agg_key(self.topology.name, "likes", TOTAL, channel), "viral")
-                seen = await pipe.execute()
-                now = time.monotonic()
-                for channel, value in zip(pending, seen, strict=True):
-                    if value is not None:
-                        self.visible_ms.append((now - self.sent.pop(channel)) * 1000)
-            elif give_up is not None:
-                return
-            if give_up is not None and time.monotonic() > give_up:
-                return
-            await asyncio.sleep(0.02)
-
-    async def close(self) -> None:
-        await self.redis.aclose()
-
-
 def _caught_up(samples: list[tuple[float, int]], since: float) -> bool:
     return bool(samples) and samples[-1][0] > since and samples[-1][1] == 0
 
@@ -231,20 +174,6 @@ async def _sample_lag(lag: Tier1Lag, samples: list[tuple[float, int]], stop: asy
             samples.append((time.time(), s.lag))
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), SAMPLE_EVERY_S)
-
-
-async def _wait_visible(redis_url: str, topology: Topology, timeout_s: float = 60.0) -> None:
-    """Until a warm-up event is counted: both tiers are up and have joined their groups."""
-    client = aioredis.Redis.from_url(redis_url)
-    try:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if await client.hget(agg_key(topology.name, "likes", TOTAL, "warmup"), "w") is not None:
-                return
-            await asyncio.sleep(0.1)
-        raise RuntimeError("the pipeline did not count the warm-up event in time")
-    finally:
-        await client.aclose()
 
 
 def run_mode(
@@ -265,7 +194,7 @@ def run_mode(
     for w in workers:
         w.start()
     try:
-        asyncio.run(_warm_up(bootstrap, redis_url, topology))
+        asyncio.run(warm_up(bootstrap, redis_url, topology))
         say(f"split {'on' if split else 'off'}: workers up; {args.writers} writers for {args.duration:.0f} s")
         per_writer_rate = args.rate / args.writers if args.rate else 0.0
         jobs = [
@@ -292,12 +221,6 @@ def run_mode(
     return result
 
 
-async def _warm_up(bootstrap: str, redis_url: str, topology: Topology) -> None:
-    async with PipelineClient(topology, bootstrap, linger_ms=0) as client:
-        await client.send_many([{"type": "like", "key": "w", "channel": "warmup"}])
-    await _wait_visible(redis_url, topology)
-
-
 async def _measure(
     jobs: list[WriterJob], bootstrap: str, redis_url: str, topology: Topology, split: bool, result: ModeResult
 ) -> None:
@@ -307,7 +230,7 @@ async def _measure(
     stop = asyncio.Event()
     drained = asyncio.Event()
     samples: list[tuple[float, int]] = []  # (time.time(), lag)
-    prober = Prober(topology, bootstrap, redis_url, split)
+    prober = Prober(topology, bootstrap, redis_url, split=split)
     sampler = asyncio.create_task(_sample_lag(lag, samples, drained))
     probing = asyncio.create_task(prober.run(stop))
     loop = asyncio.get_running_loop()
@@ -353,11 +276,9 @@ async def _measure(
     result.viral_k = [w.viral_k for w in writers]
     result.load_avg_1m = round(os.getloadavg()[0], 2)
     result.probes = len(prober.visible_ms) + len(prober.sent)
-    result.probes_lost = len(prober.sent)
-    if prober.visible_ms:
-        ordered = sorted(prober.visible_ms)
-        result.p50_visible_ms = round(statistics.median(ordered), 1)
-        result.p99_visible_ms = round(ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))], 1)
+    result.probes_lost = prober.lost
+    visible = percentiles(prober.visible_ms)
+    result.p50_visible_ms, result.p99_visible_ms = visible["p50"], visible["p99"]
 
 
 async def _partition_ends(bootstrap: str, topology: Topology) -> dict[int, int]:

@@ -10,7 +10,6 @@ record batches themselves (`create_batch`/`send_batch`) instead of paying
 from __future__ import annotations
 
 import asyncio
-import itertools
 import multiprocessing
 import random
 import time
@@ -20,6 +19,8 @@ from dataclasses import dataclass
 import orjson
 from aiokafka import AIOKafkaProducer
 from aiokafka.partitioner import DefaultPartitioner
+
+from pipeline.core.zipf import Zipf
 
 ZIPF_S = 1.0
 CHANNELS = 50
@@ -37,7 +38,7 @@ class Keyspace:
     keys: tuple[bytes, ...]
     values: tuple[bytes, ...]
     partition_of: tuple[int, ...]
-    cum_weights: tuple[float, ...]
+    zipf: Zipf
 
     @classmethod
     def build(cls, n_keys: int, partitions: int) -> Keyspace:
@@ -50,12 +51,11 @@ class Keyspace:
             for k in range(n_keys)
         )
         part_of = tuple(partitioner(key, all_parts, all_parts) for key in keys)
-        weights = [1.0 / (k + 1) ** ZIPF_S for k in range(n_keys)]
-        return cls(keys, values, part_of, tuple(itertools.accumulate(weights)))
+        return cls(keys, values, part_of, Zipf(n_keys, ZIPF_S))
 
     def sample(self, n: int, seed: int) -> list[int]:
         """n key ids, Zipf-distributed (key c0 is the hottest), reproducible from the seed."""
-        return random.Random(seed).choices(range(len(self.keys)), cum_weights=self.cum_weights, k=n)
+        return self.zipf.ranks(random.Random(seed), n)
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from pipeline.core import zipf
+
 # Capacities measured on the 2-core reference machine (docs/BENCHMARKS.md), halved for headroom.
 TIER1_EVENTS_PER_WORKER = 75_000.0
 MERGE_CELLS_PER_WORKER = 50_000.0
@@ -55,7 +57,7 @@ class Plan:
 
 def _key_rates(w: Workload) -> list[float]:
     """Events/s of every key: the Zipf background, then the viral key (if any) last."""
-    weights = [1.0 / (i + 1) ** w.zipf_s for i in range(w.keys)]
+    weights = zipf.weights(w.keys, w.zipf_s)
     total = sum(weights)
     background = w.events_per_s * (1 - w.hot_share)
     rates = [background * x / total for x in weights]

@@ -34,6 +34,7 @@ from pipeline.settings import Settings
 LAG_EVERY_S = 2.0
 PROGRESS_EVERY_S = 10.0
 RETRY_EVERY_S = 1.0
+FENCE_TIMEOUT_S = 30.0
 
 
 class CoalesceWorker:
@@ -229,12 +230,14 @@ class CoalesceWorker:
                     await self._renew_producer()
                 partitions = sorted(tp.partition for tp in claiming)
                 for previous in await self.owners.claim(partitions, self.transactional_id):
-                    await kafka.fence(self.settings.kafka, previous)
+                    # bounded: a broker that never settles an old transaction must not hold the
+                    # lock (and a rebalance waiting for it) for ever; the claim is simply retried
+                    await asyncio.wait_for(kafka.fence(self.settings.kafka, previous), FENCE_TIMEOUT_S)
                 self._producer_claimed = True
                 self.coalescer.forget(partitions)
                 self.drop_dead_letters(partitions)
                 await self._seek_to_committed(claiming)
-            except (KafkaError, OSError) as exc:
+            except (KafkaError, OSError, TimeoutError) as exc:
                 self.log.warning("claiming partitions failed; retrying", error=repr(exc))
                 return False
             self._to_claim.clear()

@@ -8,6 +8,7 @@ range it has already applied, which is what makes the root exactly-once.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -15,6 +16,9 @@ from pipeline.core.aggregates import Kind, merge
 from pipeline.core.model import Cell, Partial
 from pipeline.core.topology import Topology
 from pipeline.core.windows import TOTAL
+
+NOTHING_APPLIED = -1  # Redis holds no position for the partition yet
+UNKNOWN = -2  # the merger does not know the position: only a replay is refused
 
 
 @dataclass(slots=True)
@@ -28,6 +32,9 @@ class MergedBatch:
     dead: int = 0
     duplicates: int = 0
     bad_partials: int = 0
+    # partials partition -> the last offset this merger saw applied before this batch; the apply is
+    # refused unless Redis agrees (behind: Redis lost writes; ahead: another merger applied more)
+    expected: dict[int, int] = field(default_factory=dict)
 
     @property
     def empty(self) -> bool:
@@ -44,6 +51,17 @@ class Merger:
         # per metric, the buckets' size prefixes it has ("60" for 60 s buckets)
         self._sizes = [frozenset(str(r.size_s) for r in m.rollups if r.size_s) for m in topology.metrics]
         self._batch = MergedBatch()
+        self._applied: dict[int, int] = {}
+
+    def resume(self, positions: Mapping[int, int | None]) -> None:
+        """The applied positions read from Redis (None: nothing applied yet) for these partitions."""
+        for partition, last in positions.items():
+            self._applied[partition] = NOTHING_APPLIED if last is None else last
+
+    def applied(self, batch: MergedBatch) -> None:
+        """The batch is in Redis: its ranges are now the positions to expect."""
+        for partition, (_, last) in batch.ranges.items():
+            self._applied[partition] = last
 
     def add(self, partition: int, offset: int, raw: bytes) -> Partial | None:
         """Merge one partial message; a message that cannot be read is counted and skipped."""
@@ -96,4 +114,5 @@ class Merger:
 
     def take(self) -> MergedBatch:
         batch, self._batch = self._batch, MergedBatch()
+        batch.expected = {p: self._applied.get(p, UNKNOWN) for p in batch.ranges}
         return batch

@@ -17,7 +17,7 @@ from typing import Any
 import orjson
 
 from pipeline.core.aggregates import Kind
-from pipeline.core.merger import MergedBatch
+from pipeline.core.merger import UNKNOWN, MergedBatch
 from pipeline.core.topology import Topology
 from pipeline.core.windows import TOTAL, Rollup
 
@@ -129,7 +129,10 @@ def plan_apply(topology: Topology, batch: MergedBatch) -> ApplyPlan:
     payload = orjson.dumps(
         {
             "pos": positions_key(name),
-            "ranges": [[p, first, last] for p, (first, last) in sorted(batch.ranges.items())],
+            "ranges": [
+                [p, first, last, batch.expected.get(p, UNKNOWN)]
+                for p, (first, last) in sorted(batch.ranges.items())
+            ],
             "ops": ops,
             "stats": stats_key(name),
             "counters": [c for c in counters if c[1]],

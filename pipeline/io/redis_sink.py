@@ -3,8 +3,11 @@ in one Lua script, so a batch is applied entirely or not at all, and once.
 
 The script refuses a batch whose offset range starts at or before an offset
 already applied for that partition (a replay after a crash, or a zombie
-merger that lost its partitions); the caller then re-reads the positions and
-seeks there.
+merger that lost its partitions), and one whose merger expected another
+applied position than Redis holds: ahead of it, another merger applied more;
+behind it, Redis lost its last writes (a crash between AOF fsyncs), and those
+partials must be applied again from Kafka. Either way the caller re-reads the
+positions and seeks there.
 """
 
 from __future__ import annotations
@@ -21,8 +24,9 @@ from pipeline.io.redis_retry import redis_retry
 APPLY_LUA = r"""
 local p = cjson.decode(ARGV[1])
 for _, r in ipairs(p.ranges) do
-  local cur = redis.call('HGET', p.pos, tostring(r[1]))
-  if cur and tonumber(cur) >= r[2] then
+  local raw = redis.call('HGET', p.pos, tostring(r[1]))
+  local cur = raw and tonumber(raw) or -1
+  if cur >= r[2] or (r[4] ~= -2 and cur ~= r[4]) then
     return {0, r[1], cur}
   end
 end
@@ -80,6 +84,7 @@ class ApplyResult:
     seqs: dict[str, int]
     values: list[str]
     stale_partition: int | None = None
+    stale_position: int | None = None  # what Redis holds for it (-1: nothing)
 
 
 class RedisSink:
@@ -101,7 +106,9 @@ class RedisSink:
         plan = plan_apply(self.topology, batch)
         reply = await self._script(args=[plan.payload])
         if int(reply[0]) == 0:
-            return ApplyResult(False, plan, {}, [], stale_partition=int(reply[1]))
+            return ApplyResult(
+                False, plan, {}, [], stale_partition=int(reply[1]), stale_position=int(reply[2])
+            )
         n = len(plan.channels)
         seqs = {ch: int(s) for ch, s in zip(plan.channels, reply[1 : 1 + n], strict=True)}
         values = [v.decode() if isinstance(v, bytes) else str(v) for v in reply[1 + n :]]

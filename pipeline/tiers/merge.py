@@ -104,11 +104,20 @@ class MergeWorker:
         result = await self.sink.apply(merged)
         if not result.applied:
             obs.STALE_APPLIES.labels(*self.labels).inc()
+            partition = result.stale_partition
+            expected = merged.expected.get(partition) if partition is not None else None
+            behind = expected is not None and (result.stale_position or -1) < expected
             self.log.warning(
-                "batch already applied; seeking to the applied positions", partition=result.stale_partition
+                "Redis lost applied batches; re-applying them from Kafka"
+                if behind
+                else "batch already applied; seeking to the applied positions",
+                partition=partition,
+                redis_position=result.stale_position,
+                expected=expected,
             )
             await self.seek_to_applied(self.consumer.assignment())
             return
+        merger.applied(merged)
         self.partials_in += merged.partials
         self.cells_in += len(merged.cells)
         self.commands += result.plan.commands
@@ -141,6 +150,7 @@ class MergeWorker:
 
     async def seek_to_applied(self, partitions: set[TopicPartition] | list[TopicPartition]) -> None:
         positions = await self.sink.positions()
+        self.merger.resume({tp.partition: positions.get(tp.partition) for tp in partitions})
         for tp in partitions:
             last = positions.get(tp.partition)
             if last is None:

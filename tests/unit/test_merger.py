@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pipeline.core.aggregates import Kind, aggregate
-from pipeline.core.merger import MergedBatch, Merger
+from pipeline.core.merger import NOTHING_APPLIED, UNKNOWN, MergedBatch, Merger
 from pipeline.core.model import Partial
 from pipeline.topology import count, distinct_users, maximum, minimum, sum_of, topology
 
@@ -99,6 +99,29 @@ def test_tracks_first_and_last_offset_per_partition() -> None:
     assert batch.ranges == {2: (5, 9), 0: (100, 101), 7: (0, 0)}
     assert batch.cells == {(0, "", "k", "total"): 6}
     assert batch.partials == 6
+
+
+def test_each_batch_names_the_position_it_expects_redis_to_hold() -> None:
+    """Unknown until resumed; then what Redis said; then the last offset the merger applied."""
+    m = Merger(TOPO)
+    one = partial(0, {(0, "", "k", "total"): 1}).to_json()
+    m.add(0, 10, one)
+    assert m.take().expected == {0: UNKNOWN}
+    m.resume({0: 41, 1: None})
+    m.add(0, 42, one)
+    m.add(1, 0, one)
+    m.add(1, 3, one)
+    batch = m.take()
+    assert batch.expected == {0: 41, 1: NOTHING_APPLIED}
+    m.applied(batch)  # Redis took it
+    m.add(0, 44, one)
+    m.add(1, 5, one)
+    assert m.take().expected == {0: 42, 1: 3}
+    m.add(0, 45, one)  # refused, then the merger re-reads Redis and resumes from there
+    m.take()
+    m.resume({0: 30})
+    m.add(0, 31, one)
+    assert m.take().expected == {0: 30}
 
 
 def test_add_partial_does_not_touch_ranges_or_mutate_inputs() -> None:

@@ -8,7 +8,7 @@ import orjson
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline.core.merger import MergedBatch
+from pipeline.core.merger import UNKNOWN, MergedBatch
 from pipeline.core.redis_layout import (
     OP_HLL,
     OP_INCR,
@@ -252,7 +252,7 @@ def test_payload_carries_ranges_positions_and_counters() -> None:
     assert body["pos"] == "shop:pos:merge"
     assert body["stats"] == "shop:stats"
     assert body["seq"] == "shop:seq"
-    assert body["ranges"] == [[0, 5, 5], [2, 10, 12]]
+    assert body["ranges"] == [[0, 5, 5, UNKNOWN], [2, 10, 12, UNKNOWN]]  # no expected position given
     assert body["ops"] == [] and body["channels"] == []
     counters = dict(body["counters"])
     assert counters["events"] == 7

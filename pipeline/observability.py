@@ -43,8 +43,21 @@ COALESCING_RATIO = Gauge(
 WINDOW_CELLS = Gauge("pipeline_window_cells", "Cells held in the open window", LABELS)
 
 
+class _CurrentStderr:
+    """Whatever sys.stderr is when a line is written, not when logging was configured.
+
+    A command run in-process (tests, the benchmark suite) may swap or close the stream it had.
+    """
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+
 def configure_logging(level: str = "info") -> None:
-    logging.basicConfig(stream=sys.stderr, level=level.upper(), format="%(message)s")
+    logging.basicConfig(stream=_CurrentStderr(), level=level.upper(), format="%(message)s")
     logging.getLogger("aiokafka").setLevel(logging.WARNING)
     structlog.configure(
         processors=[
@@ -55,7 +68,7 @@ def configure_logging(level: str = "info") -> None:
             structlog.processors.JSONRenderer(),
         ],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelNamesMapping()[level.upper()]),
-        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+        logger_factory=structlog.PrintLoggerFactory(_CurrentStderr()),  # type: ignore[arg-type]
         cache_logger_on_first_use=True,
     )
 

@@ -33,6 +33,9 @@ class Settings(BaseSettings):
     log_level: str = Field("info", description="debug, info, warning or error")
     max_poll_records: int = Field(20_000, description="Records per fetch batch")
     idle_backoff_ms: int = Field(100, description="Pause fetching this long when a fetch finds nothing")
+    memory_trim_interval_s: float = Field(
+        10.0, description="Return freed heap pages to the OS this often (glibc malloc_trim; 0: never)"
+    )
     leave_group_on_stop: bool = Field(
         True,
         description="A stopped worker leaves its consumer group, so its partitions move at once; "

@@ -7,6 +7,7 @@ import importlib
 import signal
 from typing import Protocol
 
+from pipeline import memory_trim
 from pipeline import observability as obs
 from pipeline.core.topology import Topology
 from pipeline.settings import Settings
@@ -60,6 +61,11 @@ def run(tier: str, topology: Topology, settings: Settings) -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        await make_worker(tier, topology, settings).run(stop)
+        trimming = asyncio.create_task(memory_trim.trim_every(settings.memory_trim_interval_s, stop))
+        try:
+            await make_worker(tier, topology, settings).run(stop)
+        finally:
+            stop.set()
+            await trimming
 
     asyncio.run(main())

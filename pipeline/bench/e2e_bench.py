@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import dataclasses
 import math
 import multiprocessing
@@ -47,7 +46,13 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from pipeline import observability as obs
 from pipeline.bench.coalesce_bench import machine
-from pipeline.bench.fanout_bench import raise_fd_limit, recv_child, viewer_process, wait_for_node
+from pipeline.bench.fanout_bench import (
+    raise_fd_limit,
+    recv_child,
+    stop_children,
+    viewer_process,
+    wait_for_node,
+)
 from pipeline.bench.probes import Probe, Prober, percentiles, warm_up
 from pipeline.core import planner, tokens
 from pipeline.core.topology import Topology
@@ -352,13 +357,7 @@ async def measure(bootstrap: str, redis_url: str, p: argparse.Namespace, workdir
             await asyncio.gather(probing, return_exceptions=True)
         await probe_viewers.close()
         await prober.close()
-        for pipe in viewer_pipes:
-            with contextlib.suppress(OSError):
-                pipe.send("stop")
-        for child_proc in children:
-            child_proc.join(10)
-            if child_proc.is_alive():
-                child_proc.kill()
+        stop_children(viewer_pipes, children)
         for w in workers:
             w.stop()
 

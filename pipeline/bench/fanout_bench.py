@@ -425,13 +425,7 @@ async def measure(args: argparse.Namespace, bootstrap: str, redis_url: str, work
         await publish_task
     finally:
         stop_publishing.set()
-        for pipe in pipes:
-            with contextlib.suppress(OSError):
-                pipe.send("stop")
-        for child_proc in procs:
-            child_proc.join(10)
-            if child_proc.is_alive():
-                child_proc.kill()
+        stop_children(pipes, procs)
         node.stop()
     hist = array("q")
     hist.frombytes(summaries[0]["hist"])
@@ -477,6 +471,17 @@ async def measure(args: argparse.Namespace, bootstrap: str, redis_url: str, work
         and p99 <= TARGET_P99_MS
     )
     return result
+
+
+def stop_children(pipes: list[Connection], procs: list[multiprocessing.process.BaseProcess]) -> None:
+    """Ask each child process to stop, give it 10 s, then kill it."""
+    for pipe in pipes:
+        with contextlib.suppress(OSError):
+            pipe.send("stop")
+    for child_proc in procs:
+        child_proc.join(10)
+        if child_proc.is_alive():
+            child_proc.kill()
 
 
 async def recv_child(pipe: Connection, timeout_s: float) -> Any:

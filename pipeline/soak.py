@@ -50,7 +50,7 @@ from pipeline.io import kafka, redis_query
 from pipeline.io.lag import LagSample, Tier1Lag
 from pipeline.loadgen import LoadResult, Workload, produce
 from pipeline.local_servers import LocalServers, free_port
-from pipeline.supervisor import WorkerProcess
+from pipeline.supervisor import WorkerProcess, rss_kb
 from pipeline.tiers.worker import load_topology
 
 BASE_TOPOLOGY = "live_likes"
@@ -106,20 +106,6 @@ class GroupLag(Tier1Lag):
         super().__init__(bootstrap, topology)
         self.topic = topology.topic(role)
         self.group = topology.group(tier)
-
-
-def rss_kb(pid: int | None) -> int | None:
-    """Resident set size of a process in KiB, None if it is gone (or not ours to see)."""
-    if pid is None:
-        return None
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return None
 
 
 def lag_trend(samples: list[tuple[float, int]], input_rate: float) -> dict[str, Any]:

@@ -47,7 +47,7 @@ from pipeline.core.redis_layout import agg_key, seq_key
 from pipeline.core.windows import TOTAL
 from pipeline.io import kafka
 from pipeline.local_servers import free_port
-from pipeline.supervisor import WorkerProcess
+from pipeline.supervisor import WorkerProcess, rss_kb
 from pipeline.tiers.worker import load_topology
 
 HIST_MS = 60_000  # staleness histogram: 1 ms buckets up to a minute
@@ -299,13 +299,6 @@ class Publisher:
 # --- the run ---------------------------------------------------------------
 
 
-def rss_kb(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    return 0
-
-
 def cpu_s(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
@@ -374,7 +367,7 @@ async def measure(args: argparse.Namespace, bootstrap: str, redis_url: str, work
         await wait_for_node(base, node)
         assert node.proc is not None
         pid = node.proc.pid
-        rss_idle = rss_kb(pid)
+        rss_idle = rss_kb(pid) or 0
         publish_task = asyncio.create_task(publisher.run(args.update_rate, stop_publishing))
         say(f"node up at {base} (RSS {rss_idle / 1024:.0f} MB); connecting {args.viewers} viewers ...")
         expires = int(time.time()) + 3600
@@ -401,7 +394,7 @@ async def measure(args: argparse.Namespace, bootstrap: str, redis_url: str, work
         connect_s = time.monotonic() - started
         say(f"{connected} connected, {failed} failed, in {connect_s:.1f} s; settling ...")
         await asyncio.sleep(SETTLE_S)
-        rss_full = rss_kb(pid)
+        rss_full = rss_kb(pid) or 0
         viewer_pids = [p.pid for p in procs if p.pid is not None]
         published0, cpu0, t0 = publisher.published, cpu_s(pid), time.monotonic()
         viewers_cpu0 = sum(cpu_s(p) for p in viewer_pids)
@@ -418,7 +411,7 @@ async def measure(args: argparse.Namespace, bootstrap: str, redis_url: str, work
         cpu = cpu_s(pid) - cpu0
         viewers_cpu = sum(cpu_s(p) for p in viewer_pids) - viewers_cpu0
         published = publisher.published - published0
-        rss_peak = rss_kb(pid)
+        rss_peak = rss_kb(pid) or 0
         stats = await node_stats(base)
         summaries = [(await recv_child(pipe, 60.0))[1] for pipe in pipes]
         stop_publishing.set()

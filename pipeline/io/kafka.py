@@ -12,39 +12,22 @@ import contextlib
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-import structlog
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.client import AIOKafkaClient, CoordinationType
 from aiokafka.errors import KafkaConnectionError, KafkaError, TopicAlreadyExistsError
 from aiokafka.protocol.group import LeaveGroupRequest
-from tenacity import RetryCallState, retry, retry_if_exception_type, stop_after_delay, wait_exponential
 
 from pipeline.core.topology import Topology
-
-BROKER_WAIT_S = 120.0
-
-
-def _log_wait(state: RetryCallState) -> None:
-    error = state.outcome.exception() if state.outcome else None
-    structlog.get_logger().warning(
-        "broker unavailable; retrying", attempt=state.attempt_number, error=repr(error)
-    )
-
+from pipeline.io.server_wait import retry_while_unavailable
 
 # A worker may start while the broker restarts: wait for it rather than exit.
-broker_retry = retry(
-    retry=retry_if_exception_type(KafkaConnectionError),
-    wait=wait_exponential(multiplier=0.1, max=2),
-    stop=stop_after_delay(BROKER_WAIT_S),
-    before_sleep=_log_wait,
-    reraise=True,
-)
+broker_retry = retry_while_unavailable(KafkaConnectionError, "broker", 0.1)
 
 
 @broker_retry
 async def start(client: AIOKafkaConsumer | AIOKafkaProducer) -> None:
-    """Start a client, waiting (up to BROKER_WAIT_S) for a broker that is not there yet."""
+    """Start a client, waiting (up to server_wait.WAIT_FOR_S) for a broker that is not there yet."""
     await client.start()
 
 

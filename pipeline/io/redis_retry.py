@@ -9,29 +9,14 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
-import structlog
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
-from tenacity import RetryCallState, retry, retry_if_exception_type, stop_after_delay, wait_exponential
 
-RETRY_FOR_S = 120.0
+from pipeline.io.server_wait import retry_while_unavailable
+
 T = TypeVar("T")
 
-
-def _log(state: RetryCallState) -> None:
-    error = state.outcome.exception() if state.outcome else None
-    structlog.get_logger().warning(
-        "redis unavailable; retrying", attempt=state.attempt_number, error=repr(error)
-    )
-
-
-redis_retry = retry(
-    retry=retry_if_exception_type((RedisConnectionError, RedisTimeoutError)),
-    wait=wait_exponential(multiplier=0.05, max=2),
-    stop=stop_after_delay(RETRY_FOR_S),
-    before_sleep=_log,
-    reraise=True,
-)
+redis_retry = retry_while_unavailable((RedisConnectionError, RedisTimeoutError), "redis", 0.05)
 
 
 @redis_retry

@@ -8,11 +8,7 @@ import os
 import pytest
 
 from pipeline import memory_trim
-
-
-def rss_kb() -> int:
-    with open(f"/proc/{os.getpid()}/status") as status:
-        return next(int(line.split()[1]) for line in status if line.startswith("VmRSS"))
+from pipeline.supervisor import rss_kb
 
 
 @pytest.mark.skipif(not memory_trim.available(), reason="malloc_trim exists only in glibc")
@@ -21,9 +17,10 @@ def test_trimming_returns_freed_heap_pages() -> None:
     blocks = [bytes(4000) + bytes([i % 256]) for i in range(25_000)]  # ~100 MB on the malloc heap
     keep = bytes(4000) + b"x"  # allocated after them: the heap's top cannot shrink by itself
     del blocks
-    before = rss_kb()
+    before = rss_kb(os.getpid())
     memory_trim.TRIM()
-    after = rss_kb()
+    after = rss_kb(os.getpid())
+    assert before is not None and after is not None
     assert before - after > 50_000, (before, after)
     assert keep
 

@@ -29,9 +29,30 @@ fi
 export VIRTUAL_ENV="$VENV"
 export PATH="$VENV/bin:$PATH"
 
+# ops/test validates docker-compose.yml offline with Debian's docker-compose; install it once.
+if ! command -v docker-compose >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [[ "$(id -u)" == 0 ]]; then
+  echo "==> installing docker-compose (validates docker-compose.yml offline)"
+  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends docker-compose; } \
+    >/dev/null 2>&1 || echo "warning: could not install docker-compose; its validation is skipped" >&2
+fi
+
 # The browser tests (tests/browser) drive Debian's Chromium through Playwright; install it once.
 if [[ ! -x /usr/bin/chromium ]] && command -v apt-get >/dev/null 2>&1 && [[ "$(id -u)" == 0 ]]; then
   echo "==> installing chromium (for the browser tests)"
   { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; } \
     >/dev/null 2>&1 || echo "warning: could not install chromium; the browser tests will fail" >&2
+fi
+
+# Apache Kafka (KRaft) is the broker of the suite and the demo wherever a JDK 17+ runs: fetch its jars
+# once (ops/kafka/fetch, cached) and insist on it, so a failed fetch fails loudly instead of the suite
+# falling back to the embedded broker. Without a JDK the embedded broker stays the fallback.
+if [[ -z "${PIPELINE_LOCAL_BROKER:-}" ]] && command -v java >/dev/null 2>&1 \
+    && java -version 2>&1 | grep -Eq 'version "(1[7-9]|[2-9][0-9])'; then
+  if ! command -v mvn >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [[ "$(id -u)" == 0 ]]; then
+    echo "==> installing maven (fetches Apache Kafka)"
+    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq maven; } >/dev/null 2>&1 \
+      || echo "warning: could not install maven" >&2
+  fi
+  PIPELINE_KAFKA_LIBS="$("$ROOT/ops/kafka/fetch")"
+  export PIPELINE_KAFKA_LIBS PIPELINE_LOCAL_BROKER=kafka
 fi

@@ -3,11 +3,16 @@
 Writers (producer SDK, hot keys split) send a seeded workload and keep a ledger of
 every event the SDK reports accepted; a failed send is resent later with the same
 ids and counted in the ledger once. Meanwhile workers are SIGKILLed and restarted
-with the same identity, Redis and the broker are restarted, a tier-1 worker joins.
+with the same identity, Redis and the broker are restarted, workers join and leave.
 At the end every key's all-time total in Redis must equal the ledger: exactly once.
 
-Workers are never removed: on the local broker a stopped static member's partitions
-are not reassigned (docs/ARCHITECTURE.md, "Chaos").
+On a cluster of Apache Kafka brokers (`--broker kafka --brokers 3`) brokers are also
+SIGKILLed at any moment (the leader of a partials partition, the transaction
+coordinator of a tier-1 worker, or any), and a tier-1 worker and a root are
+SIGKILLed for good, so their partitions fail over after the session timeout.
+The embedded broker needs the workers frozen and tier 1 idle before it stops
+(it loses acknowledged writes and splits open transactions otherwise); that
+workaround runs only there (docs/ARCHITECTURE.md, "Chaos").
 """
 
 from __future__ import annotations
@@ -31,11 +36,14 @@ from typing import Any
 import aiohttp
 import orjson
 import redis.asyncio as aioredis
+from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError
 
 from pipeline.client import BrokerUnavailable, PipelineClient
 from pipeline.core.fault_plan import (
     ADDS,
+    CLUSTER_REQUIRED,
+    CLUSTER_WEIGHTS,
     DEFAULT_WEIGHTS,
     KILLS,
     REMOVALS,
@@ -48,8 +56,10 @@ from pipeline.core.fault_plan import (
 from pipeline.core.hotkeys import HotKeySplitter, SplitPolicy
 from pipeline.core.topology import Topology
 from pipeline.core.zipf import Zipf
-from pipeline.io import kafka, redis_query
+from pipeline.io import incarnation, kafka, redis_query
 from pipeline.io.lag import Tier1Lag
+from pipeline.io.partition_owners import owners_key
+from pipeline.local_kafka import KafkaCluster
 from pipeline.local_servers import Endpoints, LocalServers, free_port
 from pipeline.supervisor import WorkerProcess
 from pipeline.tiers.worker import load_topology
@@ -63,6 +73,9 @@ METRIC = "likes"
 # Apache Kafka keeps an acknowledged write; to restart the local broker as Kafka would behave,
 # everything that writes to it is quiet for this long first.
 BROKER_QUIET_S = 1.2
+# A SIGKILLed broker of a cluster is back in every ISR before the next broker fault: with replication
+# 3 and min.insync.replicas 2 the cluster rides out one lost broker at a time, not two.
+ISR_TIMEOUT_S = 90.0
 IDLE_TIMEOUT_S = 20.0
 PROGRESS_EVERY_S = 5.0
 CLIENT_STOP_TIMEOUT_S = 5.0
@@ -88,17 +101,42 @@ class ChaosConfig:
     viral_share: float = 0.3
     split_threshold_eps: float = 200.0  # low, so that the viral key is split at this rate
     ack_timeout_ms: int = 1000  # shorter than most broker restarts: sends then fail and are resent
+    # after a failed send: a fresh producer (the embedded broker can leave one wedged), or keep it
+    # (Apache Kafka's producer follows the new leaders by itself)
+    reopen_after_failure: bool = True
     coalesce_workers: int = 2
     merge_workers: int = 2
     max_added: int = 1
     drain_timeout_s: float = 90.0
     plan: list[Fault] | None = None  # explicit faults instead of the seeded plan (tests)
 
+    @classmethod
+    def for_cluster(cls, **overrides: Any) -> ChaosConfig:
+        """A run on 3 Apache Kafka brokers: 10,000 events/s, more workers (two of them die for good)."""
+        return cls(
+            **{
+                "duration_s": 90.0,
+                "writers": 4,
+                "rate": 2500.0,
+                "batch": 500,  # 5 sends/s per writer: acks=all from 3 replicas takes tens of ms
+                "coalesce_workers": 3,
+                "merge_workers": 2,
+                "drain_timeout_s": 150.0,
+                # a SIGKILLed leader's partitions move after the brokers' 3 s session timeout
+                "ack_timeout_ms": 4000,
+                "reopen_after_failure": False,
+                **overrides,
+            }
+        )
+
 
 @dataclass
 class ChaosReport:
     seed: int
     topology: str
+    broker: str  # apache-kafka, embedded, or external
+    brokers: int
+    rate_eps: float  # events accepted per second of load, achieved
     events_accepted: int
     events_counted: int
     keys_checked: int
@@ -240,7 +278,8 @@ class Writer:
         except BrokerUnavailable:
             self.failures += 1
             self.retry.insert(0, batch)
-            await self.close()  # a fresh producer after a broker restart, not a wedged one
+            if self.cfg.reopen_after_failure or self.failures % 5 == 0:
+                await self.close()  # a fresh producer after a broker restart, not a wedged one
             return False
         finally:
             self.sending = False
@@ -270,7 +309,9 @@ class Workers:
         self.workdir = workdir
         self.tiers: dict[str, list[WorkerProcess]] = {"coalesce": [], "merge": [], "broadcast": []}
         self.down: set[str] = set()  # killed on purpose, waiting for their restart
-        self.retired: set[str] = set()  # stopped gracefully for good (scale-in)
+        self.retired: set[str] = set()  # stopped gracefully for good (scale-in), or killed for good
+        self.killed_for_good: list[str] = []
+        self.broker_kills: list[str] = []
         self.unexpected_exits: list[str] = []
         self.broadcast_port = free_port()
 
@@ -308,6 +349,15 @@ class Workers:
         victim = victims[target % len(victims)]
         self.retired.add(victim.name)
         await asyncio.to_thread(victim.stop)
+        return victim
+
+    def kill_for_good(self, tier: str, target: int) -> WorkerProcess:
+        """SIGKILL one worker of the tier and never restart it: its partitions must fail over."""
+        victims = self.active(tier)
+        victim = victims[target % len(victims)]
+        self.retired.add(victim.name)
+        self.killed_for_good.append(victim.name)
+        victim.kill()
         return victim
 
     def freeze(self) -> list[WorkerProcess]:
@@ -350,7 +400,10 @@ async def run_chaos(
     """Run the whole pipeline under faults against `endpoints`; servers are restarted only if given."""
     started = time.monotonic()
     topology = load_topology(BASE_TOPOLOGY).renamed(name or f"chaos{cfg.seed}x{uuid.uuid4().hex[:6]}")
-    weights = dict(DEFAULT_WEIGHTS)
+    cluster = (
+        endpoints.broker if isinstance(endpoints.broker, KafkaCluster) and endpoints.broker.size > 1 else None
+    )
+    weights = dict(CLUSTER_WEIGHTS if cluster else DEFAULT_WEIGHTS)
     if endpoints.broker is None:
         weights[FaultKind.RESTART_BROKER] = 0
     if endpoints.redis is None:
@@ -365,6 +418,8 @@ async def run_chaos(
             weights=weights,
             max_added=cfg.max_added,
             workers={"coalesce": cfg.coalesce_workers, "merge": cfg.merge_workers},
+            # the broker kills and kills for good a cluster run is for, if that many faults fit
+            required=CLUSTER_REQUIRED if cluster and cfg.faults >= sum(CLUSTER_REQUIRED.values()) else None,
         )
     )
     await kafka.ensure_topics(endpoints.kafka_bootstrap, kafka.topology_topics(topology))
@@ -379,7 +434,7 @@ async def run_chaos(
     tasks: list[asyncio.Task[None]] = []
     _say(
         f"chaos: topology {topology.name}, seed {cfg.seed}, {len(plan)} faults in {cfg.duration_s:g} s, "
-        f"logs {workdir}"
+        f"{cfg.writers * cfg.rate:,.0f} events/s on {_broker_label(endpoints)}, logs {workdir}"
     )
     try:
         for _ in range(cfg.coalesce_workers):
@@ -387,6 +442,7 @@ async def run_chaos(
         for _ in range(cfg.merge_workers):
             workers.add("merge")
         workers.add("broadcast")
+        await _tier1_ready(redis, topology, workers)
         load_started = time.monotonic()
         tasks = [asyncio.create_task(w.run(stop, gate)) for w in writers]
         faults = asyncio.create_task(
@@ -408,6 +464,8 @@ async def run_chaos(
                 _progress(load_started, ledger, counted, injected, plan, workers)
         stop.set()
         await asyncio.gather(*tasks)
+        load_s = time.monotonic() - load_started
+        load_accepted = sum(ledger.values())
         deadline = time.monotonic() + cfg.drain_timeout_s
         await asyncio.gather(*(w.flush(gate, deadline) for w in writers))
         for w in writers:
@@ -429,6 +487,9 @@ async def run_chaos(
     return ChaosReport(
         seed=cfg.seed,
         topology=topology.name,
+        broker=endpoints.broker_kind,
+        brokers=len(endpoints.kafka_bootstrap.split(",")),
+        rate_eps=round(load_accepted / load_s, 1) if load_s > 0 else 0.0,
         events_accepted=sum(ledger.values()),
         events_counted=int(sum(got.values())),
         keys_checked=check.keys_checked,
@@ -493,6 +554,14 @@ async def _inject(
     if kind in REMOVALS:
         await workers.remove(REMOVALS[kind], fault.target)
         return True
+    if kind is FaultKind.KILL_FOR_GOOD:
+        workers.kill_for_good(fault.tier, fault.target)
+        return True
+    if kind is FaultKind.KILL_BROKER:
+        if not isinstance(endpoints.broker, KafkaCluster) or endpoints.broker.size < 2:
+            return False
+        await _kill_broker(endpoints.broker, fault, workers)
+        return True
     if kind is FaultKind.RESTART_REDIS:
         if endpoints.redis is None:
             return False
@@ -503,6 +572,10 @@ async def _inject(
     if kind is FaultKind.RESTART_BROKER:
         if endpoints.broker is None:
             return False
+        if isinstance(endpoints.broker, KafkaCluster):
+            # Apache Kafka keeps what it acknowledged and its transactions' state: no quiet needed
+            await _restart_kafka(endpoints.broker, fault)
+            return True
         gate.clear()  # writers pause, and the workers freeze: a quiet broker before SIGTERM
         frozen: list[WorkerProcess] = []
         try:
@@ -523,6 +596,111 @@ async def _inject(
             gate.set()
         return True
     raise ValueError(f"unknown fault {kind}")
+
+
+async def _tier1_ready(
+    redis: aioredis.Redis, topology: Topology, workers: Workers, timeout_s: float = 60.0
+) -> None:
+    """Until tier 1 has claimed every events partition: the load and the fault clock start then."""
+    owners = owners_key(topology.group("coalesce"))
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        workers.revive()
+        with contextlib.suppress(aioredis.ConnectionError, aioredis.TimeoutError, OSError):
+            if await redis.hlen(owners) >= topology.partitions.events:
+                return
+        await asyncio.sleep(0.2)
+    _say(f"   (tier 1 had not claimed every partition after {timeout_s:g} s; starting anyway)")
+
+
+async def _restart_kafka(cluster: KafkaCluster, fault: Fault) -> None:
+    """SIGTERM (a controlled shutdown) of one broker of a cluster, or of the only one, mid-stream."""
+    if cluster.size == 1:
+        await asyncio.to_thread(cluster.stop)
+        await asyncio.sleep(fault.pause_s)
+        await asyncio.to_thread(cluster.start)
+        return
+    node = cluster.nodes[fault.target % cluster.size]
+    await asyncio.to_thread(node.stop)
+    await asyncio.sleep(fault.pause_s)
+    await asyncio.to_thread(node.start, 90.0)
+    await _wait_in_sync(cluster)
+
+
+async def _kill_broker(cluster: KafkaCluster, fault: Fault, workers: Workers) -> None:
+    """SIGKILL one broker mid-stream: by turns the leader of a partials partition, the transaction
+    coordinator of a tier-1 worker, or any broker; restart it after the pause, wait until in sync."""
+    node_id, role = await _pick_broker(cluster, fault.target, workers)
+    node = cluster.nodes[node_id - 1]
+    workers.broker_kills.append(f"node {node_id} ({role})")
+    await asyncio.to_thread(node.kill)
+    await asyncio.sleep(fault.pause_s)
+    await asyncio.to_thread(node.start, 90.0)
+    await _wait_in_sync(cluster)
+
+
+async def _pick_broker(cluster: KafkaCluster, target: int, workers: Workers) -> tuple[int, str]:
+    """(node id, why): by turns a partials partition's leader, a tier-1 transaction coordinator, any."""
+    topology = workers.topology
+    try:
+        if target % 3 == 0:
+            topic = topology.topic("partials")
+            partition = target % topology.partitions.partials
+            admin = AIOKafkaAdminClient(bootstrap_servers=cluster.bootstrap, request_timeout_ms=5000)
+            await admin.start()
+            try:
+                described = await admin.describe_topics([topic])
+            finally:
+                await admin.close()
+            leaders = {p["partition"]: p["leader"] for t in described for p in t.get("partitions", [])}
+            if leaders.get(partition, -1) >= 1:
+                return leaders[partition], f"leader of {topic}[{partition}]"
+        if target % 3 == 1:
+            txids = await _tier1_transactional_ids(workers)
+            if txids:
+                txid = txids[target % len(txids)]
+                node = await kafka.transaction_coordinator(cluster.bootstrap, txid)
+                return node, f"transaction coordinator of {txid}"
+    except (KafkaError, OSError, TimeoutError, aioredis.RedisError) as exc:
+        _say(f"   (could not find a leader or coordinator: {exc!r}; killing any broker)")
+    return target % cluster.size + 1, "any"
+
+
+async def _tier1_transactional_ids(workers: Workers) -> list[str]:
+    """The transactional ids the running tier-1 workers commit with (recorded in Redis at start)."""
+    group = workers.topology.group("coalesce")
+    keys = [incarnation.key(group, w.instance) for w in workers.active("coalesce")]
+    redis = aioredis.Redis.from_url(workers.endpoints.redis_url, socket_timeout=5)
+    try:
+        return [
+            v.decode() if isinstance(v, bytes) else str(v) for v in await redis.mget(keys) if v is not None
+        ]
+    finally:
+        await redis.aclose()
+
+
+async def _wait_in_sync(cluster: KafkaCluster, timeout_s: float = ISR_TIMEOUT_S) -> None:
+    """Until every partition has all its replicas in sync again (or the timeout: then say so)."""
+    deadline = time.monotonic() + timeout_s
+    behind = -1
+    while time.monotonic() < deadline:
+        admin = AIOKafkaAdminClient(bootstrap_servers=cluster.bootstrap, request_timeout_ms=5000)
+        try:
+            await admin.start()
+            topics = await admin.list_topics()
+            described = await admin.describe_topics(sorted(topics))
+            behind = sum(
+                len(p["isr"]) < len(p["replicas"]) for t in described for p in t.get("partitions", [])
+            )
+            if behind == 0:
+                return
+        except (KafkaError, OSError, TimeoutError):
+            pass
+        finally:
+            with contextlib.suppress(Exception):
+                await admin.close()
+        await asyncio.sleep(0.5)
+    _say(f"   ({behind} partitions still under-replicated after {timeout_s:g} s; going on)")
 
 
 async def _tier1_idle(endpoints: Endpoints, topology: Topology, timeout_s: float = IDLE_TIMEOUT_S) -> bool:
@@ -550,7 +728,18 @@ async def _tier1_idle(endpoints: Endpoints, topology: Topology, timeout_s: float
     return False
 
 
+def _broker_label(endpoints: Endpoints) -> str:
+    nodes = len(endpoints.kafka_bootstrap.split(","))
+    return f"{endpoints.broker_kind} ({nodes} broker{'s' if nodes > 1 else ''})"
+
+
 def _describe(fault: Fault, workers: Workers) -> str:
+    if fault.kind is FaultKind.KILL_BROKER:
+        return f"{fault.kind}: SIGKILL {workers.broker_kills[-1]}, restarted after {fault.pause_s:.2f} s"
+    if fault.kind is FaultKind.KILL_FOR_GOOD:
+        return (
+            f"{fault.kind}: SIGKILL {workers.killed_for_good[-1]}, never restarted (its partitions fail over)"
+        )
     if fault.kind in SERVER_FAULTS:
         return f"{fault.kind}, down {fault.pause_s:.2f} s"
     if fault.kind in ADDS:
@@ -630,8 +819,13 @@ def _say(text: str) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    """The CLI entry: embedded servers unless --kafka/--redis (then no server faults)."""
-    cfg = ChaosConfig(seed=args.seed, faults=args.faults, duration_s=args.duration)
+    """The CLI entry: local servers unless --kafka/--redis (then no server faults)."""
+    overrides: dict[str, Any] = {"seed": args.seed, "faults": args.faults}
+    if args.duration is not None:
+        overrides["duration_s"] = args.duration
+    cfg = ChaosConfig.for_cluster(**overrides) if args.brokers > 1 else ChaosConfig(**overrides)
+    if args.rate is not None:
+        cfg.rate = args.rate / cfg.writers  # --rate is for all writers together
     # the writers' producers complain on every broker restart; the progress lines say what happens
     logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
     workdir = Path(tempfile.mkdtemp(prefix="pipeline-chaos-"))
@@ -640,7 +834,9 @@ def main(args: argparse.Namespace) -> int:
             if args.kafka and args.redis:
                 endpoints = Endpoints(args.kafka, args.redis)
             else:
-                local = stack.enter_context(LocalServers(workdir / "servers"))
+                local = stack.enter_context(
+                    LocalServers(workdir / "servers", broker=args.broker, brokers=args.brokers)
+                )
                 endpoints = Endpoints(
                     args.kafka or local.kafka_bootstrap,
                     args.redis or local.redis_url,
@@ -651,6 +847,9 @@ def main(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         _say(f"interrupted; everything stopped (logs in {workdir})")
         return 130
+    except (RuntimeError, ValueError) as exc:  # a server that would not start, an impossible plan
+        _say(f"pipeline chaos: {exc} (logs in {workdir})")
+        return 2
     _print_report(report, args.json)
     return 0 if report.ok else 1
 
@@ -664,6 +863,7 @@ def _print_report(report: ChaosReport, as_json: bool) -> None:
         f"keys checked      {report.keys_checked:>10,}   wrong {report.keys_wrong}",
         f"lost              {report.lost:>10,}   duplicated {report.duplicated:,}",
         f"faults injected   {report.faults_injected:>10}   ({kinds})",
+        f"broker            {report.broker:>10}   x{report.brokers}, {report.rate_eps:,.0f} events/s",
         f"resent events     {report.events_resent:>10,}   after {report.send_failures} failed sends",
         f"on sub-keys       {report.events_on_subkeys:>10,}   (hot key split)",
         f"unexpected exits  {report.unexpected_exits:>10}   broadcast node up at the end: "

@@ -15,21 +15,33 @@ examples:
   pipeline run live_likes --tier merge --instance m1 --redis redis://127.0.0.1:6379/0
   pipeline bench coalesce --json         tier-1 drain rate vs. a bare consumer and a naive Faust agent
   pipeline bench all --json --plot DIR   every benchmark, median/min/max of 3 runs, PNG plots (~15 min)
-  pipeline servers                       start a local Kafka-protocol broker and Redis, print their URLs
+  pipeline servers --broker kafka        start a local Apache Kafka (KRaft) and Redis, print their URLs
   pipeline run live_likes --tier broadcast --instance b1 --port 8765   a broadcast node (viewers)
   pipeline token --viewer v1 --channels video-1 --ttl 3600             a viewer token
   PIPELINE_INGEST_API_KEYS=k1 pipeline run live_likes --tier ingest --port 8080   the HTTP front door
   pipeline plan --rate 100000 --keys 50000 --hot-share 0.3             what a workload costs each tier
   pipeline chaos --seed 7 --json           the whole pipeline under faults, exact counts checked
+  pipeline chaos --broker kafka --brokers 3 --json   on 3 Apache Kafka brokers, brokers SIGKILLed too
 
 Settings come from (lowest to highest): defaults, a TOML file (--config or PIPELINE_CONFIG),
 environment variables PIPELINE_<NAME> (e.g. PIPELINE_KAFKA, PIPELINE_REDIS, PIPELINE_INSTANCE), flags.
 """
 
 
-def _server_flags(p: argparse.ArgumentParser) -> None:
+def _broker_flag(p: argparse.ArgumentParser, *extra: str) -> None:
+    p.add_argument(
+        "--broker",
+        choices=["auto", "kafka", "embedded", *extra],
+        help="which local broker to start: Apache Kafka (KRaft; needs a JDK 17+ and the jars that "
+        "ops/kafka/fetch brings) or the embedded Kafka-protocol broker; auto (the default, or "
+        "$PIPELINE_LOCAL_BROKER) picks Apache Kafka where it can run",
+    )
+
+
+def _server_flags(p: argparse.ArgumentParser, *extra_brokers: str) -> None:
     p.add_argument("--kafka", help="Kafka bootstrap servers (default: start a local broker)")
     p.add_argument("--redis", help="Redis URL (default: start a local Redis)")
+    _broker_flag(p, *extra_brokers)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -91,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     bc.add_argument("--keys", type=int, default=10_000)
     bc.add_argument("--rounds", type=int, default=3, help="alternating ceiling/tier-1 rounds (default 3)")
     bc.add_argument("--json", action="store_true")
-    _server_flags(bc)
+    _server_flags(bc, "both")  # both: the whole benchmark on Apache Kafka, then on the embedded broker
     bh = bsub.add_parser(
         "hotkey", help="viral key plus Zipf background, hot-key splitting off then on: balance, lag, latency"
     )
@@ -203,9 +215,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     chaos.add_argument("--seed", type=int, default=1, help="workload and fault schedule seed (default 1)")
     chaos.add_argument("--faults", type=int, default=20, help="faults to inject (default 20)")
-    chaos.add_argument("--duration", type=float, default=60.0, help="seconds of load (default 60)")
+    chaos.add_argument(
+        "--duration", type=float, help="seconds of load (default 60; 90 on a cluster of brokers)"
+    )
+    chaos.add_argument(
+        "--rate", type=float, help="events/s the writers send together (default 3000; 10000 with --brokers 3)"
+    )
     chaos.add_argument("--json", action="store_true", help="print the result as JSON on the last line")
     _server_flags(chaos)
+    chaos.add_argument(
+        "--brokers",
+        type=int,
+        default=1,
+        help="Apache Kafka brokers to start (3: replication 3, min.insync.replicas 2; brokers are then "
+        "SIGKILLed too, and a tier-1 worker and a root die for good so their partitions fail over)",
+    )
 
     soak = sub.add_parser(
         "soak",
@@ -230,6 +254,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     servers = sub.add_parser("servers", help="start a local broker and Redis and wait (Ctrl-C stops them)")
     servers.add_argument("--data-dir", help="keep data here (default: a temporary directory)")
+    _broker_flag(servers)
+    servers.add_argument(
+        "--brokers", type=int, default=1, help="Apache Kafka nodes (3: replication 3, min.insync.replicas 2)"
+    )
     return parser
 
 
@@ -319,7 +347,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "servers":
         from pipeline import local_servers
 
-        return local_servers.serve_forever(args.data_dir)
+        return local_servers.serve_forever(args.data_dir, args.broker, args.brokers)
     return 2
 
 

@@ -23,7 +23,7 @@ import contextlib
 import os
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
@@ -37,6 +37,8 @@ from aiokafka.partitioner import DefaultPartitioner
 from pipeline.core.hotkeys import HotKeySplitter
 from pipeline.core.model import MAX_ID_CHARS, EventFields, InvalidEvent, check_event, message_key
 from pipeline.core.topology import Topology
+from pipeline.io.kafka import KafkaConnection
+from pipeline.io.kafka import connection as kafka_connection
 from pipeline.io.splits import SplitAnnouncer
 
 MAX_BATCH_BYTES = 512 * 1024
@@ -70,9 +72,10 @@ class PipelineClient:
     def __init__(
         self,
         topology: Topology,
-        bootstrap: str,
+        bootstrap: str | KafkaConnection,
         *,
         redis_url: str | None = None,
+        redis_options: Mapping[str, Any] | None = None,
         splitter: HotKeySplitter | None = None,
         linger_ms: int = 5,
         max_batch: int = 1000,
@@ -80,7 +83,8 @@ class PipelineClient:
         client_id: str | None = None,
     ) -> None:
         self.topology = topology
-        self.bootstrap = bootstrap
+        self.kafka = kafka_connection(bootstrap)
+        self.bootstrap = self.kafka.bootstrap
         self.topic = topology.topic("events")
         self.splitter = splitter
         self.linger_s = linger_ms / 1000
@@ -91,6 +95,7 @@ class PipelineClient:
         self.last_ack_at = 0.0  # time.monotonic() of the last acknowledgement
         self._types = topology.types
         self._redis_url = redis_url
+        self._redis_options = dict(redis_options or {})
         self._redis: aioredis.Redis | None = None
         self._producer: AIOKafkaProducer | None = None
         self._announcer: SplitAnnouncer | None = None
@@ -109,7 +114,7 @@ class PipelineClient:
     async def start(self) -> None:
         """Connect; BrokerUnavailable if the broker cannot be reached or the events topic is missing."""
         producer = AIOKafkaProducer(
-            bootstrap_servers=self.bootstrap,
+            **self.kafka.client_kwargs(),
             client_id=self.client_id,
             enable_idempotence=True,
             acks="all",
@@ -124,14 +129,14 @@ class PipelineClient:
         except (KafkaError, OSError, TimeoutError) as exc:
             with contextlib.suppress(Exception):
                 await producer.stop()
-            raise BrokerUnavailable(f"cannot reach the broker at {self.bootstrap}: {exc!r}") from exc
+            raise BrokerUnavailable(f"cannot reach the broker at {self.kafka.describe()}: {exc!r}") from exc
         if not partitions:
             await producer.stop()
             raise BrokerUnavailable(f"topic {self.topic} does not exist")
         self._producer = producer
         self._partitions = sorted(partitions)
         if self._redis_url:
-            self._redis = aioredis.Redis.from_url(self._redis_url)
+            self._redis = aioredis.Redis.from_url(self._redis_url, **self._redis_options)
         self._announcer = SplitAnnouncer(self.topology.name, self.client_id, producer, self._redis)
         if self.splitter is not None:
             self.splitter.use_partitions(len(self._partitions), self._partition_of)

@@ -39,7 +39,7 @@ def main(args: argparse.Namespace) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="pipeline-demo-"))
     with contextlib.ExitStack() as stack:
         kafka_url, redis_url = stack.enter_context(
-            servers_or_local(args.kafka, args.redis, workdir / "servers", say=_say)
+            servers_or_local(args.kafka, args.redis, workdir / "servers", say=_say, broker=args.broker)
         )
         _say(f"kafka {kafka_url}   redis {redis_url}   logs {workdir}")
         try:

@@ -11,207 +11,33 @@ a chance to commit, then the broker receives SIGTERM (which flushes its data).
 
 from __future__ import annotations
 
-import asyncio
 import atexit
 import contextlib
 import os
 import shutil
 import signal
-import socket
-import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType, TracebackType
-from typing import Any
+from typing import Any, Protocol
+
+from pipeline.server_process import ServerProcess, free_port, run_blocking
 
 __all__ = ["Broker", "Endpoints", "LocalServers", "RedisServer", "free_port"]
 
-STOP_TIMEOUT_S = 10.0
 
+class Broker(ServerProcess):
+    """The embedded `noida-db` Kafka-protocol broker (PyPI package), one node on 127.0.0.1.
 
-def free_port() -> int:
-    """A port that was free a moment ago (the usual small race applies)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def _port_open(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-            return True
-    except OSError:
-        return False
-
-
-def _run_blocking(factory: Callable[[], Coroutine[Any, Any, None]]) -> None:
-    """Run a coroutine to completion even when called from inside an event loop.
-
-    Chaos tests restart the broker from async tests; `asyncio.run` refuses to
-    nest, so in that case the check runs on a private loop in a helper thread.
+    The fallback where no JDK runs Apache Kafka; its flaws are listed in docs/ARCHITECTURE.md.
     """
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        asyncio.run(factory())
-        return
-    errors: list[BaseException] = []
-
-    def target() -> None:
-        try:
-            asyncio.run(factory())
-        except BaseException as exc:
-            errors.append(exc)
-
-    thread = threading.Thread(target=target, name="local-servers-probe", daemon=True)
-    thread.start()
-    thread.join()
-    if errors:
-        raise errors[0]
-
-
-class _Process:
-    """One server process with a log file, restartable on the same port and data dir."""
-
-    name = "server"
-
-    def __init__(self, data_dir: Path | str, port: int | None = None) -> None:
-        self.data_dir = Path(data_dir)
-        self.data_dir.mkdir(parents=True, exist_ok=True)
-        self.port = port if port is not None else free_port()
-        self.log_path = self.data_dir / f"{self.name}.log"
-        self._proc: subprocess.Popen[bytes] | None = None
-        self._log_offset = 0
-
-    # -- subclass hooks -------------------------------------------------------------
-    def _command(self) -> list[str]:
-        raise NotImplementedError
-
-    def _probe(self) -> None:
-        """Raise if the server is not yet usable; called repeatedly until the deadline."""
-        raise NotImplementedError
-
-    def _startup_failure(self, log_since_start: str) -> bool:
-        """True if the log shows a fatal error even though the process stays alive."""
-        return False
-
-    # -- lifecycle ------------------------------------------------------------------
-    @property
-    def running(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
-
-    @property
-    def pid(self) -> int | None:
-        return self._proc.pid if self._proc is not None else None
-
-    def start(self, timeout: float = 30.0) -> None:
-        """Start (or restart) the server and block until clients can use it."""
-        if self.running:
-            return
-        with self.log_path.open("ab") as log:
-            self._log_offset = log.tell()
-            log.write(f"\n--- {self.name} starting at {time.strftime('%H:%M:%S')} ---\n".encode())
-            log.flush()
-            # Own session: terminal Ctrl-C must not kill servers before the workers stop.
-            self._proc = subprocess.Popen(
-                self._command(),
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                cwd=self.data_dir,
-                start_new_session=True,
-            )
-        try:
-            self._wait_ready(time.monotonic() + timeout)
-        except BaseException:
-            self.kill()
-            raise
-
-    def _wait_ready(self, deadline: float) -> None:
-        last_error: BaseException | None = None
-        while True:
-            time.sleep(0.1)  # also gives a failing server time to log its error
-            proc = self._proc
-            if proc is None or proc.poll() is not None:
-                code = None if proc is None else proc.returncode
-                raise RuntimeError(f"{self.name} exited with code {code} during startup{self._tail()}")
-            if self._startup_failure(self._log_since_start()):
-                raise RuntimeError(f"{self.name} reported an error during startup{self._tail()}")
-            if _port_open(self.port):
-                try:
-                    self._probe()
-                    return
-                except Exception as exc:
-                    last_error = exc
-            if time.monotonic() > deadline:
-                raise RuntimeError(
-                    f"{self.name} not ready on 127.0.0.1:{self.port} in time "
-                    f"(last error: {last_error!r}){self._tail()}"
-                )
-
-    def stop(self, timeout: float = STOP_TIMEOUT_S) -> None:
-        """SIGTERM (lets the server flush to disk), then SIGKILL if it hangs."""
-        proc = self._proc
-        if proc is None:
-            return
-        try:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(timeout)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
-        except BaseException:
-            # A second Ctrl-C while waiting: don't leave the server behind.
-            with contextlib.suppress(OSError):
-                proc.kill()
-            raise
-        finally:
-            if proc.poll() is not None:
-                self._proc = None
-
-    def kill(self) -> None:
-        """SIGKILL: simulates a crash (the broker loses recent unflushed writes)."""
-        proc = self._proc
-        if proc is None:
-            return
-        if proc.poll() is None:
-            with contextlib.suppress(OSError):
-                proc.kill()
-            proc.wait()
-        self._proc = None
-
-    def _log_since_start(self) -> str:
-        try:
-            with self.log_path.open("rb") as log:
-                log.seek(self._log_offset)
-                return log.read().decode(errors="replace")
-        except OSError:
-            return ""
-
-    def _tail(self, lines: int = 30) -> str:
-        try:
-            text = self.log_path.read_text(errors="replace")
-        except OSError:
-            return ""
-        tail = "\n".join(text.splitlines()[-lines:])
-        return f"\n--- last lines of {self.log_path} ---\n{tail}"
-
-    def __repr__(self) -> str:
-        state = f"pid={self.pid}" if self.running else "stopped"
-        return f"<{type(self).__name__} 127.0.0.1:{self.port} {state} dir={self.data_dir}>"
-
-
-class Broker(_Process):
-    """The `noida-db` Kafka-protocol broker (PyPI package), one node on 127.0.0.1."""
 
     name = "broker"
+    kind = "embedded"
 
     @staticmethod
     def binary() -> Path:
@@ -254,7 +80,7 @@ class Broker(_Process):
             finally:
                 await admin.close()
 
-        _run_blocking(metadata)
+        run_blocking(metadata)
 
     def _startup_failure(self, log_since_start: str) -> bool:
         # noida-db prints e.g. "error: kafka: port N is already in use" but keeps running.
@@ -284,18 +110,35 @@ def redis_server_binary() -> Path:
     return candidates[0]
 
 
-class RedisServer(_Process):
+class RedisServer(ServerProcess):
     """A Redis (or Valkey) server on 127.0.0.1, configured entirely on the command line."""
 
     name = "redis"
 
-    def __init__(self, data_dir: Path | str, port: int | None = None, *, appendonly: bool = True) -> None:
+    def __init__(
+        self,
+        data_dir: Path | str,
+        port: int | None = None,
+        *,
+        appendonly: bool = True,
+        acl_user: tuple[str, str] | None = None,
+    ) -> None:
         super().__init__(data_dir, port)
         self.appendonly = appendonly
+        # (user, password): that ACL user may do everything, and the passwordless default user is off
+        self.acl_user = acl_user
 
     @property
     def url(self) -> str:
+        """The URL without credentials (pass them as settings, or use `auth_url`)."""
         return f"redis://127.0.0.1:{self.port}/0"
+
+    @property
+    def auth_url(self) -> str:
+        if self.acl_user is None:
+            return self.url
+        user, password = self.acl_user
+        return f"redis://{user}:{password}@127.0.0.1:{self.port}/0"
 
     def _command(self) -> list[str]:
         return [
@@ -317,12 +160,20 @@ class RedisServer(_Process):
             "no",
             "--daemonize",
             "no",
+            *self._acl(),
         ]
+
+    def _acl(self) -> list[str]:
+        if self.acl_user is None:
+            return []
+        user, password = self.acl_user
+        # one token per word: the server joins an option's arguments itself
+        return ["--user", "default", "off", "--user", user, "on", f">{password}", "~*", "&*", "+@all"]
 
     def _probe(self) -> None:
         import redis
 
-        client = redis.Redis.from_url(self.url, socket_connect_timeout=1, socket_timeout=1)
+        client = redis.Redis.from_url(self.auth_url, socket_connect_timeout=1, socket_timeout=1)
         try:
             client.ping()
         finally:
@@ -333,18 +184,60 @@ def _sigterm_to_keyboard_interrupt(signum: int, frame: FrameType | None) -> None
     raise KeyboardInterrupt(f"signal {signum}")
 
 
+class BrokerHandle(Protocol):
+    """What the harness does with a local broker: the embedded one or an Apache Kafka cluster."""
+
+    kind: str
+
+    @property
+    def bootstrap(self) -> str: ...
+    @property
+    def running(self) -> bool: ...
+    @property
+    def pid(self) -> int | None: ...
+    @property
+    def data_dir(self) -> Path: ...
+    def start(self) -> None: ...
+    def stop(self) -> None: ...
+    def kill(self) -> None: ...
+
+
+BROKER_ENV = "PIPELINE_LOCAL_BROKER"
+BROKER_CHOICES = ("auto", "kafka", "embedded")
+
+
+def resolve_broker(choice: str | None) -> str:
+    """'kafka' or 'embedded'; auto (the default, or $PIPELINE_LOCAL_BROKER) picks Apache Kafka if it runs."""
+    from pipeline.local_kafka import apache_kafka_available
+
+    choice = (choice or os.environ.get(BROKER_ENV) or "auto").lower()
+    if choice not in BROKER_CHOICES:
+        raise ValueError(f"broker must be one of {', '.join(BROKER_CHOICES)}, not {choice!r}")
+    if choice == "embedded":
+        return choice
+    why_not = apache_kafka_available()
+    if choice == "kafka" and why_not:
+        raise RuntimeError(f"Apache Kafka was asked for but cannot run here: {why_not}")
+    return "embedded" if why_not else "kafka"
+
+
 @dataclass(frozen=True)
 class Endpoints:
     """Where Kafka and Redis are; `broker`/`redis` are set only for servers we started (restartable)."""
 
     kafka_bootstrap: str
     redis_url: str
-    broker: Broker | None = None
+    broker: BrokerHandle | None = None
     redis: RedisServer | None = None
+
+    @property
+    def broker_kind(self) -> str:
+        """'apache-kafka', 'embedded', or 'external' for servers this process did not start."""
+        return self.broker.kind if self.broker is not None else "external"
 
 
 class LocalServers:
-    """Both servers under one directory; use as a context manager.
+    """A broker (Apache Kafka, or the embedded one) and Redis under one directory; a context manager.
 
     Also registered with atexit, so an exception that escapes the `with` body of a
     crashing parent, or an interpreter exit that skips it, still stops the servers.
@@ -357,6 +250,8 @@ class LocalServers:
         self,
         root: Path | str | None = None,
         *,
+        broker: str | None = None,
+        brokers: int = 1,
         kafka_port: int | None = None,
         redis_port: int | None = None,
         redis_appendonly: bool = True,
@@ -367,7 +262,17 @@ class LocalServers:
         self.root.mkdir(parents=True, exist_ok=True)
         # A temp dir we made is removed on close unless asked to keep it (for its logs).
         self._keep_dir = (not self._own_dir) if keep_dir is None else keep_dir
-        self.broker = Broker(self.root / "kafka", kafka_port)
+        self.broker_kind = resolve_broker(broker)
+        self.broker: BrokerHandle
+        if self.broker_kind == "kafka":
+            from pipeline.local_kafka import KafkaCluster
+
+            ports = [kafka_port] if kafka_port is not None and brokers == 1 else None
+            self.broker = KafkaCluster(self.root / "kafka", brokers, ports=ports)
+        else:
+            if brokers != 1:
+                raise ValueError("the embedded broker runs one node; --brokers needs Apache Kafka")
+            self.broker = Broker(self.root / "kafka", kafka_port)
         self.redis = RedisServer(self.root / "redis", redis_port, appendonly=redis_appendonly)
         self._registered = False
         self._prev_sigterm: Any = None
@@ -441,10 +346,10 @@ class LocalServers:
         return f"<LocalServers kafka={self.kafka_bootstrap} redis={self.redis_url} dir={self.root}>"
 
 
-def serve_forever(data_dir: str | None = None) -> int:
-    """`pipeline servers`: both servers in the foreground until Ctrl-C or SIGTERM."""
-    with LocalServers(data_dir) as servers:
-        print(f"kafka  {servers.kafka_bootstrap}", flush=True)
+def serve_forever(data_dir: str | None = None, broker: str | None = None, brokers: int = 1) -> int:
+    """`pipeline servers`: a broker and Redis in the foreground until Ctrl-C or SIGTERM."""
+    with LocalServers(data_dir, broker=broker, brokers=brokers) as servers:
+        print(f"kafka  {servers.kafka_bootstrap}  ({servers.broker.kind})", flush=True)
         print(f"redis  {servers.redis_url}", flush=True)
         print(f"data   {servers.root}  (Ctrl-C stops both)", flush=True)
         try:
@@ -458,13 +363,19 @@ def serve_forever(data_dir: str | None = None) -> int:
 
 @contextlib.contextmanager
 def servers_or_local(
-    kafka: str | None, redis: str | None, root: Path | None = None, say: Callable[[str], None] | None = None
+    kafka: str | None,
+    redis: str | None,
+    root: Path | None = None,
+    say: Callable[[str], None] | None = None,
+    *,
+    broker: str | None = None,
 ) -> Iterator[tuple[str, str]]:
     """(kafka, redis) to use: the given ones, with local servers started for whichever is missing."""
     if kafka and redis:
         yield kafka, redis
         return
+    kind = resolve_broker(broker)
     if say:
-        say("starting a local Kafka-protocol broker and Redis ...")
-    with LocalServers(root) as local:
+        say(f"starting a local {'Apache Kafka' if kind == 'kafka' else 'embedded'} broker and Redis ...")
+    with LocalServers(root, broker=kind) as local:
         yield kafka or local.kafka_bootstrap, redis or local.redis_url

@@ -26,12 +26,34 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="PIPELINE_", extra="ignore")
 
     kafka: str = Field("127.0.0.1:9092", description="Kafka bootstrap servers")
-    redis: str = Field("redis://127.0.0.1:6379/0", description="Redis URL")
+    kafka_security_protocol: str = Field(
+        "PLAINTEXT", description="PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL (managed Kafka: SASL_SSL)"
+    )
+    kafka_sasl_mechanism: str = Field("SCRAM-SHA-512", description="SCRAM-SHA-512, SCRAM-SHA-256 or PLAIN")
+    kafka_sasl_username: str = Field("", description="SASL user")
+    kafka_sasl_password: SecretStr = Field(SecretStr(""), description="SASL password (never logged)")
+    kafka_ssl_cafile: str = Field("", description="CA certificate (PEM) to trust; empty: the system's")
+    kafka_ssl_certfile: str = Field("", description="Client certificate (PEM), for brokers that ask for one")
+    kafka_ssl_keyfile: str = Field("", description="Client key (PEM)")
+    redis: str = Field(
+        "redis://127.0.0.1:6379/0",
+        description="Redis URL (rediss:// for TLS; a password here is never logged)",
+    )
+    redis_username: str = Field("", description="Redis ACL user (when the URL names none)")
+    redis_password: SecretStr = Field(
+        SecretStr(""), description="Redis password (when the URL has none; never logged)"
+    )
+    redis_ssl_cafile: str = Field("", description="CA certificate (PEM) to trust for rediss://")
     instance: str = Field("1", description="Stable worker identity: static membership and transactional id")
     metrics_port: int = Field(0, description="Prometheus port (0 picks a free one, logged at start)")
     metrics_host: str = Field("127.0.0.1", description="Address the metrics endpoint binds")
     log_level: str = Field("info", description="debug, info, warning or error")
     max_poll_records: int = Field(20_000, description="Records per fetch batch")
+    fetch_min_bytes: int = Field(
+        64 * 1024,
+        description="Tier 1 fetches wait (at most 100 ms) for this much data: fewer, larger fetches; "
+        "a window is 250 ms anyway",
+    )
     idle_backoff_ms: int = Field(100, description="Pause fetching this long when a fetch finds nothing")
     memory_trim_interval_s: float = Field(
         10.0, description="Return freed heap pages to the OS this often (glibc malloc_trim; 0: never)"

@@ -569,11 +569,12 @@ def main(args: argparse.Namespace) -> int:
             snapshot = None
             kafka_url, redis_url = args.kafka, args.redis
             if not (kafka_url and redis_url):
-                _say("starting a local Kafka-protocol broker and Redis ...")
-                local = stack.enter_context(LocalServers(workdir / "servers"))
+                _say("starting a local broker and Redis ...")
+                local = stack.enter_context(LocalServers(workdir / "servers", broker=args.broker))
                 if not kafka_url:
                     kafka_url, servers["server/broker"] = local.kafka_bootstrap, local.broker.pid
-                    snapshot = local.broker.data_dir / "kafka.json"
+                    if local.broker.kind == "embedded":  # its whole log is one JSON snapshot
+                        snapshot = local.broker.data_dir / "kafka.json"
                 if not redis_url:
                     redis_url, servers["server/redis"] = local.redis_url, local.redis.pid
             report = asyncio.run(run_soak(kafka_url, redis_url, cfg, workdir, servers, snapshot))

@@ -37,7 +37,7 @@ from pipeline.bench import faust_app
 from pipeline.bench.workload import preload
 from pipeline.core.topology import Topology
 from pipeline.io import kafka
-from pipeline.local_servers import servers_or_local
+from pipeline.local_servers import resolve_broker, servers_or_local
 from pipeline.settings import Settings
 
 TARGET_VS_CEILING = 0.75
@@ -438,6 +438,10 @@ def table(r: Results) -> str:
     )
 
 
+def _kind(broker: str | None) -> str:
+    return "embedded" if resolve_broker(broker) == "embedded" else "apache-kafka"
+
+
 def main(args: argparse.Namespace) -> int:
     """Entry point of `pipeline bench coalesce` (flags are defined in pipeline/cli.py)."""
     if args.events <= 0 or args.faust_events < 0 or args.keys <= 0:
@@ -445,13 +449,29 @@ def main(args: argparse.Namespace) -> int:
         return 2
     rounds = int(getattr(args, "rounds", None) or ROUNDS)
     obs.configure_logging("warning")
+    brokers = ["kafka", "embedded"] if args.broker == "both" else [args.broker]
+    if len(brokers) > 1 and args.kafka:
+        print("pipeline bench coalesce: --broker both starts its own brokers (drop --kafka)", file=sys.stderr)
+        return 2
+    by_broker: dict[str, Results] = {}
     try:
-        with servers_or_local(args.kafka, args.redis, say=say) as (kafka_url, redis_url):
-            results = run(kafka_url, redis_url, args.events, args.faust_events, args.keys, rounds)
+        for broker in brokers:
+            with servers_or_local(args.kafka, args.redis, say=say, broker=broker) as (kafka_url, redis_url):
+                kind = "external" if args.kafka else _kind(broker)
+                by_broker[kind] = run(kafka_url, redis_url, args.events, args.faust_events, args.keys, rounds)
     except BenchError as exc:
         print(f"pipeline bench coalesce: {exc}", file=sys.stderr)
         return 1
-    print(table(results))
+    for kind, results in by_broker.items():
+        print(f"-- broker: {kind}")
+        print(table(results))
     if args.json:
-        print(orjson.dumps(results.summary()).decode())
-    return 1 if results.faust_error else 0
+        summaries: dict[str, Any] = {kind: r.summary() | {"broker": kind} for kind, r in by_broker.items()}
+        if len(summaries) == 1:
+            print(orjson.dumps(next(iter(summaries.values()))).decode())
+        else:
+            kafka_eps, embedded_eps = by_broker["apache-kafka"].tier1_eps, by_broker["embedded"].tier1_eps
+            ratio = round(kafka_eps / embedded_eps, 3) if embedded_eps else None
+            summaries["tier1_kafka_vs_embedded"] = ratio
+            print(orjson.dumps(summaries).decode())
+    return 1 if any(r.faust_error for r in by_broker.values()) else 0

@@ -490,7 +490,7 @@ def main(args: argparse.Namespace) -> int:
     """Entry point of `pipeline bench e2e` (flags are defined in pipeline/cli.py)."""
     obs.configure_logging("warning")
     try:
-        with servers_or_local(args.kafka, args.redis, say=say) as (kafka_url, redis_url):
+        with servers_or_local(args.kafka, args.redis, say=say, broker=args.broker) as (kafka_url, redis_url):
             result = run(kafka_url, redis_url, args)
     except (ValueError, RuntimeError) as exc:
         print(f"pipeline bench e2e: {exc}", file=sys.stderr)

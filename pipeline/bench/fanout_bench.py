@@ -533,7 +533,7 @@ def main(args: argparse.Namespace) -> int:
             from pipeline.local_servers import LocalServers
 
             say("starting a local broker and Redis")
-            with LocalServers(workdir / "servers") as servers:
+            with LocalServers(workdir / "servers", broker=args.broker) as servers:
                 result = asyncio.run(
                     measure(
                         args, args.kafka or servers.kafka_bootstrap, args.redis or servers.redis_url, workdir

@@ -362,7 +362,7 @@ def main(args: argparse.Namespace) -> int:
         return 2
     args.rate = float(getattr(args, "rate", 0) or 0)
     obs.configure_logging("warning")
-    with servers_or_local(args.kafka, args.redis, say=say) as (kafka_url, redis_url):
+    with servers_or_local(args.kafka, args.redis, say=say, broker=args.broker) as (kafka_url, redis_url):
         summary = run(kafka_url, redis_url, args)
     off, on = summary["split_off"], summary["split_on"]
     rows = [

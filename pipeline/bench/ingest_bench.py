@@ -207,7 +207,7 @@ def main(args: argparse.Namespace) -> int:
         )
         return 2
     obs.configure_logging("warning")
-    with servers_or_local(args.kafka, args.redis, say=say) as (kafka_url, redis_url):
+    with servers_or_local(args.kafka, args.redis, say=say, broker=args.broker) as (kafka_url, redis_url):
         summary = run(kafka_url, redis_url, args)
     print(f"{'':34}{'events/s':>10}{'p50 ms':>10}{'p99 ms':>10}")
     for label, name in (

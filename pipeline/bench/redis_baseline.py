@@ -185,7 +185,7 @@ def main(args: argparse.Namespace) -> int:
         return 2
     obs.configure_logging("warning")
     try:
-        with servers_or_local(args.kafka, args.redis, say=say) as (kafka_url, redis_url):
+        with servers_or_local(args.kafka, args.redis, say=say, broker=args.broker) as (kafka_url, redis_url):
             summary = run(kafka_url, redis_url, args.events, args.keys, modes, args.roundtrip_events)
     except BenchError as exc:
         print(f"pipeline bench redis-baseline: {exc}", file=sys.stderr)

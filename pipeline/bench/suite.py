@@ -547,7 +547,7 @@ def main(args: argparse.Namespace) -> int:
     load_start = os.getloadavg()[0]
     say(f"suite: {mode}, {runs} runs of {', '.join(only)}")
     with _stdout_to_stderr():
-        with servers_or_local(args.kafka, args.redis, say=say) as (kafka_url, redis_url):
+        with servers_or_local(args.kafka, args.redis, say=say, broker=args.broker) as (kafka_url, redis_url):
             servers = (
                 "given" if args.kafka and args.redis else "local (noida-db + valkey, started by the command)"
             )

@@ -18,6 +18,8 @@ class FaultKind(StrEnum):
     KILL_BROADCAST = "kill_broadcast"  # SIGKILL the broadcast node, restart it likewise
     RESTART_REDIS = "restart_redis"  # SIGTERM Redis (AOF keeps the data), start it again
     RESTART_BROKER = "restart_broker"  # SIGTERM the broker (it flushes), start it again
+    KILL_BROKER = "kill_broker"  # SIGKILL one broker of a cluster (a partials or coordinator leader too)
+    KILL_FOR_GOOD = "kill_for_good"  # SIGKILL a tier-1 worker or a root, never restarted: fail-over
     ADD_COALESCE = "add_coalesce"  # a new tier-1 instance joins the group (a rebalance)
     REMOVE_COALESCE = "remove_coalesce"  # a tier-1 worker stops gracefully for good (a rebalance)
     ADD_MERGE = "add_merge"  # a new root merger joins its group
@@ -36,7 +38,17 @@ DEFAULT_WEIGHTS: Mapping[FaultKind, float] = {
     FaultKind.ADD_MERGE: 1,
     FaultKind.REMOVE_MERGE: 1,
 }
-SERVER_FAULTS = frozenset({FaultKind.RESTART_REDIS, FaultKind.RESTART_BROKER})
+# On a cluster of Apache Kafka brokers: brokers die by SIGKILL at any moment, and workers die for good.
+CLUSTER_WEIGHTS: Mapping[FaultKind, float] = {
+    **DEFAULT_WEIGHTS,
+    FaultKind.RESTART_BROKER: 1,
+    FaultKind.KILL_BROKER: 1,
+    FaultKind.KILL_FOR_GOOD: 1,
+}
+CLUSTER_REQUIRED: Mapping[FaultKind, int] = {FaultKind.KILL_BROKER: 3, FaultKind.KILL_FOR_GOOD: 2}
+SERVER_FAULTS = frozenset({FaultKind.RESTART_REDIS, FaultKind.RESTART_BROKER, FaultKind.KILL_BROKER})
+# the tiers a kill for good alternates between (tier 1 first): their partitions must fail over
+FOR_GOOD_TIERS = ("coalesce", "merge")
 KILLS = {
     FaultKind.KILL_COALESCE: "coalesce",
     FaultKind.KILL_MERGE: "merge",
@@ -50,8 +62,9 @@ REMOVALS = {FaultKind.REMOVE_COALESCE: "coalesce", FaultKind.REMOVE_MERGE: "merg
 class Fault:
     at_s: float  # seconds after the load starts
     kind: FaultKind
-    target: int  # which worker of its tier (taken modulo the number running)
+    target: int  # which worker of its tier (taken modulo the number running), or which broker
     pause_s: float  # how long the victim stays down before it is restarted
+    tier: str = ""  # the tier of a kill for good
 
 
 def plan_faults(
@@ -64,14 +77,16 @@ def plan_faults(
     max_pause_s: float = 2.0,
     window: tuple[float, float] = (0.1, 0.85),
     workers: Mapping[str, int] | None = None,
+    required: Mapping[FaultKind, int] | None = None,
 ) -> list[Fault]:
     """`count` faults at random moments inside `window` (fractions of the run), sorted by time.
 
     Kinds whose weight is 0 never appear; at most `max_added` additions per tier
-    (each adds a process for the rest of the run), and a removal only while its
-    tier keeps at least one worker (`workers`: how many each tier starts with).
-    Every fault fits in the window, so the pipeline always gets the tail of the
-    run to settle before the drain.
+    (each adds a process for the rest of the run), and a removal or a kill for
+    good only while its tier keeps at least one worker (`workers`: how many each
+    tier starts with). `required` kinds appear at least that often (in random
+    places among the others). Every fault fits in the window, so the pipeline
+    always gets the tail of the run to settle before the drain.
     """
     if count < 0 or duration_s <= 0:
         raise ValueError("count must be >= 0 and duration positive")
@@ -84,27 +99,63 @@ def plan_faults(
     faults: list[Fault] = []
     running = {"coalesce": 2, "merge": 2, **(workers or {})}
     added = dict.fromkeys(running, 0)
+    for_good = 0
+    must = [k for k, n in (required or {}).items() for _ in range(n)]
+    if len(must) > count:
+        raise ValueError(f"{len(must)} required faults do not fit in {count}")
+    # the moments (indexes into `times`) that get a required kind
+    must_at = dict(zip(sorted(rng.sample(range(count), len(must))), must, strict=True))
 
-    def possible(kind: FaultKind) -> bool:
+    def removes(kind: FaultKind) -> str | None:
+        if kind in REMOVALS:
+            return REMOVALS[kind]
+        return FOR_GOOD_TIERS[for_good % len(FOR_GOOD_TIERS)] if kind is FaultKind.KILL_FOR_GOOD else None
+
+    def reserved(tier: str, n: int) -> int:
+        """Workers of `tier` that the required kills for good from moment n on will take."""
+        later = sum(k is FaultKind.KILL_FOR_GOOD for i, k in must_at.items() if i >= n)
+        return sum(FOR_GOOD_TIERS[(for_good + j) % len(FOR_GOOD_TIERS)] == tier for j in range(later))
+
+    def possible(kind: FaultKind, n: int, required: bool = False) -> bool:
         if kind in ADDS:
             return added[ADDS[kind]] < max_added
-        if kind in REMOVALS:
-            return running[REMOVALS[kind]] > 1
-        return True
+        tier = removes(kind)
+        if tier is None:
+            return True
+        if required:
+            return running[tier] > 1
+        if kind is FaultKind.KILL_FOR_GOOD and reserved(tier, n):
+            return False  # an unplanned one would shift which tiers the required ones hit
+        return running[tier] - reserved(tier, n) > 1
 
-    for at in times:
-        allowed = [k for k in kinds if possible(k)]
-        if not allowed:
-            raise ValueError("no fault kind is possible: give a kill or restart a positive weight")
-        kind = rng.choices(allowed, weights=[weights[k] for k in allowed])[0]
+    for n, at in enumerate(times):
+        wanted = must_at.get(n)
+        if wanted is not None and possible(wanted, n, required=True):
+            kind = wanted
+        else:
+            allowed = [k for k in kinds if possible(k, n)]
+            if not allowed:
+                raise ValueError("no fault kind is possible: give a kill or restart a positive weight")
+            kind = rng.choices(allowed, weights=[weights[k] for k in allowed])[0]
+        tier = removes(kind) or ""
         if kind in ADDS:
             added[ADDS[kind]] += 1
             running[ADDS[kind]] += 1
-        if kind in REMOVALS:
-            running[REMOVALS[kind]] -= 1
-        scaling = kind in ADDS or kind in REMOVALS
+        if tier:
+            running[tier] -= 1
+        if kind is FaultKind.KILL_FOR_GOOD:
+            for_good += 1
+        scaling = kind in ADDS or kind in REMOVALS or kind is FaultKind.KILL_FOR_GOOD
         pause = 0.0 if scaling else round(rng.uniform(0.1, max_pause_s), 2)
-        faults.append(Fault(round(at, 2), kind, rng.randrange(1_000), pause))
+        faults.append(
+            Fault(
+                round(at, 2),
+                kind,
+                rng.randrange(1_000),
+                pause,
+                tier if kind is FaultKind.KILL_FOR_GOOD else "",
+            )
+        )
     return faults
 
 

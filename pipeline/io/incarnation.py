@@ -21,14 +21,15 @@ from pipeline.io import kafka
 from pipeline.io.redis_retry import retrying
 
 
-def _key(group: str, instance: str) -> str:
+def key(group: str, instance: str) -> str:
+    """The Redis key holding the transactional id of a worker's current start."""
     return f"{group}:txid:{instance}"
 
 
-async def begin(client: aioredis.Redis, bootstrap: str, group: str, instance: str) -> str:
+async def begin(client: aioredis.Redis, bootstrap: kafka.KafkaTarget, group: str, instance: str) -> str:
     """Record and return this start's transactional id, after fencing the previous start's."""
     new_id = f"{group}.{instance}.{time.time_ns():x}"
-    previous = await retrying(lambda: client.getset(_key(group, instance), new_id))
+    previous = await retrying(lambda: client.getset(key(group, instance), new_id))
     if previous:
         await kafka.fence(bootstrap, previous.decode() if isinstance(previous, bytes) else str(previous))
     return new_id

@@ -8,21 +8,166 @@ restarted worker takes its partitions back at once and fences its own zombie.
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import functools
+import ssl
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition, errors
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.client import AIOKafkaClient, CoordinationType
+from aiokafka.conn import create_conn
 from aiokafka.errors import KafkaConnectionError, KafkaError, TopicAlreadyExistsError
+from aiokafka.helpers import create_ssl_context
 from aiokafka.protocol.group import LeaveGroupRequest
 
 from pipeline.core.topology import Topology
 from pipeline.io.server_wait import retry_while_unavailable
+from pipeline.settings import Settings
 
-# A worker may start while the broker restarts: wait for it rather than exit.
-broker_retry = retry_while_unavailable(KafkaConnectionError, "broker", 0.1)
+# A worker may start while the broker restarts, or while the broker it asks is one of a cluster that
+# just died (NodeNotReady until the metadata moves on): wait for it rather than exit.
+BROKER_AWAY = (
+    KafkaConnectionError,
+    errors.NodeNotReadyError,
+    errors.RequestTimedOutError,
+    errors.KafkaTimeoutError,
+    errors.NotControllerError,
+    errors.LeaderNotAvailableError,
+    errors.CoordinatorNotAvailableError,
+)
+broker_retry = retry_while_unavailable(BROKER_AWAY, "broker", 0.1)
+
+SECURITY_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
+SASL_MECHANISMS = ("SCRAM-SHA-512", "SCRAM-SHA-256", "PLAIN")
+
+
+@dataclass(frozen=True)
+class KafkaConnection:
+    """Where the brokers are and how to reach them: TLS and SASL, as every client here needs them.
+
+    The password never appears in a repr or a log line.
+    """
+
+    bootstrap: str
+    security_protocol: str = "PLAINTEXT"
+    sasl_mechanism: str = "SCRAM-SHA-512"
+    username: str = ""
+    password: str = field(default="", repr=False)
+    ssl_cafile: str = ""  # trusted CA (PEM); empty: the system's
+    ssl_certfile: str = ""  # client certificate, for brokers that ask for one
+    ssl_keyfile: str = ""
+
+    def __post_init__(self) -> None:
+        if self.security_protocol not in SECURITY_PROTOCOLS:
+            raise ValueError(f"kafka_security_protocol must be one of {', '.join(SECURITY_PROTOCOLS)}")
+        if self.sasl and self.sasl_mechanism not in SASL_MECHANISMS:
+            raise ValueError(f"kafka_sasl_mechanism must be one of {', '.join(SASL_MECHANISMS)}")
+        if self.sasl and not (self.username and self.password):
+            raise ValueError(f"{self.security_protocol} needs kafka_sasl_username and kafka_sasl_password")
+
+    @property
+    def sasl(self) -> bool:
+        return self.security_protocol.startswith("SASL_")
+
+    @property
+    def tls(self) -> bool:
+        return self.security_protocol.endswith("SSL")
+
+    def describe(self) -> str:
+        """For log lines and errors: where and how, never the secret."""
+        who = f" as {self.username} ({self.sasl_mechanism})" if self.sasl else ""
+        return f"{self.bootstrap} over {self.security_protocol}{who}"
+
+    @functools.cached_property
+    def _ssl_context(self) -> ssl.SSLContext | None:
+        if not self.tls:
+            return None
+        return create_ssl_context(
+            cafile=self.ssl_cafile or None,
+            certfile=self.ssl_certfile or None,
+            keyfile=self.ssl_keyfile or None,
+        )
+
+    def client_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for any aiokafka client (producer, consumer, admin)."""
+        kwargs: dict[str, Any] = {"bootstrap_servers": self.bootstrap}
+        if self.security_protocol != "PLAINTEXT":
+            kwargs["security_protocol"] = self.security_protocol
+        if self.tls:
+            kwargs["ssl_context"] = self._ssl_context
+        if self.sasl:
+            kwargs |= {
+                "sasl_mechanism": self.sasl_mechanism,
+                "sasl_plain_username": self.username,
+                "sasl_plain_password": self.password,
+            }
+        return kwargs
+
+
+KafkaTarget = str | KafkaConnection
+
+
+class AccessRefused(Exception):
+    """The brokers answered and refused this client: wrong credentials or an untrusted certificate.
+
+    Waiting does not help, so nothing retries it: the worker stops with this message.
+    """
+
+
+REFUSALS = (
+    errors.SaslAuthenticationFailed,
+    errors.AuthenticationFailedError,
+    errors.AuthenticationMethodNotSupported,
+    errors.UnsupportedSaslMechanismError,
+    errors.IllegalSaslStateError,
+    ssl.SSLError,
+)
+
+
+async def check_access(target: KafkaTarget, timeout_s: float = 10.0) -> None:
+    """Raise AccessRefused if a broker refuses the TLS handshake or the SASL login.
+
+    aiokafka reports such a refusal only as "unable to bootstrap", like a broker
+    that is down; one direct connection tells the two apart. A broker that cannot
+    be reached at all is not a refusal (the caller waits for it as usual).
+    """
+    conn = connection(target)
+    if conn.security_protocol == "PLAINTEXT":
+        return
+    options: dict[str, Any] = {k: v for k, v in conn.client_kwargs().items() if k != "bootstrap_servers"} | {
+        "request_timeout_ms": int(timeout_s * 1000)
+    }
+    for address in conn.bootstrap.split(","):
+        host, _, port = address.strip().rpartition(":")
+        try:
+            link = await asyncio.wait_for(create_conn(host, int(port), **options), timeout_s)
+        except REFUSALS as exc:
+            raise AccessRefused(f"Kafka at {conn.describe()} refused this client: {exc}") from exc
+        except (OSError, KafkaError, TimeoutError, ValueError):
+            continue  # this broker is away: try the next
+        link.close()
+        return
+
+
+def connection(target: KafkaTarget) -> KafkaConnection:
+    """A plain bootstrap string means PLAINTEXT (local servers, tests, benchmarks)."""
+    return target if isinstance(target, KafkaConnection) else KafkaConnection(target)
+
+
+def connection_from(settings: Settings) -> KafkaConnection:
+    """The connection the settings describe (PIPELINE_KAFKA, PIPELINE_KAFKA_SECURITY_PROTOCOL, ...)."""
+    return KafkaConnection(
+        settings.kafka,
+        security_protocol=settings.kafka_security_protocol.upper(),
+        sasl_mechanism=settings.kafka_sasl_mechanism.upper(),
+        username=settings.kafka_sasl_username,
+        password=settings.kafka_sasl_password.get_secret_value(),
+        ssl_cafile=settings.kafka_ssl_cafile,
+        ssl_certfile=settings.kafka_ssl_certfile,
+        ssl_keyfile=settings.kafka_ssl_keyfile,
+    )
 
 
 @broker_retry
@@ -51,20 +196,39 @@ def topology_topics(topology: Topology) -> list[TopicSpec]:
 
 
 @broker_retry
-async def ensure_topics(bootstrap: str, specs: Iterable[TopicSpec], timeout_s: float = 30.0) -> None:
-    """Create topics explicitly, with their partition counts; existing ones are left alone."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=int(timeout_s * 1000))
-    await admin.start()
+async def ensure_topics(
+    bootstrap: KafkaTarget, specs: Iterable[TopicSpec], timeout_s: float = 30.0, replication: int = 0
+) -> None:
+    """Create topics explicitly, with their partition counts; existing ones are left alone.
+
+    `replication` 0 means as many replicas as the cluster allows, up to 3; with 3
+    replicas a topic also gets `min.insync.replicas=2`, so an `acks=all` write
+    survives the loss of any one broker.
+    """
+    specs = list(specs)
+    admin = AIOKafkaAdminClient(
+        **connection(bootstrap).client_kwargs(), request_timeout_ms=int(timeout_s * 1000)
+    )
+    try:
+        await admin.start()
+    except KafkaConnectionError:
+        await check_access(bootstrap)  # a refusal is final: say so instead of waiting
+        raise
     try:
         existing = set(await admin.list_topics())
-        new = [
-            NewTopic(s.name, s.partitions, 1, topic_configs=s.config or None)
-            for s in specs
-            if s.name not in existing
-        ]
-        if new:
-            with contextlib.suppress(TopicAlreadyExistsError):  # another worker was faster
-                await admin.create_topics(new)
+        missing = [s for s in specs if s.name not in existing]
+        if missing:
+            if replication <= 0:
+                brokers = (await admin.describe_cluster()).get("brokers") or [None]
+                replication = min(3, len(brokers))
+            isr = {"min.insync.replicas": "2"} if replication >= 3 else {}
+            new = [NewTopic(s.name, s.partitions, replication, topic_configs=isr | s.config) for s in missing]
+            response = await admin.create_topics(new)
+            for topic_error in getattr(response, "topic_errors", []):
+                name, code = topic_error[0], topic_error[1]
+                if code not in (0, TopicAlreadyExistsError.errno):  # another worker may have been faster
+                    message = topic_error[2] if len(topic_error) > 2 else ""
+                    raise KafkaError(f"cannot create topic {name}: error {code} {message or ''}".rstrip())
         await _wait_for_metadata(admin, [s.name for s in specs], timeout_s)
     finally:
         await admin.close()
@@ -80,18 +244,29 @@ async def _wait_for_metadata(admin: AIOKafkaAdminClient, names: list[str], timeo
         await asyncio.sleep(0.1)
 
 
+async def partitions_of(admin: AIOKafkaAdminClient, topic: str) -> list[int]:
+    """The partition numbers of a topic, sorted (empty if it does not exist).
+
+    Asked of the cluster: a consumer's `partitions_for_topic` knows only the
+    topics it already follows.
+    """
+    described = await admin.describe_topics([topic])
+    return sorted(p["partition"] for t in described if t.get("error_code") == 0 for p in t["partitions"])
+
+
 def consumer(
-    bootstrap: str,
+    bootstrap: KafkaTarget,
     topic: str,
     group: str,
     instance: str,
     *,
     read_committed: bool = True,
     max_records: int = 20_000,
+    fetch_min_bytes: int = 1,
 ) -> AIOKafkaConsumer:
     """A group consumer that never auto-commits: offsets move only with the output they produced."""
     return AIOKafkaConsumer(
-        bootstrap_servers=bootstrap,
+        **connection(bootstrap).client_kwargs(),
         group_id=group,
         group_instance_id=f"{group}.{instance}",
         client_id=f"{group}.{instance}",
@@ -100,16 +275,17 @@ def consumer(
         isolation_level="read_committed" if read_committed else "read_uncommitted",
         max_poll_records=max_records,
         fetch_max_wait_ms=100,
+        fetch_min_bytes=fetch_min_bytes,
         max_partition_fetch_bytes=4 * 1024 * 1024,
         session_timeout_ms=10_000,
         heartbeat_interval_ms=1_000,
     )
 
 
-def transactional_producer(bootstrap: str, transactional_id: str) -> AIOKafkaProducer:
+def transactional_producer(bootstrap: KafkaTarget, transactional_id: str) -> AIOKafkaProducer:
     """The producer a worker writes its outputs and offsets through, atomically."""
     return AIOKafkaProducer(
-        bootstrap_servers=bootstrap,
+        **connection(bootstrap).client_kwargs(),
         client_id=transactional_id,
         transactional_id=transactional_id,
         transaction_timeout_ms=30_000,
@@ -121,7 +297,7 @@ def transactional_producer(bootstrap: str, transactional_id: str) -> AIOKafkaPro
     )
 
 
-async def fence(bootstrap: str, transactional_id: str) -> None:
+async def fence(bootstrap: KafkaTarget, transactional_id: str) -> None:
     """Abort whatever `transactional_id` left open and fence any zombie still using it.
 
     Initializing a producer with an id bumps its epoch: the broker aborts the
@@ -139,7 +315,9 @@ def member_id(consumer: AIOKafkaConsumer) -> str | None:
     return member if isinstance(member, str) and member else None
 
 
-async def leave_group(bootstrap: str, group: str, member: str | None, timeout_s: float = 10.0) -> bool:
+async def leave_group(
+    bootstrap: KafkaTarget, group: str, member: str | None, timeout_s: float = 10.0
+) -> bool:
     """Tell the coordinator a stopped static member is gone, so its partitions move at once.
 
     aiokafka sends no LeaveGroup for a static member (one with
@@ -150,7 +328,7 @@ async def leave_group(bootstrap: str, group: str, member: str | None, timeout_s:
     """
     if not member:
         return False
-    client = AIOKafkaClient(bootstrap_servers=bootstrap, request_timeout_ms=int(timeout_s * 1000))
+    client = AIOKafkaClient(**connection(bootstrap).client_kwargs(), request_timeout_ms=int(timeout_s * 1000))
     try:
         await client.bootstrap()
         node = await client.coordinator_lookup(CoordinationType.GROUP, group)
@@ -162,10 +340,22 @@ async def leave_group(bootstrap: str, group: str, member: str | None, timeout_s:
         await client.close()
 
 
-def producer(bootstrap: str, client_id: str, *, linger_ms: int = 5) -> AIOKafkaProducer:
+async def transaction_coordinator(
+    bootstrap: KafkaTarget, transactional_id: str, timeout_s: float = 5.0
+) -> int:
+    """The node id of the broker coordinating a transactional id's transactions."""
+    client = AIOKafkaClient(**connection(bootstrap).client_kwargs(), request_timeout_ms=int(timeout_s * 1000))
+    try:
+        await client.bootstrap()
+        return int(await client.coordinator_lookup(CoordinationType.TRANSACTION, transactional_id))
+    finally:
+        await client.close()
+
+
+def producer(bootstrap: KafkaTarget, client_id: str, *, linger_ms: int = 5) -> AIOKafkaProducer:
     """An idempotent producer for at-least-once outputs that carry absolute values."""
     return AIOKafkaProducer(
-        bootstrap_servers=bootstrap,
+        **connection(bootstrap).client_kwargs(),
         client_id=client_id,
         enable_idempotence=True,
         acks="all",

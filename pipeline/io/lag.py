@@ -13,6 +13,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
 from pipeline.core.topology import Topology
+from pipeline.io.kafka import KafkaTarget, connection, partitions_of
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,13 +27,14 @@ class LagSample:
 class Tier1Lag:
     """Samples the lag of a topology's tier-1 group on its events topic."""
 
-    def __init__(self, bootstrap: str, topology: Topology, request_timeout_ms: int = 5_000) -> None:
+    def __init__(self, bootstrap: KafkaTarget, topology: Topology, request_timeout_ms: int = 5_000) -> None:
         self.topic = topology.topic("events")
         self.group = topology.group("coalesce")
-        self._admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=request_timeout_ms)
+        target = connection(bootstrap).client_kwargs()
+        self._admin = AIOKafkaAdminClient(**target, request_timeout_ms=request_timeout_ms)
         # no group: only asks for end offsets (the last stable offset, as tier 1 reads read_committed)
         self._offsets = AIOKafkaConsumer(
-            bootstrap_servers=bootstrap,
+            **target,
             enable_auto_commit=False,
             isolation_level="read_committed",
             request_timeout_ms=request_timeout_ms,
@@ -49,11 +51,8 @@ class Tier1Lag:
 
     async def sample(self) -> LagSample:
         if not self._partitions:
-            parts = self._offsets.partitions_for_topic(self.topic)
-            if not parts:
-                await self._offsets.topics()  # refresh metadata
-                parts = self._offsets.partitions_for_topic(self.topic) or set()
-            self._partitions = [TopicPartition(self.topic, p) for p in sorted(parts)]
+            parts = await partitions_of(self._admin, self.topic)
+            self._partitions = [TopicPartition(self.topic, p) for p in parts]
             if not self._partitions:
                 return LagSample(0, 0, 0)
         ends = await self._offsets.end_offsets(self._partitions)

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
+from redis.exceptions import AuthenticationError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -16,7 +17,10 @@ from pipeline.io.server_wait import retry_while_unavailable
 
 T = TypeVar("T")
 
-redis_retry = retry_while_unavailable((RedisConnectionError, RedisTimeoutError), "redis", 0.05)
+# a refused password is a ConnectionError to redis-py, but no wait will cure it
+redis_retry = retry_while_unavailable(
+    (RedisConnectionError, RedisTimeoutError), "redis", 0.05, final=(AuthenticationError,)
+)
 
 
 @redis_retry

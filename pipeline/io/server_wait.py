@@ -8,15 +8,28 @@ from __future__ import annotations
 from typing import Any
 
 import structlog
-from tenacity import RetryCallState, retry, retry_if_exception_type, stop_after_delay, wait_exponential
+from tenacity import (
+    RetryCallState,
+    retry,
+    retry_if_exception_type,
+    retry_if_not_exception_type,
+    stop_after_delay,
+    wait_exponential,
+)
 
 WAIT_FOR_S = 120.0
 
 
 def retry_while_unavailable(
-    errors: type[BaseException] | tuple[type[BaseException], ...], server: str, first_wait_s: float
+    errors: type[BaseException] | tuple[type[BaseException], ...],
+    server: str,
+    first_wait_s: float,
+    final: tuple[type[BaseException], ...] = (),
 ) -> Any:
-    """A tenacity decorator: retry on `errors` for up to WAIT_FOR_S, backing off from `first_wait_s`."""
+    """A tenacity decorator: retry on `errors` for up to WAIT_FOR_S, backing off from `first_wait_s`.
+
+    `final` are errors among those that waiting cannot cure (a refused password): raised at once.
+    """
 
     def log(state: RetryCallState) -> None:
         error = state.outcome.exception() if state.outcome else None
@@ -25,7 +38,7 @@ def retry_while_unavailable(
         )
 
     return retry(
-        retry=retry_if_exception_type(errors),
+        retry=retry_if_exception_type(errors) & retry_if_not_exception_type(final),
         wait=wait_exponential(multiplier=first_wait_s, max=2),
         stop=stop_after_delay(WAIT_FOR_S),
         before_sleep=log,

@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any, cast
 
 import orjson
-import redis.asyncio as aioredis
 from aiohttp import WSCloseCode, WSMsgType, web
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiolimiter import AsyncLimiter
@@ -46,7 +45,7 @@ from pipeline.core.fanout import (
 )
 from pipeline.core.model import ChannelUpdate
 from pipeline.core.topology import Topology
-from pipeline.io import kafka
+from pipeline.io import kafka, redis_client
 from pipeline.io.channel_snapshot import leaderboard_metric, read_snapshot
 from pipeline.io.node_registry import NodeRegistry, Ring
 from pipeline.io.redis_retry import retrying
@@ -164,6 +163,7 @@ class BroadcastNode:
     def __init__(self, topology: Topology, settings: Settings) -> None:
         self.topology = topology
         self.settings = settings
+        self.kafka = kafka.connection_from(settings)
         self.node_id = settings.instance
         self.labels = (topology.name, self.tier, settings.instance)
         self.log = obs.log(topology=topology.name, tier=self.tier, instance=settings.instance)
@@ -183,7 +183,7 @@ class BroadcastNode:
             feed_types=topology.feed_types,
         )
         self.max_lag = settings.broadcast_max_lag_bytes
-        self.redis = aioredis.Redis.from_url(settings.redis)
+        self.redis = redis_client.connect(settings)
         self.url = settings.broadcast_public_url
         self.registry: NodeRegistry | None = None
         self.ring = Ring({})
@@ -212,7 +212,7 @@ class BroadcastNode:
         if not self.secret:
             raise SystemExit("a broadcast node needs PIPELINE_BROADCAST_SECRET (the viewer token secret)")
         _raise_fd_limit()
-        await kafka.ensure_topics(self.settings.kafka, kafka.topology_topics(self.topology))
+        await kafka.ensure_topics(self.kafka, kafka.topology_topics(self.topology))
         await retrying(self.redis.ping)  # a node may start while Redis restarts: wait for it
         consumer = await self._start_consumer()
         try:
@@ -257,7 +257,7 @@ class BroadcastNode:
     async def _start_consumer(self) -> AIOKafkaConsumer:
         """Every partition of both topics, from the end; positions resolved before any viewer comes."""
         consumer = AIOKafkaConsumer(
-            bootstrap_servers=self.settings.kafka,
+            **self.kafka.client_kwargs(),
             group_id=None,
             client_id=f"{self.topology.group(self.tier)}.{self.node_id}",
             enable_auto_commit=False,

@@ -19,14 +19,13 @@ import asyncio
 import time
 from collections.abc import Iterable
 
-import redis.asyncio as aioredis
 from aiokafka import AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import KafkaError
 
 from pipeline import observability as obs
 from pipeline.core.coalescer import Coalescer, DeadLetter
 from pipeline.core.topology import Topology
-from pipeline.io import incarnation, kafka
+from pipeline.io import incarnation, kafka, redis_client
 from pipeline.io.dedup_store import DedupStore
 from pipeline.io.partition_owners import PartitionOwners
 from pipeline.settings import Settings
@@ -43,6 +42,7 @@ class CoalesceWorker:
     def __init__(self, topology: Topology, settings: Settings) -> None:
         self.topology = topology
         self.settings = settings
+        self.kafka = kafka.connection_from(settings)
         self.group = topology.group(self.tier)
         self.events_topic = topology.topic("events")
         self.partials_topic = topology.topic("partials")
@@ -55,14 +55,15 @@ class CoalesceWorker:
         self._dead: list[DeadLetter] = []
         self._lock = asyncio.Lock()
         self.consumer = kafka.consumer(
-            settings.kafka,
+            self.kafka,
             self.events_topic,
             self.group,
             settings.instance,
             read_committed=True,
             max_records=settings.max_poll_records,
+            fetch_min_bytes=settings.fetch_min_bytes,
         )
-        self.redis = aioredis.Redis.from_url(settings.redis)
+        self.redis = redis_client.connect(settings)
         self.dedup = DedupStore(self.redis, topology.name, topology.dedup_horizon_s)
         self.owners = PartitionOwners(self.redis, self.group)
         # assigned partitions not read: waiting for their claim, or claimed by another worker since
@@ -75,7 +76,7 @@ class CoalesceWorker:
         self.partials_out = 0
 
     async def run(self, stop: asyncio.Event) -> None:
-        await kafka.ensure_topics(self.settings.kafka, kafka.topology_topics(self.topology))
+        await kafka.ensure_topics(self.kafka, kafka.topology_topics(self.topology))
         await self._new_producer()
         self.consumer.subscribe([self.events_topic], listener=_FlushOnRevoke(self))
         await kafka.start(self.consumer)
@@ -91,7 +92,7 @@ class CoalesceWorker:
             await self.consumer.stop()
             await self.producer.stop()
             if member and self.settings.leave_group_on_stop:
-                left = await kafka.leave_group(self.settings.kafka, self.group, member)
+                left = await kafka.leave_group(self.kafka, self.group, member)
                 self.log.info("left the group", ok=left)
             await self.redis.aclose()
             self.log.info("stopped", events_in=self.events_in, partials_out=self.partials_out)
@@ -195,9 +196,9 @@ class CoalesceWorker:
     async def _new_producer(self) -> None:
         """A fresh transactional id (fencing this worker's previous one) and its producer."""
         self.transactional_id = await incarnation.begin(
-            self.redis, self.settings.kafka, self.group, self.settings.instance
+            self.redis, self.kafka, self.group, self.settings.instance
         )
-        self.producer = kafka.transactional_producer(self.settings.kafka, self.transactional_id)
+        self.producer = kafka.transactional_producer(self.kafka, self.transactional_id)
         await kafka.start(self.producer)
         self._producer_claimed = False
 
@@ -232,7 +233,7 @@ class CoalesceWorker:
                 for previous in await self.owners.claim(partitions, self.transactional_id):
                     # bounded: a broker that never settles an old transaction must not hold the
                     # lock (and a rebalance waiting for it) for ever; the claim is simply retried
-                    await asyncio.wait_for(kafka.fence(self.settings.kafka, previous), FENCE_TIMEOUT_S)
+                    await asyncio.wait_for(kafka.fence(self.kafka, previous), FENCE_TIMEOUT_S)
                 self._producer_claimed = True
                 self.coalescer.forget(partitions)
                 self.drop_dead_letters(partitions)

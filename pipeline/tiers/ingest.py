@@ -37,7 +37,6 @@ from typing import Any
 
 import orjson
 import prometheus_client
-import redis.asyncio as aioredis
 from aiohttp import web
 from prometheus_client import Counter, Gauge, Histogram
 
@@ -47,7 +46,7 @@ from pipeline.core.hotkeys import HotKeySplitter, SplitPolicy
 from pipeline.core.model import MAX_SUBKEYS
 from pipeline.core.shedding import NORMAL, DrainRate, LoadLimits, LoadShedder, Overload
 from pipeline.core.topology import Topology
-from pipeline.io import kafka, redis_query
+from pipeline.io import kafka, redis_client, redis_query
 from pipeline.io.lag import Tier1Lag
 from pipeline.settings import Settings
 
@@ -109,6 +108,7 @@ class IngestWorker:
     def __init__(self, topology: Topology, settings: Settings, client: PipelineClient | None = None) -> None:
         self.topology = topology
         self.settings = settings
+        self.kafka = kafka.connection_from(settings)
         self.labels = (topology.name, self.tier, settings.instance)
         self.log = obs.log(topology=topology.name, tier=self.tier, instance=settings.instance)
         self.api_keys = [k.strip().encode() for k in settings.ingest_api_keys.split(",") if k.strip()]
@@ -130,8 +130,9 @@ class IngestWorker:
         )
         self.client = client or PipelineClient(
             topology,
-            settings.kafka,
+            self.kafka,
             redis_url=settings.redis,
+            redis_options=redis_client.options(settings),
             splitter=self.splitter,
             ack_timeout_ms=settings.ingest_ack_timeout_ms,
             client_id=f"{topology.name}.ingest.{settings.instance}",
@@ -150,7 +151,7 @@ class IngestWorker:
         self.port = 0
         self._runner: web.AppRunner | None = None
         self._tasks: list[asyncio.Task[None]] = []
-        self._redis = aioredis.Redis.from_url(settings.redis)
+        self._redis = redis_client.connect(settings)
         self._split_labels: set[str] = set()
         self._rate_labels: set[str] = set()
 
@@ -192,10 +193,10 @@ class IngestWorker:
         while not self.client.started:
             try:
                 await asyncio.wait_for(
-                    kafka.ensure_topics(self.settings.kafka, kafka.topology_topics(self.topology), 10.0), 15.0
+                    kafka.ensure_topics(self.kafka, kafka.topology_topics(self.topology), 10.0), 15.0
                 )
                 await self.client.start()
-                self.log.info("connected", kafka=self.settings.kafka)
+                self.log.info("connected", kafka=self.kafka.describe())
             except Exception as exc:
                 self.log.warning("broker unreachable; retrying", error=repr(exc)[:200])
                 await asyncio.sleep(1.0)
@@ -207,7 +208,7 @@ class IngestWorker:
         try:
             while True:
                 if lag is None and self.client.started:
-                    lag = Tier1Lag(self.settings.kafka, self.topology)
+                    lag = Tier1Lag(self.kafka, self.topology)
                     try:
                         await lag.start()
                     except Exception as exc:

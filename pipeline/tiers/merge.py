@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import time
 
-import redis.asyncio as aioredis
 from aiokafka import ConsumerRebalanceListener, ConsumerRecord, TopicPartition
 from aiokafka.errors import KafkaError
 
@@ -20,7 +19,7 @@ from pipeline import observability as obs
 from pipeline.core.merger import Merger
 from pipeline.core.model import ChannelUpdate
 from pipeline.core.topology import Topology
-from pipeline.io import kafka, redis_query
+from pipeline.io import kafka, redis_client, redis_query
 from pipeline.io.redis_retry import retrying
 from pipeline.io.redis_sink import ApplyResult, RedisSink
 from pipeline.settings import Settings
@@ -35,29 +34,30 @@ class MergeWorker:
     def __init__(self, topology: Topology, settings: Settings) -> None:
         self.topology = topology
         self.settings = settings
+        self.kafka = kafka.connection_from(settings)
         self.group = topology.group(self.tier)
         self.partials_topic = topology.topic("partials")
         self.updates_topic = topology.topic("updates")
         self.labels = (topology.name, self.tier, settings.instance)
         self.log = obs.log(topology=topology.name, tier=self.tier, instance=settings.instance)
         self.merger = Merger(topology)
-        self.redis = aioredis.Redis.from_url(settings.redis)
+        self.redis = redis_client.connect(settings)
         self.sink = RedisSink(self.redis, topology)
         self.consumer = kafka.consumer(
-            settings.kafka,
+            self.kafka,
             self.partials_topic,
             self.group,
             settings.instance,
             read_committed=True,
             max_records=2_000,
         )
-        self.producer = kafka.producer(settings.kafka, f"{self.group}.{settings.instance}.updates")
+        self.producer = kafka.producer(self.kafka, f"{self.group}.{settings.instance}.updates")
         self.partials_in = 0
         self.cells_in = 0
         self.commands = 0
 
     async def run(self, stop: asyncio.Event) -> None:
-        await kafka.ensure_topics(self.settings.kafka, kafka.topology_topics(self.topology))
+        await kafka.ensure_topics(self.kafka, kafka.topology_topics(self.topology))
         await retrying(self.redis.ping)  # wait for Redis, as for any apply
         await kafka.start(self.producer)
         self.consumer.subscribe([self.partials_topic], listener=_SeekToApplied(self))
@@ -73,7 +73,7 @@ class MergeWorker:
             await self.consumer.stop()
             await self.producer.stop()
             if member and self.settings.leave_group_on_stop:
-                left = await kafka.leave_group(self.settings.kafka, self.group, member)
+                left = await kafka.leave_group(self.kafka, self.group, member)
                 self.log.info("left the group", ok=left)
             await self.redis.aclose()
             self.log.info("stopped", partials_in=self.partials_in, redis_commands=self.commands)

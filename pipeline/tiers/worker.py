@@ -7,10 +7,15 @@ import importlib
 import signal
 from typing import Protocol
 
+from redis.exceptions import AuthenticationError as RedisAuthenticationError
+
 from pipeline import memory_trim
 from pipeline import observability as obs
 from pipeline.core.topology import Topology
+from pipeline.io import kafka, redis_client
 from pipeline.settings import Settings
+
+EXIT_REFUSED = 3  # a server refused the credentials or the certificate
 
 
 class Tier(Protocol):
@@ -68,4 +73,16 @@ def run(tier: str, topology: Topology, settings: Settings) -> None:
             stop.set()
             await trimming
 
-    asyncio.run(main())
+    try:
+        asyncio.run(main())
+    except (kafka.AccessRefused, RedisAuthenticationError) as exc:
+        # a refused password or certificate: no retry will cure it, so stop with what happened
+        server = (
+            "kafka"
+            if isinstance(exc, kafka.AccessRefused)
+            else f"redis at {redis_client.redact(settings.redis)}"
+        )
+        obs.log(topology=topology.name, tier=tier, instance=settings.instance).error(
+            "refused", server=server, error=str(exc)
+        )
+        raise SystemExit(EXIT_REFUSED) from None

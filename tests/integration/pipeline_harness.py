@@ -72,11 +72,19 @@ async def wait_for_totals(
 class Pipeline:
     """A topology's workers as real processes against the test servers."""
 
-    def __init__(self, servers: Endpoints, topology: Topology, base: str, log_dir: Path) -> None:
+    def __init__(
+        self,
+        servers: Endpoints,
+        topology: Topology,
+        base: str,
+        log_dir: Path,
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.servers = servers
         self.topology = topology
         self.base = base
         self.log_dir = log_dir
+        self.env = env or {}  # extra PIPELINE_* settings for every worker (credentials, ...)
         self.workers: list[WorkerProcess] = []
 
     async def create_topics(self) -> None:
@@ -91,6 +99,7 @@ class Pipeline:
             self.servers.redis_url,
             self.log_dir,
             name=self.topology.name,
+            extra_env=self.env,
         )
         self.workers.append(w)
         return w.start()

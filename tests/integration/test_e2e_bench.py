@@ -43,7 +43,9 @@ def test_small_run_reports_latencies_rates_reductions_and_the_plan(servers: Endp
         (per_s["partials"], plan["partials_per_s"], r["plan_error_pct"]["partials_per_s"]),
         (per_s["redis_commands"], plan["redis_commands_per_s"], r["plan_error_pct"]["redis_commands_per_s"]),
     ):
-        assert error == pytest.approx((predicted - measured) / measured * 100, abs=0.1)
+        # the report rounds the rates to 0.1/s and the error to 0.1 %; the error is of the unrounded rates
+        slack = 0.1 + 0.05 / measured * 100 * (1 + predicted / measured)
+        assert error == pytest.approx((predicted - measured) / measured * 100, abs=slack)
 
 
 def test_defaults_are_the_documented_command_line_defaults() -> None:

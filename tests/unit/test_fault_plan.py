@@ -8,7 +8,14 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from pipeline.chaos import Workload, compare_counts
-from pipeline.core.fault_plan import DEFAULT_WEIGHTS, FaultKind, breakdown, plan_faults
+from pipeline.core.fault_plan import (
+    CLUSTER_REQUIRED,
+    CLUSTER_WEIGHTS,
+    DEFAULT_WEIGHTS,
+    FaultKind,
+    breakdown,
+    plan_faults,
+)
 from pipeline.core.model import check_event
 
 
@@ -82,3 +89,41 @@ def test_the_workload_is_deterministic_valid_and_has_a_viral_key() -> None:
     top, n = Counter(e["key"] for e in events).most_common(1)[0]
     assert ":" in top and n > 400
     assert any(":" in e["key"] or "{" in e["key"] or "\xff" in e["key"] for e in events[:200])
+
+
+@given(st.integers(0, 2**32), st.integers(5, 40), st.integers(2, 4), st.integers(2, 3))
+def test_a_cluster_plan_has_its_required_broker_kills_and_kills_for_good(
+    seed: int, count: int, coalesce: int, merge: int
+) -> None:
+    plan = plan_faults(
+        seed,
+        count,
+        90,
+        weights=CLUSTER_WEIGHTS,
+        workers={"coalesce": coalesce, "merge": merge},
+        required=CLUSTER_REQUIRED,
+    )
+    kinds = breakdown(plan)
+    assert kinds["kill_broker"] >= 3
+    assert kinds["kill_for_good"] >= 2
+    for_good = [f for f in plan if f.kind is FaultKind.KILL_FOR_GOOD]
+    assert [f.tier for f in for_good[:2]] == ["coalesce", "merge"]  # a tier-1 worker and a root
+    assert all(f.pause_s == 0 for f in for_good)
+    running = {"coalesce": coalesce, "merge": merge}
+    for f in plan:  # never a tier without a worker, whatever leaves it and however
+        if f.kind in (FaultKind.ADD_COALESCE, FaultKind.ADD_MERGE):
+            running["coalesce" if f.kind is FaultKind.ADD_COALESCE else "merge"] += 1
+        if f.kind in (FaultKind.REMOVE_COALESCE, FaultKind.REMOVE_MERGE):
+            running["coalesce" if f.kind is FaultKind.REMOVE_COALESCE else "merge"] -= 1
+        if f.kind is FaultKind.KILL_FOR_GOOD:
+            running[f.tier] -= 1
+        assert min(running.values()) >= 1, plan
+
+
+def test_required_faults_that_do_not_fit_are_refused() -> None:
+    try:
+        plan_faults(1, 4, 60, weights=CLUSTER_WEIGHTS, required=CLUSTER_REQUIRED)
+    except ValueError as exc:
+        assert "do not fit" in str(exc)
+    else:
+        raise AssertionError("5 required faults fitted in 4")

@@ -117,9 +117,9 @@ class ChaosConfig:
             **{
                 "duration_s": 90.0,
                 "writers": 4,
-                "rate": 2500.0,
+                "rate": 3750.0,
                 "batch": 500,  # 5 sends/s per writer: acks=all from 3 replicas takes tens of ms
-                "coalesce_workers": 3,
+                "coalesce_workers": 2,
                 "merge_workers": 2,
                 "drain_timeout_s": 150.0,
                 # a SIGKILLed leader's partitions move after the brokers' 3 s session timeout

@@ -219,7 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--duration", type=float, help="seconds of load (default 60; 90 on a cluster of brokers)"
     )
     chaos.add_argument(
-        "--rate", type=float, help="events/s the writers send together (default 3000; 10000 with --brokers 3)"
+        "--rate", type=float, help="events/s the writers send together (default 3000; 15000 with --brokers 3)"
     )
     chaos.add_argument("--json", action="store_true", help="print the result as JSON on the last line")
     _server_flags(chaos)

@@ -46,11 +46,26 @@ MAX_SENDS_IN_FLIGHT = 64
 PARTITION_CACHE_MAX = 100_000
 
 
-class BrokerUnavailable(Exception):
-    """The broker could not be reached or did not acknowledge in time; nothing is known to be accepted.
+UNKNOWN_FATE = "the broker did not acknowledge in time: resend this event with the same id and sub"
 
-    Resend the same events with the same ids: accepted ones are not counted twice.
+
+class BrokerUnavailable(Exception):
+    """The broker could not be reached or did not acknowledge in time.
+
+    `results` (when the failure came from `send_many`) has one SendResult per event, as a
+    success would: accepted (acknowledged), rejected or shed as usual, or `unknown` — sent but
+    not acknowledged, so maybe counted. Every result carries its event's id, the SDK's own when
+    the caller gave none: resend the unknown ones (`resend()`) with the same id and sub, and
+    those that were counted are not counted twice.
     """
+
+    def __init__(self, message: str, results: list[SendResult] | None = None) -> None:
+        super().__init__(message)
+        self.results: list[SendResult] = results or []
+
+    def resend(self, events: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The events whose fate is unknown, each with the id and sub it was sent with."""
+        return [{**events[r.index], "id": r.id, "sub": r.sub} for r in self.results if r.unknown]
 
 
 @dataclass(slots=True)
@@ -62,6 +77,7 @@ class SendResult:
     field: str | None = None
     sub: int = 0
     shed: bool = False  # refused on purpose under overload (by the gateway), not invalid
+    unknown: bool = False  # sent, not acknowledged: resend with the same id and sub (BrokerUnavailable)
 
 
 # Per event type: a reason to refuse it now (load shedding), or None to send it.
@@ -195,6 +211,16 @@ class PipelineClient:
             return
         try:
             results = await self.send_many([e for e, _ in pending])
+        except BrokerUnavailable as exc:
+            # each caller learns its own event's fate and id
+            own = {r.index: r for r in exc.results}
+            for i, (_, fut) in enumerate(pending):
+                if not fut.done():
+                    mine = own.get(i)
+                    if mine is not None:
+                        mine.index = 0
+                    fut.set_exception(BrokerUnavailable(str(exc), [mine] if mine is not None else []))
+            return
         except BaseException as exc:
             for _, fut in pending:
                 if not fut.done():
@@ -244,6 +270,7 @@ class PipelineClient:
             splitter.observe_counts(keys)
             self._announce(splitter.tick(time.monotonic()))
         by_partition: dict[int, list[tuple[bytes, bytes]]] = {}
+        indexes: dict[int, list[int]] = {}  # partition -> the events it carries
         partition_of = self._partition_of
         for i, (etype, key, channel, ts, value, user, _, sub), event_id, text in ready:
             if splitter is not None:
@@ -254,10 +281,20 @@ class PipelineClient:
             batch = by_partition.get(partition)
             if batch is None:
                 by_partition[partition] = batch = []
+                indexes[partition] = []
             batch.append((mkey, value_json))
+            indexes[partition].append(i)
             results[i] = SendResult(i, event_id, True, sub=sub)
         if by_partition:
-            await self._produce(producer, by_partition)
+            try:
+                await self._produce(producer, by_partition)
+            except _Unacknowledged as exc:
+                for partition in exc.partitions:
+                    for i in indexes[partition]:
+                        r = results[i]
+                        assert r is not None
+                        r.accepted, r.unknown, r.reason = False, True, UNKNOWN_FATE
+                raise BrokerUnavailable(str(exc), [r for r in results if r is not None]) from exc
         return [r for r in results if r is not None]
 
     def _partition_of(self, mkey: bytes) -> int:
@@ -278,20 +315,21 @@ class PipelineClient:
         try:
             await asyncio.wait_for(self._in_flight.acquire(), self.ack_timeout_s)
         except TimeoutError:
-            raise BrokerUnavailable("too many sends waiting for the broker") from None
+            raise _Unacknowledged("too many sends waiting for the broker", list(by_partition)) from None
+        acks: dict[int, asyncio.Future[None]] = {}
         try:
             senders = self._senders
-            acks = []
             for partition, messages in by_partition.items():
                 sender = senders.get(partition)
                 if sender is None:
                     senders[partition] = sender = _PartitionSender(producer, self.topic, partition)
-                acks.append(sender.submit(messages))
+                acks[partition] = sender.submit(messages)
             # on timeout, wait_for cancels the gather and so the submissions: those not yet handed
             # to the producer are dropped, which keeps what waits in memory bounded
-            await asyncio.wait_for(asyncio.gather(*acks), self.ack_timeout_s)
-        except (KafkaError, OSError, TimeoutError) as exc:
-            raise BrokerUnavailable(f"the broker did not acknowledge in time: {exc!r}") from exc
+            await asyncio.wait_for(asyncio.gather(*acks.values()), self.ack_timeout_s)
+        except (KafkaError, OSError, TimeoutError, BrokerUnavailable) as exc:
+            unacked = [p for p in by_partition if not _acknowledged(acks.get(p))]
+            raise _Unacknowledged(f"the broker did not acknowledge in time: {exc!r}", unacked) from exc
         finally:
             self._in_flight.release()
         self.last_ack_at = time.monotonic()
@@ -374,6 +412,18 @@ class _PartitionSender:
                 continue
             for (_, fut), deps in zip(taken, waits, strict=True):
                 _settle_when_acked(fut, deps)
+
+
+class _Unacknowledged(Exception):
+    """Within send_many: the partitions whose events are not known to be acknowledged."""
+
+    def __init__(self, message: str, partitions: list[int]) -> None:
+        super().__init__(message)
+        self.partitions = partitions
+
+
+def _acknowledged(fut: asyncio.Future[None] | None) -> bool:
+    return fut is not None and fut.done() and not fut.cancelled() and fut.exception() is None
 
 
 def _settle_when_acked(fut: asyncio.Future[None], deps: list[asyncio.Future[Any]]) -> None:

@@ -145,7 +145,7 @@ def check_event(obj: Any, types: frozenset[str] | None = None, default_ts_ms: in
             and type(channel) is str
             and len(channel) <= MAX_KEY_CHARS
             and (user is None or (type(user) is str and len(user) <= MAX_KEY_CHARS))
-            and (event_id is None or (type(event_id) is str and len(event_id) <= MAX_ID_CHARS))
+            and (event_id is None or (type(event_id) is str and 0 < len(event_id) <= MAX_ID_CHARS))
             and (ts is None or (type(ts) is int and 0 <= ts < 2**53))
             and (type(value) is int or type(value) is float)
             and -MAX_ABS_VALUE <= value <= MAX_ABS_VALUE
@@ -168,6 +168,9 @@ def explain_event(obj: Any, types: frozenset[str] | None = None, default_ts_ms: 
     channel = _text(obj, "channel", MAX_KEY_CHARS) or ""
     user = _text(obj, "user", MAX_KEY_CHARS)
     event_id = _text(obj, "id", MAX_ID_CHARS)
+    if event_id == "":
+        # "" is no id: taking it for one would count every event that sends it once
+        raise InvalidEvent("field 'id' must not be empty (leave it out to have one generated)", "id")
     _text(obj, "text", MAX_TEXT_CHARS)
     ts = obj.get("ts")
     if ts is None:

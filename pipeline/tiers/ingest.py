@@ -14,9 +14,13 @@
 - 429 with Retry-After: tier 1 is too far behind (throttled), or every event of
   the request was of a priority class being shed;
 - 503 with Retry-After: the broker is unreachable or did not acknowledge in
-  time. Nothing is buffered: resend the same events with the same ids.
+  time. Nothing is buffered. When some events were sent, `resend` lists each
+  whose fate is unknown with its index, id (generated ones too) and sub:
+  resend those with that id and sub (the others of the request were accepted,
+  or rejected as the results of a 202 would say).
 
-Ids: an event's own `id` is kept, otherwise one is generated and returned. A
+Ids: an event's own `id` is kept, otherwise one is generated and returned; an
+empty `id` is refused (field `id`): leave the field out to have one made. A
 resent id within the topology's dedup horizon (600 s by default) is acknowledged
 again but counted once by tier 1. Tier 1 does the deduplication; this gateway
 only reports the pipeline-wide `deduplicated` counter from Redis as a metric.
@@ -343,12 +347,20 @@ class IngestWorker:
         except BrokerUnavailable as exc:
             UNAVAILABLE.labels(*self.labels).inc()
             self.log.warning("broker unavailable", error=str(exc)[:200])
-            return _error(
+            # which events were acknowledged, and the id and sub of each whose fate is unknown
+            resend = [
+                {"index": items[r.index][0], "status": "unknown", "id": r.id, "sub": r.sub}
+                for r in exc.results
+                if r.unknown
+            ]
+            response = _error(
                 503,
-                "the broker did not acknowledge in time; nothing is known to be accepted: "
-                "resend the same events with the same ids",
+                "the broker did not acknowledge in time: resend the events listed in `resend`, "
+                "each with its id and sub (those already counted are not counted twice)",
                 retry_after=UNAVAILABLE_RETRY_S,
+                extra={"accepted": sum(r.accepted for r in exc.results), "resend": resend},
             )
+            return response
         return self._answer(items, unparsed, sent, overload)
 
     def _cors(self, request: web.Request) -> dict[str, str]:
@@ -534,12 +546,17 @@ def _set_keyed(gauge: Gauge, labels: tuple[str, ...], values: Mapping[str, float
 
 
 def _error(
-    status: int, message: str, *, retry_after: int | None = None, headers: dict[str, str] | None = None
+    status: int,
+    message: str,
+    *,
+    retry_after: int | None = None,
+    headers: dict[str, str] | None = None,
+    extra: dict[str, Any] | None = None,
 ) -> web.Response:
     hdrs = dict(headers or {})
     if retry_after is not None:
         hdrs["Retry-After"] = str(retry_after)
-    body: dict[str, Any] = {"error": message}
+    body: dict[str, Any] = {"error": message, **(extra or {})}
     if retry_after is not None:
         body["retry_after_s"] = retry_after
     return web.Response(body=orjson.dumps(body), status=status, content_type="application/json", headers=hdrs)
@@ -642,7 +659,24 @@ def openapi_document(topology: Topology) -> dict[str, Any]:
                 },
                 "Error": {
                     "type": "object",
-                    "properties": {"error": {"type": "string"}, "retry_after_s": {"type": "integer"}},
+                    "properties": {
+                        "error": {"type": "string"},
+                        "retry_after_s": {"type": "integer"},
+                        "accepted": {"type": "integer"},
+                        "resend": {
+                            "type": "array",
+                            "description": "503: events of unknown fate; resend each with this id and sub",
+                            "items": {
+                                "type": "object",
+                                "properties": {
+                                    "index": {"type": "integer"},
+                                    "status": {"type": "string", "enum": ["unknown"]},
+                                    "id": {"type": "string"},
+                                    "sub": {"type": "integer"},
+                                },
+                            },
+                        },
+                    },
                 },
             },
         },

@@ -231,6 +231,15 @@ def test_a_batch_of_only_bad_events_is_400_with_each_reason(stack: Stack) -> Non
     assert [r["field"] for r in body["results"]] == ["key", "type"]
 
 
+def test_an_empty_id_is_refused_not_taken_for_an_id(stack: Stack) -> None:
+    """Three different likes with "id": "" were once all acknowledged and counted once."""
+    likes = [{"type": "like", "key": f"empty-{i}", "channel": "e", "id": ""} for i in range(3)]
+    status, _, body = stack.gateway.post_events(likes)
+    assert status == 400 and body["accepted"] == 0
+    assert [(r["status"], r["field"]) for r in body["results"]] == [("rejected", "id")] * 3
+    assert "must not be empty" in body["results"][0]["reason"]
+
+
 @pytest.mark.parametrize(
     ("ctype", "status"),
     [("text/plain", 415), ("application/xml", 415), ("multipart/form-data", 415), ("", 415)],

@@ -132,6 +132,7 @@ BAD_FIELDS: list[tuple[str, dict[str, Any], str]] = [
     ("user too long", base(user="u" * (MAX_KEY_CHARS + 1)), "user"),
     ("id too long", base(id="i" * (MAX_ID_CHARS + 1)), "id"),
     ("id int", base(id=5), "id"),
+    ("id empty", base(id=""), "id"),
     # the commonest shape, {"type", "key", "channel"}, has a shortcut of its own
     ("plain: key too long", base(ts=_DROP, key="k" * (MAX_KEY_CHARS + 1)), "key"),
     ("plain: key empty", base(ts=_DROP, key=""), "key"),
@@ -303,7 +304,7 @@ events = st.builds(
         st.floats(min_value=-MAX_ABS_VALUE, max_value=MAX_ABS_VALUE, allow_nan=False),
     ),
     user=st.none() | st.text(max_size=20),
-    id=st.none() | st.text(max_size=MAX_ID_CHARS),
+    id=st.none() | st.text(min_size=1, max_size=MAX_ID_CHARS),
     sub=subs,
     text=st.none() | st.text(max_size=20),
 )

@@ -81,9 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
         "demo",
         help="run the whole pipeline locally with a load generator",
         description="Starts a local broker and Redis (unless --kafka/--redis are given), "
-        "two tier-1 workers, a root merger and a broadcast node as separate processes, and a load "
-        "generator (Zipf keys plus one viral key, and a trickle of comments); prints the viewer and "
-        "dashboard URLs, shows progress, and ends with a summary read back from Redis.",
+        "two tier-1 workers, a root merger and a broadcast node as separate processes, and load "
+        "through the SDK (Zipf keys plus one viral key, ids, hot keys split; and a trickle of "
+        "comments); prints the viewer and dashboard URLs, shows progress, and ends with a summary "
+        "read back from Redis (with --json: `hot_keys_split`, the keys split during the run).",
     )
     demo.add_argument("--topology", default="live_likes")
     demo.add_argument("--duration", type=float, default=15.0, help="seconds of load (default 15)")

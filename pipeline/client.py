@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import os
+import re
 import time
 import uuid
 from collections.abc import Callable, Mapping
@@ -97,6 +99,7 @@ class PipelineClient:
         max_batch: int = 1000,
         ack_timeout_ms: int = 5_000,
         client_id: str | None = None,
+        source: str = "",
     ) -> None:
         self.topology = topology
         self.kafka = kafka_connection(bootstrap)
@@ -107,6 +110,7 @@ class PipelineClient:
         self.max_batch = max_batch
         self.ack_timeout_s = ack_timeout_ms / 1000
         self.client_id = client_id or f"{topology.name}.writer.{uuid.uuid4().hex[:8]}"
+        self.source = check_source(source)
         self.ack_latency_ms = 0.0  # smoothed time from send to acknowledgement
         self.last_ack_at = 0.0  # time.monotonic() of the last acknowledgement
         self._types = topology.types
@@ -232,7 +236,7 @@ class PipelineClient:
                 fut.set_result(result)
 
     async def send_many(
-        self, events: list[dict[str, Any]], *, shed: ShedRule | None = None
+        self, events: list[dict[str, Any]], *, shed: ShedRule | None = None, source: str | None = None
     ) -> list[SendResult]:
         """Validate each event; send the good ones; a result per event, in order.
 
@@ -243,6 +247,7 @@ class PipelineClient:
         producer = self._producer
         if producer is None:
             raise BrokerUnavailable("client not started")
+        scope = self.source if source is None else check_source(source)
         results: list[SendResult | None] = [None] * len(events)
         ready: list[tuple[int, EventFields, str, Any]] = []
         types = self._types
@@ -276,7 +281,8 @@ class PipelineClient:
             if splitter is not None:
                 sub = splitter.sub_for(key, event_id)
             mkey = message_key(key, sub)
-            value_json = _wire(etype, key, channel, ts, value, user, event_id, sub, text)
+            wire_id = scoped_id(scope, event_id) if scope else event_id
+            value_json = _wire(etype, key, channel, ts, value, user, wire_id, sub, text)
             partition = partition_of(mkey)
             batch = by_partition.get(partition)
             if batch is None:
@@ -493,6 +499,30 @@ def _wire(
     if text is not None:
         obj["text"] = text
     return orjson.dumps(obj)
+
+
+SOURCE_PATTERN = re.compile(r"[A-Za-z0-9._-]{0,40}")
+
+
+def check_source(source: str) -> str:
+    """A writer's source: up to 40 of A-Z a-z 0-9 . _ - ("" for ids that are global)."""
+    if not SOURCE_PATTERN.fullmatch(source):
+        raise ValueError(f"source {source!r}: up to 40 characters of A-Z a-z 0-9 . _ -")
+    return source
+
+
+def scoped_id(source: str, event_id: str) -> str:
+    """The id on the wire: `<source>/<id>`, so two sources that reuse an id count both events.
+
+    A source never holds "/", so no two (source, id) pairs give one wire id. Where the
+    result would exceed the schema's 128 characters, the id part is its 128-bit BLAKE2b
+    digest instead (`<source>/#<32 hex digits>`): the same for every retry of the event.
+    """
+    wire = f"{source}/{event_id}"
+    if len(wire) <= MAX_ID_CHARS:
+        return wire
+    digest = hashlib.blake2b(event_id.encode("utf-8", "surrogatepass"), digest_size=16).hexdigest()
+    return f"{source}/#{digest}"
 
 
 def _given_id(obj: Any) -> str | None:

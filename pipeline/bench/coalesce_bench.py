@@ -65,6 +65,8 @@ class Round:
     ceiling_cpu_s: float = 0.0  # CPU time of this process during the measurement
     tier1_cpu_s: float = 0.0
     partials_sent: int = 0
+    tier1_ids_s: float = 0.0  # tier 1 on a second, identical backlog whose every event has a uuid id
+    dedup_redis_keys: int = 0  # Redis keys that deduplication left after the ids run
 
 
 @dataclass
@@ -123,6 +125,21 @@ class Results:
         return ceiling / tier1 if tier1 else 0.0
 
     @property
+    def tier1_ids_eps(self) -> float:
+        best = min((r.tier1_ids_s for r in self.rounds if r.tier1_ids_s), default=0.0)
+        return self.events / best if best else 0.0
+
+    @property
+    def tier1_ids_vs_tier1(self) -> float:
+        """Median over rounds of (tier 1 with ids) / (tier 1 without), each pair on one round's load."""
+        ratios = [r.tier1_s / r.tier1_ids_s for r in self.rounds if r.tier1_s and r.tier1_ids_s]
+        return statistics.median(ratios) if ratios else 0.0
+
+    @property
+    def dedup_redis_keys(self) -> int:
+        return max((r.dedup_redis_keys for r in self.rounds), default=0)
+
+    @property
     def tier1_vs_faust(self) -> float | None:
         return self.tier1_eps / self.faust_eps if self.faust_eps else None
 
@@ -153,6 +170,12 @@ class Results:
                 "tier1_vs_faust": vs_faust is not None and vs_faust >= TARGET_VS_FAUST,
             },
             tier1_vs_ceiling_cpu=round(self.tier1_vs_ceiling_cpu, 3),
+            tier1_ids_eps=round(self.tier1_ids_eps),
+            tier1_ids_vs_tier1=round(self.tier1_ids_vs_tier1, 3),
+            tier1_ids_vs_tier1_runs=[
+                round(r.tier1_s / r.tier1_ids_s, 3) for r in self.rounds if r.tier1_ids_s
+            ],
+            dedup_redis_keys=self.dedup_redis_keys,
             ceiling_runs_eps=[round(self.events / r.ceiling_s) for r in self.rounds if r.ceiling_s],
             tier1_runs_eps=[round(self.events / r.tier1_s) for r in self.rounds if r.tier1_s],
             tier1_vs_ceiling_runs=[round(x, 3) for x in self.round_ratios],
@@ -372,6 +395,7 @@ def run(bootstrap: str, redis_url: str, events: int, faust_events: int, keys: in
         phases = [_ceiling_phase, _tier1_phase]
         for phase in phases if i % 2 == 0 else reversed(phases):
             phase(rnd, topology, bootstrap, redis_url, events)
+        _tier1_ids_phase(rnd, TOPOLOGY.renamed(f"{base}_r{i + 1}_ids"), bootstrap, redis_url, events, keys)
 
     if faust_events:
         topic = f"{base}.faust-events"
@@ -407,6 +431,56 @@ def _tier1_phase(rnd: Round, topology: Topology, bootstrap: str, redis_url: str,
     say(f"tier 1: {events / rnd.tier1_s:,.0f} events/s, {rnd.partials_sent:,} partials")
 
 
+def _tier1_ids_phase(
+    rnd: Round, topology: Topology, bootstrap: str, redis_url: str, events: int, keys: int
+) -> None:
+    """The same backlog with a uuid id on every event (what the SDK sends), drained by tier 1."""
+    asyncio.run(kafka.ensure_topics(bootstrap, kafka.topology_topics(topology)))
+    topic = topology.topic("events")
+    say(f"pre-loading {events:,} events with ids on {topic}")
+    preload(bootstrap, topic, topology.partitions.events, events, keys, processes=LOADER_PROCESSES, ids=True)
+    say("measuring tier 1 on events with ids (deduplication on)")
+    settings = settings_mod.load(
+        kafka=bootstrap, redis=redis_url, instance="bench", max_poll_records=MAX_RECORDS
+    )
+    timing, _ = asyncio.run(measure_tier1(topology, settings, events))
+    rnd.tier1_ids_s = timing.wall_s
+    rnd.dedup_redis_keys = asyncio.run(_dedup_keys(redis_url, topology.name, drop=True))
+    say(
+        f"tier 1 with ids: {events / rnd.tier1_ids_s:,.0f} events/s; "
+        f"deduplication left {rnd.dedup_redis_keys:,} Redis keys"
+    )
+
+
+async def _dedup_keys(redis_url: str, topology: str, *, drop: bool) -> int:
+    """Redis keys holding deduplication state of a topology (then removed: a bench leaves no load)."""
+    import redis.asyncio as aioredis
+
+    from pipeline.io.dedup_store import dedup_key
+
+    client = aioredis.Redis.from_url(redis_url)
+    n = 0
+    try:
+        async for batch in _scan_batches(client, dedup_key(topology, "") + "*"):
+            n += len(batch)
+            if drop:
+                await client.unlink(*batch)
+    finally:
+        await client.aclose()
+    return n
+
+
+async def _scan_batches(client: Any, pattern: str, size: int = 5000) -> Any:
+    batch: list[bytes] = []
+    async for key in client.scan_iter(match=pattern, count=size):
+        batch.append(key)
+        if len(batch) >= size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
 def table(r: Results) -> str:
     """The human-readable summary (events/s; best round first, every round after it)."""
 
@@ -419,6 +493,11 @@ def table(r: Results) -> str:
         ("pre-load (2 producer processes)", f"{r.preload_eps:,.0f}", ""),
         ("ceiling: getmany + loads + count", f"{r.ceiling_eps:,.0f}", runs([x.ceiling_s for x in r.rounds])),
         ("tier 1: CoalesceWorker, committed", f"{r.tier1_eps:,.0f}", runs([x.tier1_s for x in r.rounds])),
+        (
+            "tier 1, a uuid id on every event",
+            f"{r.tier1_ids_eps:,.0f}",
+            runs([x.tier1_ids_s for x in r.rounds]),
+        ),
         ("naive Faust agent, windowed table", faust, ""),
     ]
     width = max(len(name) for name, _, _ in rows)
@@ -433,6 +512,8 @@ def table(r: Results) -> str:
             f"[{', '.join(f'{x:.2f}' for x in r.round_ratios)}] (target >= {TARGET_VS_CEILING}); "
             f"tier 1 / Faust = {vs_faust_text} (target >= {TARGET_VS_FAUST:g})",
             f"tier 1 / ceiling in CPU time of this process: {r.tier1_vs_ceiling_cpu:.2f}",
+            f"tier 1 with ids / without = {r.tier1_ids_vs_tier1:.2f}, median of rounds; deduplication left "
+            f"{r.dedup_redis_keys:,} Redis keys for {r.events:,} events",
             f"partials sent: {r.partials_sent:,}; coalescing ratio: {r.coalescing_ratio:,.0f} events/partial",
         ]
     )

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import multiprocessing
+import os
 import random
 import time
 from collections.abc import Sequence
@@ -68,6 +69,7 @@ class LoadJob:
     n_keys: int
     events: int
     seed: int
+    ids: bool = False  # every event also carries a random uuid id (what the SDK sends)
 
 
 @dataclass(frozen=True)
@@ -101,7 +103,7 @@ async def _produce(job: LoadJob) -> LoadResult:
         started = time.time()
         await asyncio.gather(
             *(
-                _send_partition(producer, job.topic, p, ids, space)
+                _send_partition(producer, job.topic, p, ids, space, with_ids=job.ids)
                 for p, ids in enumerate(by_partition)
                 if ids
             )
@@ -113,17 +115,30 @@ async def _produce(job: LoadJob) -> LoadResult:
 
 
 async def _send_partition(
-    producer: AIOKafkaProducer, topic: str, partition: int, ids: list[int], space: Keyspace
+    producer: AIOKafkaProducer,
+    topic: str,
+    partition: int,
+    ids: list[int],
+    space: Keyspace,
+    *,
+    with_ids: bool = False,
 ) -> None:
     """Fill batches and hand each to the accumulator; aiokafka keeps one in flight per partition."""
     keys, values = space.keys, space.values
     pending: list[asyncio.Future[object]] = []
     batch = producer.create_batch()
-    for k in ids:
-        if batch.append(key=keys[k], value=values[k], timestamp=None) is None:
+    uuids = os.urandom(16 * len(ids)).hex() if with_ids else ""
+    for n, k in enumerate(ids):
+        # the same like, with `,"id":"<32 hex digits>"` before its closing brace
+        value = (
+            values[k][:-1] + b',"id":"' + uuids[32 * n : 32 * n + 32].encode() + b'"}'
+            if with_ids
+            else values[k]
+        )
+        if batch.append(key=keys[k], value=value, timestamp=None) is None:
             pending.append(await producer.send_batch(batch, topic, partition=partition))
             batch = producer.create_batch()
-            batch.append(key=keys[k], value=values[k], timestamp=None)
+            batch.append(key=keys[k], value=value, timestamp=None)
     if batch.record_count():
         pending.append(await producer.send_batch(batch, topic, partition=partition))
     await asyncio.gather(*pending)
@@ -138,6 +153,7 @@ def preload(
     *,
     processes: int = 2,
     seed: int = 1,
+    ids: bool = False,
 ) -> float:
     """Put `events` events on `topic` using `processes` loader processes; return events/s.
 
@@ -146,7 +162,7 @@ def preload(
     """
     shares = [events // processes + (1 if i < events % processes else 0) for i in range(processes)]
     jobs = [
-        LoadJob(bootstrap, topic, partitions, n_keys, share, seed * 1000 + i)
+        LoadJob(bootstrap, topic, partitions, n_keys, share, seed * 1000 + i, ids)
         for i, share in enumerate(shares)
         if share
     ]

@@ -496,3 +496,17 @@ async def test_retried_ids_are_acknowledged_and_counted_once(stack: Stack) -> No
     assert await wait_for_channels(stack, "comments", "r", Counter({("r", "retry-c"): 1})) == {
         ("r", "retry-c"): 1
     }
+
+
+async def test_two_sources_that_reuse_an_id_are_both_counted(stack: Stack) -> None:
+    """Ids are scoped by API key: two applications numbering their events 1, 2, 3 count both."""
+    event = [{"type": "like", "key": "scoped", "channel": "src-scope", "id": "order-1"}]
+    for key in (API_KEY, "k-other"):
+        status, _, body = stack.gateway.post(orjson.dumps(event), key=key)
+        assert status == 202 and body["results"][0]["id"] == "order-1"
+    status, _, body = stack.gateway.post(orjson.dumps(event), key="k-other")  # a retry of the second
+    assert status == 202
+    expected = Counter({("src-scope", "scoped"): 2})
+    assert await wait_for_channels(stack, "likes", "src-scope", expected) == dict(expected)
+    await asyncio.sleep(1.0)  # settle: the retry must not show up late
+    assert await wait_for_channels(stack, "likes", "src-scope", expected) == dict(expected)

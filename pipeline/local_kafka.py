@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.server_process import ServerProcess, free_port, run_blocking
+from pipeline.server_process import ServerProcess, free_port, probe_metadata
 
 __all__ = [
     "KafkaCluster",
@@ -298,17 +298,7 @@ class KafkaNode(ServerProcess):
         return self._java("kafka.Kafka", str(self.data_dir / "server.properties"), heap_mb=self.heap_mb)
 
     def _probe(self) -> None:
-        from aiokafka.admin import AIOKafkaAdminClient
-
-        async def metadata() -> None:
-            admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap, request_timeout_ms=2000)
-            await admin.start()
-            try:
-                await admin.list_topics()
-            finally:
-                await admin.close()
-
-        run_blocking(metadata)
+        probe_metadata(self.bootstrap)
 
     def _startup_failure(self, log_since_start: str) -> bool:
         return "Exiting Kafka" in log_since_start or "Exiting because" in log_since_start

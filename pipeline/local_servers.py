@@ -25,7 +25,7 @@ from pathlib import Path
 from types import FrameType, TracebackType
 from typing import Any, Protocol
 
-from pipeline.server_process import ServerProcess, free_port, run_blocking
+from pipeline.server_process import ServerProcess, free_port, probe_metadata
 
 __all__ = ["Broker", "Endpoints", "LocalServers", "RedisServer", "free_port"]
 
@@ -69,18 +69,7 @@ class Broker(ServerProcess):
         ]
 
     def _probe(self) -> None:
-        # An open port is not enough: wait until a real metadata round trip works.
-        from aiokafka.admin import AIOKafkaAdminClient
-
-        async def metadata() -> None:
-            admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap, request_timeout_ms=2000)
-            await admin.start()
-            try:
-                await admin.list_topics()
-            finally:
-                await admin.close()
-
-        run_blocking(metadata)
+        probe_metadata(self.bootstrap)
 
     def _startup_failure(self, log_since_start: str) -> bool:
         # noida-db prints e.g. "error: kafka: port N is already in use" but keeps running.

@@ -17,7 +17,7 @@ from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
-__all__ = ["STOP_TIMEOUT_S", "ServerProcess", "free_port", "port_open", "run_blocking"]
+__all__ = ["STOP_TIMEOUT_S", "ServerProcess", "free_port", "port_open", "probe_metadata", "run_blocking"]
 
 STOP_TIMEOUT_S = 10.0
 
@@ -209,3 +209,18 @@ class ServerProcess:
     def __repr__(self) -> str:
         state = f"pid={self.pid}" if self.running else "stopped"
         return f"<{type(self).__name__} 127.0.0.1:{self.port} {state} dir={self.data_dir}>"
+
+
+def probe_metadata(bootstrap: str) -> None:
+    """Raise unless a Kafka metadata round trip works: an open port is not enough for a broker."""
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    async def metadata() -> None:
+        admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=2000)
+        await admin.start()
+        try:
+            await admin.list_topics()
+        finally:
+            await admin.close()
+
+    run_blocking(metadata)

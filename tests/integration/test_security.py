@@ -149,19 +149,19 @@ def _lower(env: dict[str, str]) -> dict[str, str]:
     return {k.removeprefix("PIPELINE_").lower(): v for k, v in env.items()}
 
 
-async def test_a_wrong_kafka_password_is_refused_with_a_clear_error(
-    secured: Secured, unique_name: str, tmp_path: Path
-) -> None:
-    wrong = "not-the-kafka-password"
+async def _refused_worker_log(
+    secured: Secured, tier: str, name: str, log_dir: Path, env: dict[str, str]
+) -> str:
+    """Start a worker with `env`, wait for it to stop on its own with EXIT_REFUSED; its log."""
     worker = WorkerProcess(
         "live_likes",
-        "coalesce",
-        "c1",
+        tier,
+        f"{tier[0]}1",
         secured.endpoints().kafka_bootstrap,
         secured.redis.url,
-        tmp_path,
-        name=unique_name,
-        extra_env=secured.env(kafka_password=wrong),
+        log_dir,
+        name=name,
+        extra_env=env,
     ).start()
     try:
         code = await asyncio.to_thread(_wait_exit, worker, 30.0)
@@ -169,7 +169,17 @@ async def test_a_wrong_kafka_password_is_refused_with_a_clear_error(
         worker.stop()
     text = _log(worker)
     assert code == EXIT_REFUSED, text
-    assert '"refused"' in text and "SaslAuthenticationFailed" in text, text
+    assert '"refused"' in text, text
+    return text
+
+
+async def test_a_wrong_kafka_password_is_refused_with_a_clear_error(
+    secured: Secured, unique_name: str, tmp_path: Path
+) -> None:
+    wrong = "not-the-kafka-password"
+    env = secured.env(kafka_password=wrong)
+    text = await _refused_worker_log(secured, "coalesce", unique_name, tmp_path, env)
+    assert "SaslAuthenticationFailed" in text, text
     assert f"as {secured.security.username} (SCRAM-SHA-512)" in text, text
     assert wrong not in text and KAFKA_PASSWORD not in text
 
@@ -178,21 +188,7 @@ async def test_a_wrong_redis_password_is_refused_with_a_clear_error(
     secured: Secured, unique_name: str, tmp_path: Path
 ) -> None:
     wrong = "not-the-redis-password"
-    worker = WorkerProcess(
-        "live_likes",
-        "merge",
-        "m1",
-        secured.endpoints().kafka_bootstrap,
-        secured.redis.url,
-        tmp_path,
-        name=unique_name,
-        extra_env=secured.env(redis_password=wrong),
-    ).start()
-    try:
-        code = await asyncio.to_thread(_wait_exit, worker, 30.0)
-    finally:
-        worker.stop()
-    text = _log(worker)
-    assert code == EXIT_REFUSED, text
-    assert '"refused"' in text and "redis at redis://127.0.0.1" in text, text
+    env = secured.env(redis_password=wrong)
+    text = await _refused_worker_log(secured, "merge", unique_name, tmp_path, env)
+    assert "redis at redis://127.0.0.1" in text, text
     assert wrong not in text and REDIS_PASSWORD not in text

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 
 import pytest
 import redis.asyncio as aioredis
@@ -127,3 +128,15 @@ async def test_redis_keeps_data_across_sigterm_restart(servers: Endpoints, uniqu
         assert await client.get(f"{unique_name}:durable") == b"yes"
     finally:
         await client.aclose()
+
+
+def test_the_suite_runs_on_the_broker_it_was_asked_for(servers: Endpoints) -> None:
+    """ops/test asks for Apache Kafka wherever a JDK 17+ runs (PIPELINE_LOCAL_BROKER=kafka): then no
+    test may quietly run on the embedded broker."""
+    asked = os.environ.get("PIPELINE_LOCAL_BROKER")
+    if servers.broker is None:
+        pytest.skip("external servers (PIPELINE_TEST_KAFKA): not ours to choose")
+    expected = {"kafka": "apache-kafka", "embedded": "embedded"}.get(asked or "", servers.broker_kind)
+    assert servers.broker_kind == expected
+    if asked == "kafka":
+        assert len(servers.kafka_bootstrap.split(",")) == 1  # one node for the suite

@@ -49,6 +49,11 @@ class Settings(BaseSettings):
     metrics_host: str = Field("127.0.0.1", description="Address the metrics endpoint binds")
     log_level: str = Field("info", description="debug, info, warning or error")
     max_poll_records: int = Field(20_000, description="Records per fetch batch")
+    max_partial_bytes: int = Field(
+        900_000,
+        description="Tier 1 splits a window's partial into messages of at most this size (a broker "
+        "refuses messages over its max.message.bytes, about 1 MB by default)",
+    )
     fetch_min_bytes: int = Field(
         64 * 1024,
         description="Tier 1 fetches wait (at most 100 ms) for this much data: fewer, larger fetches; "

@@ -249,6 +249,35 @@ class Partial:
             }
         )
 
+    def encode(self, max_bytes: int) -> list[bytes]:
+        """The partial as messages of at most `max_bytes` each: one, or its cells split over several.
+
+        A broker refuses a message over its `max.message.bytes` (about 1 MB by default on Apache
+        Kafka), and a window may hold 200,000 cells. Each chunk is a partial of the same window and
+        ranges with a share of the cells; the counters (events, late, dead, dup) ride on the first
+        only, so merging the chunks gives the same as merging the whole. The root applies each chunk
+        as the message it is, at its own offset, so exactly-once is unchanged.
+        """
+        raw = self.to_json()
+        if len(raw) <= max_bytes or len(self.cells) <= 1:
+            return [raw]
+        items = list(self.cells.items())
+        pieces = min(len(items), -(-len(raw) * 5 // (max_bytes * 4)))  # ceil(size / (0.8 * max))
+        step = -(-len(items) // pieces)
+        out: list[bytes] = []
+        for n, start in enumerate(range(0, len(items), step)):
+            chunk = Partial(
+                self.source_partition,
+                self.root_partition,
+                self.window,
+                self.first_offset,
+                self.last_offset,
+                dict(items[start : start + step]),
+                *((self.events, self.late_dropped, self.dead, self.duplicates) if n == 0 else (0, 0, 0, 0)),
+            )
+            out.extend(chunk.encode(max_bytes))  # a chunk of unusually long cells splits again
+        return out
+
     @classmethod
     def from_json(cls, raw: bytes, distinct_metrics: frozenset[int] = frozenset()) -> Partial:
         obj = orjson.loads(raw)

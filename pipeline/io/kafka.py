@@ -176,6 +176,10 @@ async def start(client: AIOKafkaConsumer | AIOKafkaProducer) -> None:
     await client.start()
 
 
+# Apache Kafka's default message.max.bytes; tier 1's partials stay under max_partial_bytes (900 KB)
+PARTIALS_MAX_MESSAGE_BYTES = 1_048_588
+
+
 @dataclass(frozen=True)
 class TopicSpec:
     name: str
@@ -187,7 +191,10 @@ def topology_topics(topology: Topology) -> list[TopicSpec]:
     parts = topology.partitions
     return [
         TopicSpec(topology.topic("events"), parts.events),
-        TopicSpec(topology.topic("partials"), parts.partials),
+        # stated, not left to the broker's default: tier 1 keeps each partial under max_partial_bytes
+        TopicSpec(
+            topology.topic("partials"), parts.partials, {"max.message.bytes": str(PARTIALS_MAX_MESSAGE_BYTES)}
+        ),
         TopicSpec(topology.topic("updates"), parts.updates),
         TopicSpec(topology.topic("feed"), parts.updates),
         TopicSpec(topology.topic("dead-letters"), 1),

@@ -43,6 +43,9 @@ class CoalesceWorker:
         self.topology = topology
         self.settings = settings
         self.kafka = kafka.connection_from(settings)
+        self.max_partial_bytes = settings.max_partial_bytes
+        self.partial_messages = 0  # partials sent, counting each chunk of a split one
+        self.max_partial_bytes_sent = 0
         self.group = topology.group(self.tier)
         self.events_topic = topology.topic("events")
         self.partials_topic = topology.topic("partials")
@@ -148,11 +151,14 @@ class CoalesceWorker:
                 async with self.producer.transaction():
                     sent = []
                     for partial in result.partials:
-                        sent.append(
-                            await self.producer.send(
-                                self.partials_topic, partial.to_json(), partition=partial.root_partition
+                        for message in partial.encode(self.max_partial_bytes):
+                            sent.append(
+                                await self.producer.send(
+                                    self.partials_topic, message, partition=partial.root_partition
+                                )
                             )
-                        )
+                            self.partial_messages += 1
+                            self.max_partial_bytes_sent = max(self.max_partial_bytes_sent, len(message))
                     for channel, raw in result.feed:
                         sent.append(await self.producer.send(self.feed_topic, raw, key=channel.encode()))
                     for d in dead:

@@ -415,3 +415,38 @@ def test_channel_update_default_values_are_independent() -> None:
     a.values.append(("m", "k", 1))
     assert b.values == []
     assert ChannelUpdate.from_json(b.to_json()) == b
+
+
+@given(st.integers(1, 3000), st.integers(300, 20_000), st.integers(0, 50))
+def test_a_partial_over_the_limit_splits_into_chunks_that_merge_to_the_whole(
+    cells: int, max_bytes: int, events: int
+) -> None:
+    partial = Partial(
+        2,
+        1,
+        7,
+        100,
+        400,
+        {(0, f"ch{i % 7}", f"key-{i}", "total"): i + 1 for i in range(cells)},
+        events=events,
+        late_dropped=3,
+        dead=2,
+        duplicates=1,
+    )
+    messages = partial.encode(max_bytes)
+    assert (
+        all(len(m) <= max_bytes for m in messages) or len(messages) == cells
+    )  # one cell per message at worst
+    chunks = [Partial.from_json(m) for m in messages]
+    assert {
+        (c.source_partition, c.root_partition, c.window, c.first_offset, c.last_offset) for c in chunks
+    } == {(2, 1, 7, 100, 400)}
+    merged: dict[Any, Any] = {}
+    for c in chunks:
+        assert not set(merged) & set(c.cells)  # every cell in exactly one chunk
+        merged.update(c.cells)
+    assert merged == partial.cells
+    assert sum(c.events for c in chunks) == events and sum(c.dead for c in chunks) == 2
+    assert sum(c.late_dropped for c in chunks) == 3 and sum(c.duplicates for c in chunks) == 1
+    if len(partial.to_json()) <= max_bytes:
+        assert messages == [partial.to_json()]

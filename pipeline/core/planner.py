@@ -30,7 +30,7 @@ class Workload:
     events_partitions: int = 6
     partials_partitions: int = 3
     tier1_workers: int | None = None  # default: as many as the rate needs
-    leaderboard: bool = True  # each all-time cell also updates a sorted set
+    leaderboard: bool = True  # all-time cells also update a sorted set per channel (batched per apply)
     split_threshold_eps: float = 20_000.0  # a key above this rate is split by the writers
     partition_budget_eps: float = 20_000.0  # what one sub-key may carry
 
@@ -104,9 +104,11 @@ def plan(w: Workload) -> Plan:
     if applies_per_s:
         cells_per_apply = _distinct(rates, window) / tier1
         channels_per_apply = w.channels * -math.expm1(-cells_per_apply / w.channels)
-        per_cell = 2 if w.leaderboard else 1
+        per_cell = 1  # HINCRBY; a leaderboard is one ZADD (per 1,000 members) and a ZCARD per channel
         ranges = min(roots, partials_per_s / applies_per_s)
-        overhead = 2 * ranges + channels_per_apply + 7  # positions, sequence numbers, counters
+        # a leaderboard per channel: a ZCARD, and a ZADD per 1,000 of its members
+        boards = (2 * channels_per_apply + cells_per_apply / 1000) if w.leaderboard else 0.0
+        overhead = 2 * ranges + channels_per_apply + boards + 7  # positions, sequence numbers, counters
         commands_per_s = applies_per_s * (cells_per_apply * per_cell + overhead)
     else:
         commands_per_s = 0.0

@@ -78,6 +78,9 @@ class ApplyPlan:
     commands: int = 0  # Redis commands the script will run (for the coalescing-ratio metric)
 
 
+ZADD_MEMBERS = 1000  # members per ZADD in the apply script (2,000 arguments)
+
+
 def plan_apply(topology: Topology, batch: MergedBatch) -> ApplyPlan:
     name = topology.name
     metrics = topology.metrics
@@ -88,6 +91,7 @@ def plan_apply(topology: Topology, batch: MergedBatch) -> ApplyPlan:
     ops: list[list[Any]] = []
     reports: list[tuple[str, str, str] | None] = []
     channels: dict[str, None] = {}
+    boards: dict[str, int] = {}  # leaderboard sorted set -> members this apply updates
     commands = 0
     for (index, channel, key, bucket), value in batch.cells.items():
         metric = metrics[index]
@@ -107,13 +111,17 @@ def plan_apply(topology: Topology, batch: MergedBatch) -> ApplyPlan:
             arg = str(value) if kind is Kind.COUNT else repr(float(value))
             zkey = top_key(name, metric.name, channel) if is_total and metric.leaderboard else ""
             ops.append([_OPS[kind], target, key, arg, ttl, zkey, metric.leaderboard])
-            commands += 1 + (1 if zkey else 0)
+            commands += 1
+            if zkey:
+                boards[zkey] = boards.get(zkey, 0) + 1
         commands += 1 if ttl else 0
         if is_total:
             channels[channel] = None
             reports.append((channel, metric.name, key))
         else:
             reports.append(None)
+    # per sorted set: a ZADD per 1,000 members and a ZCARD (a trim now and then is not counted)
+    commands += sum(-(-members // ZADD_MEMBERS) + 1 for members in boards.values())
     channel_list = list(channels)
     counters = [
         ["events", batch.events],

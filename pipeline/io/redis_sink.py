@@ -31,6 +31,9 @@ for _, r in ipairs(p.ranges) do
   end
 end
 local out = {1}
+-- leaderboard entries, gathered per sorted set: one ZADD of many members and one trim per set and
+-- apply, not three commands per cell
+local boards, board_order = {}, {}
 for _, ch in ipairs(p.channels) do
   out[#out + 1] = redis.call('HINCRBY', p.seq, ch, 1)
 end
@@ -60,12 +63,26 @@ for _, op in ipairs(p.ops) do
     redis.call('EXPIRE', key, ttl, 'NX')
   end
   if zkey ~= '' then
-    redis.call('ZADD', zkey, nv, field)
-    if redis.call('ZCARD', zkey) > 2 * ztop then
-      redis.call('ZREMRANGEBYRANK', zkey, 0, -(ztop + 1))
+    local b = boards[zkey]
+    if not b then
+      b = {ztop, {}}
+      boards[zkey] = b
+      board_order[#board_order + 1] = zkey
     end
+    local m = b[2]
+    m[#m + 1] = nv
+    m[#m + 1] = field
   end
   out[#out + 1] = tostring(nv)
+end
+for _, zkey in ipairs(board_order) do
+  local ztop, m = boards[zkey][1], boards[zkey][2]
+  for i = 1, #m, 2000 do
+    redis.call('ZADD', zkey, unpack(m, i, math.min(i + 1999, #m)))
+  end
+  if redis.call('ZCARD', zkey) > 2 * ztop then
+    redis.call('ZREMRANGEBYRANK', zkey, 0, -(ztop + 1))
+  end
 end
 for _, c in ipairs(p.counters) do
   redis.call('HINCRBY', p.stats, c[1], c[2])

@@ -280,7 +280,12 @@ def cost(cell: tuple[Any, ...], value: Any) -> int:
 def test_command_count() -> None:
     assert cost((5, "v", "k", "total"), 1) == 1  # HINCRBY
     assert cost((1, "v", "k", "total"), 1.5) == 1  # HINCRBYFLOAT
-    assert cost((0, "v", "k", "total"), 1) == 2  # + ZADD on the leaderboard
+    # the first cell on a leaderboard adds its sorted set's ZADD and ZCARD; more members, no more
+    assert cost((0, "v", "k", "total"), 1) == 3
+    board = {(0, "v", f"k{i}", "total"): i for i in range(1, 1001)}
+    assert plan(board).commands - plan({}).commands == 1000 + 1 + 1 + 1  # + the channel's seq
+    board[(0, "v", "k1001", "total")] = 1
+    assert plan(board).commands - plan({}).commands == 1001 + 2 + 1 + 1  # a second ZADD
     assert cost((0, "v", "k", "60:0"), 1) == 2  # + EXPIRE
     assert cost((4, "v", "k", "total"), {"u"}) == 2  # PFADD + PFCOUNT
     assert cost((4, "v", "k", "60:0"), {"u"}) == 3  # + EXPIRE

@@ -15,6 +15,7 @@ examples:
   pipeline run live_likes --tier merge --instance m1 --redis redis://127.0.0.1:6379/0
   pipeline bench coalesce --json         tier-1 drain rate vs. a bare consumer and a naive Faust agent
   pipeline bench all --json --plot DIR   every benchmark, median/min/max of 3 runs, PNG plots (~15 min)
+  pipeline bench cardinality --json      the pipeline beside a per-event writer, 1 to 100 events per key
   pipeline servers --broker kafka        start a local Apache Kafka (KRaft) and Redis, print their URLs
   pipeline run live_likes --tier broadcast --instance b1 --port 8765   a broadcast node (viewers)
   pipeline token --viewer v1 --channels video-1 --ttl 3600             a viewer token
@@ -135,6 +136,24 @@ def build_parser() -> argparse.ArgumentParser:
     bf.add_argument("--duration", type=float, default=20.0, help="seconds measured once all are connected")
     bf.add_argument("--json", action="store_true")
     _server_flags(bf)
+
+    bcard = bsub.add_parser(
+        "cardinality",
+        help="the pipeline beside a per-event HINCRBY writer at 1, 2, 10 and 100 events per key",
+        description="For each events-per-key ratio: a backlog whose keys' events sit together (so they "
+        "share a window), drained by one tier-1 worker and one root into Redis (until T:stats.events "
+        "equals the backlog) and, beside it, by a consumer writing one pipelined HINCRBY per event. "
+        "Reports both rates, their ratio, Redis commands per cell, the largest partial message and the "
+        "tier-1 peak RSS (docs/BENCHMARKS.md).",
+    )
+    bcard.add_argument("--keys", type=int, default=100_000, help="distinct keys per backlog (default 100000)")
+    bcard.add_argument(
+        "--max-events", type=int, default=1_000_000, help="cap on a backlog: fewer keys at high ratios"
+    )
+    bcard.add_argument("--ratios", default="1,2,10,100", help="events per key, comma-separated")
+    bcard.add_argument("--plot", metavar="DIR", help="write cardinality.png (the ratio curve) to DIR")
+    bcard.add_argument("--json", action="store_true")
+    _server_flags(bcard)
 
     brb = bsub.add_parser(
         "redis-baseline",
@@ -321,6 +340,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from pipeline.bench import redis_baseline
 
         return redis_baseline.main(args)
+    if args.command == "bench" and args.bench == "cardinality":
+        from pipeline.bench import cardinality_bench
+
+        return cardinality_bench.main(args)
     if args.command == "bench" and args.bench == "all":
         from pipeline.bench import suite
 

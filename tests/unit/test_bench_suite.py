@@ -139,3 +139,12 @@ def test_servers_gone_names_the_server_that_does_not_answer() -> None:
         assert gone is not None and gone.startswith("Redis at")
         gone = suite.servers_gone(f"127.0.0.1:{closed}", f"redis://127.0.0.1:{port}/0")
         assert gone is not None and gone.startswith("the broker at")
+
+
+def test_the_cardinality_backlog_keeps_each_keys_events_together() -> None:
+    from pipeline.bench.cardinality_bench import backlog
+
+    events = list(backlog(5, 3))
+    assert len(events) == 15
+    assert [k for k, _ in events] == [f"comment-{k}" for k in range(5) for _ in range(3)]
+    assert {c for _, c in events} == {f"video-{k}" for k in range(5)}

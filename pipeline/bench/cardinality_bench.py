@@ -41,6 +41,7 @@ from aiokafka.partitioner import DefaultPartitioner
 from pipeline import observability as obs
 from pipeline.bench import redis_baseline
 from pipeline.bench.coalesce_bench import BenchError, machine, say
+from pipeline.bench.workload import send_in_batches
 from pipeline.core.model import Partial
 from pipeline.core.topology import Topology
 from pipeline.io import kafka, redis_query
@@ -117,13 +118,7 @@ async def write_backlog(bootstrap: str, topic: str, keys: int, per_key: int) -> 
         started = time.monotonic()
         pending = []
         for p, messages in by_partition.items():
-            batch = producer.create_batch()
-            for kb, value in messages:
-                if batch.append(key=kb, value=value, timestamp=None) is None:
-                    pending.append(await producer.send_batch(batch, topic, partition=p))
-                    batch = producer.create_batch()
-                    batch.append(key=kb, value=value, timestamp=None)
-            pending.append(await producer.send_batch(batch, topic, partition=p))
+            pending.extend(await send_in_batches(producer, topic, p, messages))
         await asyncio.gather(*pending)
         return started
     finally:

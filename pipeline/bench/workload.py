@@ -14,7 +14,7 @@ import multiprocessing
 import os
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import orjson
@@ -114,6 +114,22 @@ async def _produce(job: LoadJob) -> LoadResult:
     return LoadResult(job.events, started, finished)
 
 
+async def send_in_batches(
+    producer: AIOKafkaProducer, topic: str, partition: int, messages: Iterable[tuple[bytes, bytes]]
+) -> list[asyncio.Future[object]]:
+    """Fill record batches with (key, value) messages and hand each to the producer; their acks."""
+    pending: list[asyncio.Future[object]] = []
+    batch = producer.create_batch()
+    for key, value in messages:
+        if batch.append(key=key, value=value, timestamp=None) is None:
+            pending.append(await producer.send_batch(batch, topic, partition=partition))
+            batch = producer.create_batch()
+            batch.append(key=key, value=value, timestamp=None)
+    if batch.record_count():
+        pending.append(await producer.send_batch(batch, topic, partition=partition))
+    return pending
+
+
 async def _send_partition(
     producer: AIOKafkaProducer,
     topic: str,
@@ -125,23 +141,19 @@ async def _send_partition(
 ) -> None:
     """Fill batches and hand each to the accumulator; aiokafka keeps one in flight per partition."""
     keys, values = space.keys, space.values
-    pending: list[asyncio.Future[object]] = []
-    batch = producer.create_batch()
     uuids = os.urandom(16 * len(ids)).hex() if with_ids else ""
-    for n, k in enumerate(ids):
-        # the same like, with `,"id":"<32 hex digits>"` before its closing brace
-        value = (
-            values[k][:-1] + b',"id":"' + uuids[32 * n : 32 * n + 32].encode() + b'"}'
-            if with_ids
-            else values[k]
-        )
-        if batch.append(key=keys[k], value=value, timestamp=None) is None:
-            pending.append(await producer.send_batch(batch, topic, partition=partition))
-            batch = producer.create_batch()
-            batch.append(key=keys[k], value=value, timestamp=None)
-    if batch.record_count():
-        pending.append(await producer.send_batch(batch, topic, partition=partition))
-    await asyncio.gather(*pending)
+
+    def messages() -> Iterable[tuple[bytes, bytes]]:
+        for n, k in enumerate(ids):
+            # the same like, with `,"id":"<32 hex digits>"` before its closing brace
+            yield (
+                keys[k],
+                values[k][:-1] + b',"id":"' + uuids[32 * n : 32 * n + 32].encode() + b'"}'
+                if with_ids
+                else values[k],
+            )
+
+    await asyncio.gather(*await send_in_batches(producer, topic, partition, messages()))
 
 
 def preload(

@@ -26,6 +26,14 @@ REDIS_APPLIES = Counter("pipeline_redis_applies_total", "Atomic applies (one rou
 STALE_APPLIES = Counter(
     "pipeline_stale_applies_total", "Applies refused because their range was already applied", LABELS
 )
+APPLIES_REFUSED = Counter(
+    "pipeline_applies_refused_total",
+    "Applies refused before any write: a key holds another type than the apply needs (alert on it)",
+    LABELS,
+)
+ROOT_BLOCKED = Gauge(
+    "pipeline_root_blocked", "1 while the root holds a batch that a wrongly typed key refuses", LABELS
+)
 UPDATES_OUT = Counter("pipeline_updates_out_total", "Channel updates published", LABELS)
 DEAD_LETTERS = Counter(
     "pipeline_dead_letters_total", "Events sent to the dead-letter topic", (*LABELS, "field")

@@ -122,6 +122,8 @@ def plan_apply(topology: Topology, batch: MergedBatch) -> ApplyPlan:
             reports.append(None)
     # per sorted set: a ZADD per 1,000 members and a ZCARD (a trim now and then is not counted)
     commands += sum(-(-members // ZADD_MEMBERS) + 1 for members in boards.values())
+    # a TYPE per key the apply touches, checked before anything is written (stats, seq, positions too)
+    commands += len({op[1] for op in ops} | set(boards)) + 3
     channel_list = list(channels)
     counters = [
         ["events", batch.events],

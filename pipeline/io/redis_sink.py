@@ -1,7 +1,10 @@
 """Applies merged batches to Redis: data, counters and the applied offset range
 in one Lua script, so a batch is applied entirely or not at all, and once.
 
-The script refuses a batch whose offset range starts at or before an offset
+Before it writes anything, the script checks the type of every key it will touch
+and refuses the whole batch if one holds another type (Redis keeps a script's
+earlier writes when a later command fails: half a batch, then the same half
+again on every retry). The script also refuses a batch whose offset range starts at or before an offset
 already applied for that partition (a replay after a crash, or a zombie
 merger that lost its partitions), and one whose merger expected another
 applied position than Redis holds: ahead of it, another merger applied more;
@@ -21,6 +24,8 @@ from pipeline.core.redis_layout import ApplyPlan, plan_apply, positions_key
 from pipeline.core.topology import Topology
 from pipeline.io.redis_retry import redis_retry
 
+MIN_REDIS = (7, 0)  # EXPIRE ... NX
+
 APPLY_LUA = r"""
 local p = cjson.decode(ARGV[1])
 for _, r in ipairs(p.ranges) do
@@ -28,6 +33,21 @@ for _, r in ipairs(p.ranges) do
   local cur = raw and tonumber(raw) or -1
   if cur >= r[2] or (r[4] ~= -2 and cur ~= r[4]) then
     return {0, r[1], cur}
+  end
+end
+-- Redis does not undo a script's earlier writes when a later command fails: check every key's type
+-- before the first write, so that a key holding another type refuses the whole batch, not half of it
+local want = {[p.stats] = 'hash', [p.seq] = 'hash', [p.pos] = 'hash'}
+for _, op in ipairs(p.ops) do
+  want[op[2]] = (op[1] == 'd') and 'string' or 'hash'
+  if op[6] ~= '' then
+    want[op[6]] = 'zset'
+  end
+end
+for key, wanted in pairs(want) do
+  local have = redis.call('TYPE', key).ok
+  if have ~= 'none' and have ~= wanted then
+    return {-1, key, have, wanted}
   end
 end
 local out = {1}
@@ -102,6 +122,8 @@ class ApplyResult:
     values: list[str]
     stale_partition: int | None = None
     stale_position: int | None = None  # what Redis holds for it (-1: nothing)
+    # refused before any write: (key, the type it holds, the type the apply needs)
+    wrong_type: tuple[str, str, str] | None = None
 
 
 class RedisSink:
@@ -113,6 +135,18 @@ class RedisSink:
         self._script = client.register_script(APPLY_LUA)
 
     @redis_retry
+    async def check_server(self) -> str:
+        """The server's version; refuse one older than 7.0 (the apply uses `EXPIRE ... NX`)."""
+        info = await self.client.info("server")
+        version = str(info.get("redis_version", "0"))
+        numbers = tuple(int(part) for part in version.split(".")[:2] if part.isdigit())
+        if numbers < MIN_REDIS:
+            raise RuntimeError(
+                f"Redis {version} is too old: the apply needs {'.'.join(map(str, MIN_REDIS))} or newer"
+            )
+        return version
+
+    @redis_retry
     async def positions(self) -> dict[int, int]:
         """Last applied offset per partials partition: where a merger resumes."""
         raw = await self.client.hgetall(positions_key(self.topology.name))
@@ -122,6 +156,9 @@ class RedisSink:
     async def apply(self, batch: MergedBatch) -> ApplyResult:
         plan = plan_apply(self.topology, batch)
         reply = await self._script(args=[plan.payload])
+        if int(reply[0]) == -1:
+            key, have, wanted = (v.decode() if isinstance(v, bytes) else str(v) for v in reply[1:4])
+            return ApplyResult(False, plan, {}, [], wrong_type=(key, have, wanted))
         if int(reply[0]) == 0:
             return ApplyResult(
                 False, plan, {}, [], stale_partition=int(reply[1]), stale_position=int(reply[2])

@@ -26,6 +26,7 @@ from pipeline.settings import Settings
 
 LAG_EVERY_S = 2.0
 PROGRESS_EVERY_S = 10.0
+BLOCKED_RETRY_S = 2.0  # how often a refused batch is tried again
 
 
 class MergeWorker:
@@ -59,6 +60,7 @@ class MergeWorker:
     async def run(self, stop: asyncio.Event) -> None:
         await kafka.ensure_topics(self.kafka, kafka.topology_topics(self.topology))
         await retrying(self.redis.ping)  # wait for Redis, as for any apply
+        await self.sink.check_server()
         await kafka.start(self.producer)
         self.consumer.subscribe([self.partials_topic], listener=_SeekToApplied(self))
         await kafka.start(self.consumer)
@@ -102,6 +104,9 @@ class MergeWorker:
                 merger.add(tp.partition, r.offset, r.value)
         merged = merger.take()
         result = await self.sink.apply(merged)
+        if result.wrong_type is not None:
+            await self._hold(result.wrong_type)
+            return
         if not result.applied:
             obs.STALE_APPLIES.labels(*self.labels).inc()
             partition = result.stale_partition
@@ -118,6 +123,7 @@ class MergeWorker:
             await self.seek_to_applied(self.consumer.assignment())
             return
         merger.applied(merged)
+        obs.ROOT_BLOCKED.labels(*self.labels).set(0)
         self.partials_in += merged.partials
         self.cells_in += len(merged.cells)
         self.commands += result.plan.commands
@@ -131,6 +137,22 @@ class MergeWorker:
             await self.consumer.commit({tp: recs[-1].offset + 1 for tp, recs in batch.items()})
         except KafkaError as exc:  # only lag reporting depends on it
             self.log.info("offset commit skipped", error=repr(exc))
+
+    async def _hold(self, wrong_type: tuple[str, str, str]) -> None:
+        """A key holds another type than the apply needs: nothing was written. Say so, wait, and read
+        the same partials again: once the key is repaired the batch applies whole, exactly once."""
+        key, have, wanted = wrong_type
+        obs.APPLIES_REFUSED.labels(*self.labels).inc()
+        obs.ROOT_BLOCKED.labels(*self.labels).set(1)
+        self.log.error(
+            "apply refused: a key holds another type; nothing written, holding until it is repaired",
+            key=key,
+            holds=have,
+            needs=wanted,
+            retry_in_s=BLOCKED_RETRY_S,
+        )
+        await asyncio.sleep(BLOCKED_RETRY_S)
+        await self.seek_to_applied(self.consumer.assignment())
 
     async def _publish(self, result: ApplyResult) -> None:
         """Absolute totals per channel: a lost or repeated update is corrected by the next one."""

@@ -278,21 +278,22 @@ def cost(cell: tuple[Any, ...], value: Any) -> int:
 
 
 def test_command_count() -> None:
-    assert cost((5, "v", "k", "total"), 1) == 1  # HINCRBY
-    assert cost((1, "v", "k", "total"), 1.5) == 1  # HINCRBYFLOAT
-    # the first cell on a leaderboard adds its sorted set's ZADD and ZCARD; more members, no more
-    assert cost((0, "v", "k", "total"), 1) == 3
+    # every key an apply touches also costs a TYPE check, made before anything is written
+    assert cost((5, "v", "k", "total"), 1) == 1  # HINCRBY (into the base cell's hash)
+    assert cost((1, "v", "k", "total"), 1.5) == 2  # HINCRBYFLOAT + TYPE of its hash
+    # the first cell on a leaderboard adds its sorted set's ZADD, ZCARD and TYPE; more members, no more
+    assert cost((0, "v", "k", "total"), 1) == 5
     board = {(0, "v", f"k{i}", "total"): i for i in range(1, 1001)}
-    assert plan(board).commands - plan({}).commands == 1000 + 1 + 1 + 1  # + the channel's seq
+    assert plan(board).commands - plan({}).commands == 1000 + 2 + 2 + 1  # + TYPEs, + the channel's seq
     board[(0, "v", "k1001", "total")] = 1
-    assert plan(board).commands - plan({}).commands == 1001 + 2 + 1 + 1  # a second ZADD
-    assert cost((0, "v", "k", "60:0"), 1) == 2  # + EXPIRE
-    assert cost((4, "v", "k", "total"), {"u"}) == 2  # PFADD + PFCOUNT
-    assert cost((4, "v", "k", "60:0"), {"u"}) == 3  # + EXPIRE
+    assert plan(board).commands - plan({}).commands == 1001 + 3 + 2 + 1  # a second ZADD
+    assert cost((0, "v", "k", "60:0"), 1) == 3  # HINCRBY + EXPIRE + TYPE
+    assert cost((4, "v", "k", "total"), {"u"}) == 3  # PFADD + PFCOUNT + TYPE
+    assert cost((4, "v", "k", "60:0"), {"u"}) == 4  # + EXPIRE
     assert cost((4, "v", "k", "total"), set()) == 0  # skipped
-    # a new channel costs its sequence-number increment
+    # a new channel costs its sequence-number increment and the TYPE of its hash
     assert plan({(5, "a", "k", "total"): 1, (5, "b", "k", "total"): 1}).commands == (
-        plan({(5, "a", "k", "total"): 1, (5, "a", "j", "total"): 1}).commands + 1
+        plan({(5, "a", "k", "total"): 1, (5, "a", "j", "total"): 1}).commands + 2
     )
     # each partition's range costs a check and a position write
     one = plan({}, ranges={0: (0, 0)}).commands

@@ -165,7 +165,13 @@ class IngestWorker:
     async def run(self, stop: asyncio.Event) -> None:
         await self.start()
         try:
-            await stop.wait()
+            stopping = asyncio.create_task(stop.wait())
+            connecting = self._tasks[0]
+            await asyncio.wait([stopping, connecting], return_when=asyncio.FIRST_COMPLETED)
+            if connecting.done() and not connecting.cancelled() and connecting.exception() is not None:
+                stopping.cancel()
+                raise connecting.exception()  # type: ignore[misc]  # a refused password: stop, say why
+            await stopping
         finally:
             await self.close()
 
@@ -202,6 +208,8 @@ class IngestWorker:
                 )
                 await self.client.start()
                 self.log.info("connected", kafka=self.kafka.describe())
+            except kafka.AccessRefused:
+                raise  # waiting cannot cure a refused password or certificate
             except Exception as exc:
                 self.log.warning("broker unreachable; retrying", error=repr(exc)[:200])
                 await asyncio.sleep(1.0)

@@ -184,6 +184,16 @@ async def test_a_wrong_kafka_password_is_refused_with_a_clear_error(
     assert wrong not in text and KAFKA_PASSWORD not in text
 
 
+async def test_a_gateway_with_a_wrong_kafka_password_stops_with_a_clear_error(
+    secured: Secured, unique_name: str, tmp_path: Path
+) -> None:
+    wrong = "not-the-kafka-password-either"
+    env = secured.env(kafka_password=wrong) | {"PIPELINE_INGEST_OPEN": "true", "PIPELINE_INGEST_PORT": "0"}
+    text = await _refused_worker_log(secured, "ingest", unique_name, tmp_path, env)
+    assert "SaslAuthenticationFailed" in text, text
+    assert wrong not in text and KAFKA_PASSWORD not in text
+
+
 async def test_a_wrong_redis_password_is_refused_with_a_clear_error(
     secured: Secured, unique_name: str, tmp_path: Path
 ) -> None:

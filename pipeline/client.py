@@ -39,7 +39,7 @@ from aiokafka.partitioner import DefaultPartitioner
 from pipeline.core.hotkeys import HotKeySplitter
 from pipeline.core.model import MAX_ID_CHARS, EventFields, InvalidEvent, check_event, message_key
 from pipeline.core.topology import Topology
-from pipeline.io.kafka import KafkaConnection
+from pipeline.io.kafka import KafkaConnection, check_access
 from pipeline.io.kafka import connection as kafka_connection
 from pipeline.io.splits import SplitAnnouncer
 
@@ -132,7 +132,8 @@ class PipelineClient:
     # -- lifecycle --------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Connect; BrokerUnavailable if the broker cannot be reached or the events topic is missing."""
+        """Connect; BrokerUnavailable if the broker cannot be reached or the events topic is missing,
+        AccessRefused if it refuses this client's credentials or certificate."""
         producer = AIOKafkaProducer(
             **self.kafka.client_kwargs(),
             client_id=self.client_id,
@@ -149,6 +150,7 @@ class PipelineClient:
         except (KafkaError, OSError, TimeoutError) as exc:
             with contextlib.suppress(Exception):
                 await producer.stop()
+            await check_access(self.kafka)  # AccessRefused, not "unreachable", for a refused password
             raise BrokerUnavailable(f"cannot reach the broker at {self.kafka.describe()}: {exc!r}") from exc
         if not partitions:
             await producer.stop()

@@ -8,6 +8,7 @@ is built without TLS, so Redis is checked with an ACL user and password only (do
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import time
 from collections import Counter
@@ -192,6 +193,15 @@ async def test_a_gateway_with_a_wrong_kafka_password_stops_with_a_clear_error(
     text = await _refused_worker_log(secured, "ingest", unique_name, tmp_path, env)
     assert "SaslAuthenticationFailed" in text, text
     assert wrong not in text and KAFKA_PASSWORD not in text
+
+
+async def test_the_sdk_says_refused_not_unreachable(secured: Secured, unique_name: str) -> None:
+    topology = TOPOLOGY.renamed(unique_name)
+    await kafka.ensure_topics(secured.kafka, kafka.topology_topics(topology))
+    wrong = dataclasses.replace(secured.kafka, password="not-it")
+    with pytest.raises(kafka.AccessRefused, match="refused this client") as refused:
+        await PipelineClient(topology, wrong, ack_timeout_ms=2000).start()
+    assert "not-it" not in str(refused.value) and "as pipeline (SCRAM-SHA-512)" in str(refused.value)
 
 
 async def test_a_wrong_redis_password_is_refused_with_a_clear_error(

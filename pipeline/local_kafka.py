@@ -158,6 +158,7 @@ class KafkaNode(ServerProcess):
     """One Apache Kafka node (broker + KRaft controller) on 127.0.0.1."""
 
     name = "kafka"
+    kind = "apache-kafka"
 
     def __init__(
         self,
@@ -184,8 +185,6 @@ class KafkaNode(ServerProcess):
         self.heap_mb = heap_mb
         self.extra_config = extra_config or {}
         self.libs = kafka_libs()
-
-    kind = "apache-kafka"
 
     @property
     def bootstrap(self) -> str:

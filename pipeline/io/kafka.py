@@ -8,9 +8,10 @@ restarted worker takes its partitions back at once and fences its own zombie.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import ssl
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -335,26 +336,30 @@ async def leave_group(
     """
     if not member:
         return False
-    client = AIOKafkaClient(**connection(bootstrap).client_kwargs(), request_timeout_ms=int(timeout_s * 1000))
     try:
-        await client.bootstrap()
-        node = await client.coordinator_lookup(CoordinationType.GROUP, group)
-        response = await client.send(node, LeaveGroupRequest(group, member))
-        return getattr(response, "error_code", 1) == 0
+        async with _client(bootstrap, timeout_s) as client:
+            node = await client.coordinator_lookup(CoordinationType.GROUP, group)
+            response = await client.send(node, LeaveGroupRequest(group, member))
+            return getattr(response, "error_code", 1) == 0
     except (KafkaError, OSError, TimeoutError):
         return False
-    finally:
-        await client.close()
 
 
 async def transaction_coordinator(
     bootstrap: KafkaTarget, transactional_id: str, timeout_s: float = 5.0
 ) -> int:
     """The node id of the broker coordinating a transactional id's transactions."""
+    async with _client(bootstrap, timeout_s) as client:
+        return int(await client.coordinator_lookup(CoordinationType.TRANSACTION, transactional_id))
+
+
+@contextlib.asynccontextmanager
+async def _client(bootstrap: KafkaTarget, timeout_s: float) -> AsyncIterator[AIOKafkaClient]:
+    """A bare aiokafka client, bootstrapped, for a request no producer or consumer makes."""
     client = AIOKafkaClient(**connection(bootstrap).client_kwargs(), request_timeout_ms=int(timeout_s * 1000))
     try:
         await client.bootstrap()
-        return int(await client.coordinator_lookup(CoordinationType.TRANSACTION, transactional_id))
+        yield client
     finally:
         await client.close()
 

@@ -29,6 +29,7 @@ import tempfile
 import time
 import uuid
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -59,7 +60,7 @@ from pipeline.core.zipf import Zipf
 from pipeline.io import incarnation, kafka, redis_query
 from pipeline.io.lag import Tier1Lag
 from pipeline.io.partition_owners import owners_key
-from pipeline.local_kafka import KafkaCluster
+from pipeline.local_kafka import KafkaCluster, KafkaNode
 from pipeline.local_servers import Endpoints, LocalServers, free_port
 from pipeline.supervisor import WorkerProcess
 from pipeline.tiers.worker import load_topology
@@ -621,10 +622,7 @@ async def _restart_kafka(cluster: KafkaCluster, fault: Fault) -> None:
         await asyncio.to_thread(cluster.start)
         return
     node = cluster.nodes[fault.target % cluster.size]
-    await asyncio.to_thread(node.stop)
-    await asyncio.sleep(fault.pause_s)
-    await asyncio.to_thread(node.start, 90.0)
-    await _wait_in_sync(cluster)
+    await _bounce(cluster, node, node.stop, fault.pause_s)
 
 
 async def _kill_broker(cluster: KafkaCluster, fault: Fault, workers: Workers) -> None:
@@ -633,10 +631,28 @@ async def _kill_broker(cluster: KafkaCluster, fault: Fault, workers: Workers) ->
     node_id, role = await _pick_broker(cluster, fault.target, workers)
     node = cluster.nodes[node_id - 1]
     workers.broker_kills.append(f"node {node_id} ({role})")
-    await asyncio.to_thread(node.kill)
-    await asyncio.sleep(fault.pause_s)
+    await _bounce(cluster, node, node.kill, fault.pause_s)
+
+
+async def _bounce(cluster: KafkaCluster, node: KafkaNode, down: Callable[[], None], pause_s: float) -> None:
+    """Take one broker down (`down`: stop or kill), start it after the pause, wait until it is in sync."""
+    await asyncio.to_thread(down)
+    await asyncio.sleep(pause_s)
     await asyncio.to_thread(node.start, 90.0)
     await _wait_in_sync(cluster)
+
+
+async def _partitions_meta(cluster: KafkaCluster, topics: list[str] | None = None) -> list[dict[str, Any]]:
+    """Partition metadata (leader, replicas, isr) of `topics`, or of every topic."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=cluster.bootstrap, request_timeout_ms=5000)
+    await admin.start()
+    try:
+        described: list[dict[str, Any]] = await admin.describe_topics(
+            topics or sorted(await admin.list_topics())
+        )
+        return described
+    finally:
+        await admin.close()
 
 
 async def _pick_broker(cluster: KafkaCluster, target: int, workers: Workers) -> tuple[int, str]:
@@ -646,12 +662,7 @@ async def _pick_broker(cluster: KafkaCluster, target: int, workers: Workers) -> 
         if target % 3 == 0:
             topic = topology.topic("partials")
             partition = target % topology.partitions.partials
-            admin = AIOKafkaAdminClient(bootstrap_servers=cluster.bootstrap, request_timeout_ms=5000)
-            await admin.start()
-            try:
-                described = await admin.describe_topics([topic])
-            finally:
-                await admin.close()
+            described = await _partitions_meta(cluster, [topic])
             leaders = {p["partition"]: p["leader"] for t in described for p in t.get("partitions", [])}
             if leaders.get(partition, -1) >= 1:
                 return leaders[partition], f"leader of {topic}[{partition}]"
@@ -684,21 +695,13 @@ async def _wait_in_sync(cluster: KafkaCluster, timeout_s: float = ISR_TIMEOUT_S)
     deadline = time.monotonic() + timeout_s
     behind = -1
     while time.monotonic() < deadline:
-        admin = AIOKafkaAdminClient(bootstrap_servers=cluster.bootstrap, request_timeout_ms=5000)
-        try:
-            await admin.start()
-            topics = await admin.list_topics()
-            described = await admin.describe_topics(sorted(topics))
+        with contextlib.suppress(KafkaError, OSError, TimeoutError):  # a broker still on its way up
+            described = await _partitions_meta(cluster)
             behind = sum(
                 len(p["isr"]) < len(p["replicas"]) for t in described for p in t.get("partitions", [])
             )
             if behind == 0:
                 return
-        except (KafkaError, OSError, TimeoutError):
-            pass
-        finally:
-            with contextlib.suppress(Exception):
-                await admin.close()
         await asyncio.sleep(0.5)
     _say(f"   ({behind} partitions still under-replicated after {timeout_s:g} s; going on)")
 

@@ -325,8 +325,6 @@ class KafkaCluster:
         size: int = 1,
         *,
         ports: Sequence[int] | None = None,
-        security: KafkaSecurity | None = None,
-        heap_mb: int | None = None,
     ) -> None:
         root = Path(root)
         self.root = root
@@ -348,29 +346,18 @@ class KafkaCluster:
                 controller_port=controller_ports[i],
                 voters=voters,
                 replication=replication,
-                security=security,
-                heap_mb=heap_mb or (512 if size == 1 else 384),
+                heap_mb=512 if size == 1 else 384,
             )
             for i in range(size)
         ]
-        self.security = security
 
     @property
     def bootstrap(self) -> str:
         return ",".join(n.bootstrap for n in self.nodes)
 
     @property
-    def sasl_bootstrap(self) -> str | None:
-        found = [n.sasl_bootstrap for n in self.nodes if n.sasl_bootstrap]
-        return ",".join(found) if found else None
-
-    @property
     def data_dir(self) -> Path:
         return self.root
-
-    @property
-    def port(self) -> int:
-        return self.nodes[0].port
 
     @property
     def running(self) -> bool:
@@ -379,9 +366,6 @@ class KafkaCluster:
     @property
     def pid(self) -> int | None:
         return self.nodes[0].pid
-
-    def pids(self) -> list[int]:
-        return [n.pid for n in self.nodes if n.pid is not None]
 
     def start(self, timeout: float = 90.0) -> None:
         """Start every node that is down (they need each other for a quorum), then wait for all."""

@@ -24,7 +24,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -66,7 +66,9 @@ class Round:
     tier1_cpu_s: float = 0.0
     partials_sent: int = 0
     tier1_ids_s: float = 0.0  # tier 1 on a second, identical backlog whose every event has a uuid id
-    dedup_redis_keys: int = 0  # Redis keys that deduplication left after the ids run
+    dedup_redis_keys: int = 0  # Redis keys of the topology after the ids run (tier 1's own; none per id)
+    dedup_ids: int = 0  # ids tier 1 held in its dedup state at the end of the ids run
+    dedup_memory_bytes: int = 0  # and the memory they took
 
 
 @dataclass
@@ -140,6 +142,11 @@ class Results:
         return max((r.dedup_redis_keys for r in self.rounds), default=0)
 
     @property
+    def dedup_bytes_per_id(self) -> float:
+        best = max(self.rounds, key=lambda r: r.dedup_ids, default=None)
+        return best.dedup_memory_bytes / best.dedup_ids if best and best.dedup_ids else 0.0
+
+    @property
     def tier1_vs_faust(self) -> float | None:
         return self.tier1_eps / self.faust_eps if self.faust_eps else None
 
@@ -176,6 +183,7 @@ class Results:
                 round(r.tier1_s / r.tier1_ids_s, 3) for r in self.rounds if r.tier1_ids_s
             ],
             dedup_redis_keys=self.dedup_redis_keys,
+            dedup_bytes_per_id=round(self.dedup_bytes_per_id, 2),
             ceiling_runs_eps=[round(self.events / r.ceiling_s) for r in self.rounds if r.ceiling_s],
             tier1_runs_eps=[round(self.events / r.tier1_s) for r in self.rounds if r.tier1_s],
             tier1_vs_ceiling_runs=[round(x, 3) for x in self.round_ratios],
@@ -271,7 +279,9 @@ async def measure_ceiling(bootstrap: str, topic: str, group: str, events: int) -
     return elapsed
 
 
-async def measure_tier1(topology: Topology, settings: Settings, events: int) -> tuple[Timing, int]:
+async def measure_tier1(
+    topology: Topology, settings: Settings, events: int, inspect: Callable[[Any], None] | None = None
+) -> tuple[Timing, int]:
     """Time from the worker's first record until `events` events are committed, and partials sent.
 
     Like the ceiling, the clock starts at the first record, so start-up (producer
@@ -296,6 +306,8 @@ async def measure_tier1(topology: Topology, settings: Settings, events: int) -> 
         assert watch is not None
         elapsed = watch.read()
         partials = worker.partials_out
+        if inspect is not None:
+            inspect(worker)
     finally:
         stop.set()
         if not task.done():
@@ -443,28 +455,31 @@ def _tier1_ids_phase(
     settings = settings_mod.load(
         kafka=bootstrap, redis=redis_url, instance="bench", max_poll_records=MAX_RECORDS
     )
-    timing, _ = asyncio.run(measure_tier1(topology, settings, events))
+
+    def dedup_state(worker: Any) -> None:
+        held = [worker.coalescer.ids(p) for p in worker.coalescer.ids_held()]
+        rnd.dedup_ids = sum(ids.committed for ids in held)
+        rnd.dedup_memory_bytes = sum(ids.memory_bytes for ids in held)
+
+    timing, _ = asyncio.run(measure_tier1(topology, settings, events, dedup_state))
     rnd.tier1_ids_s = timing.wall_s
-    rnd.dedup_redis_keys = asyncio.run(_dedup_keys(redis_url, topology.name, drop=True))
+    rnd.dedup_redis_keys = asyncio.run(_topology_keys(redis_url, topology.name))
     say(
-        f"tier 1 with ids: {events / rnd.tier1_ids_s:,.0f} events/s; "
-        f"deduplication left {rnd.dedup_redis_keys:,} Redis keys"
+        f"tier 1 with ids: {events / rnd.tier1_ids_s:,.0f} events/s; dedup state "
+        f"{rnd.dedup_memory_bytes / max(1, rnd.dedup_ids):.1f} bytes per id ({rnd.dedup_ids:,} ids); "
+        f"{rnd.dedup_redis_keys:,} Redis keys"
     )
 
 
-async def _dedup_keys(redis_url: str, topology: str, *, drop: bool) -> int:
-    """Redis keys holding deduplication state of a topology (then removed: a bench leaves no load)."""
+async def _topology_keys(redis_url: str, topology: str) -> int:
+    """Redis keys of a topology: after a tier-1-only run, its partition owners and incarnations."""
     import redis.asyncio as aioredis
-
-    from pipeline.io.dedup_store import dedup_key
 
     client = aioredis.Redis.from_url(redis_url)
     n = 0
     try:
-        async for batch in _scan_batches(client, dedup_key(topology, "") + "*"):
+        async for batch in _scan_batches(client, f"{topology}:*"):
             n += len(batch)
-            if drop:
-                await client.unlink(*batch)
     finally:
         await client.aclose()
     return n
@@ -512,8 +527,9 @@ def table(r: Results) -> str:
             f"[{', '.join(f'{x:.2f}' for x in r.round_ratios)}] (target >= {TARGET_VS_CEILING}); "
             f"tier 1 / Faust = {vs_faust_text} (target >= {TARGET_VS_FAUST:g})",
             f"tier 1 / ceiling in CPU time of this process: {r.tier1_vs_ceiling_cpu:.2f}",
-            f"tier 1 with ids / without = {r.tier1_ids_vs_tier1:.2f}, median of rounds; deduplication left "
-            f"{r.dedup_redis_keys:,} Redis keys for {r.events:,} events",
+            f"tier 1 with ids / without = {r.tier1_ids_vs_tier1:.2f}, median of rounds; dedup state "
+            f"{r.dedup_bytes_per_id:.1f} bytes per id in memory; the topology's Redis keys after it: "
+            f"{r.dedup_redis_keys:,} for {r.events:,} events",
             f"partials sent: {r.partials_sent:,}; coalescing ratio: {r.coalescing_ratio:,.0f} events/partial",
         ]
     )

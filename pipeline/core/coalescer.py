@@ -15,6 +15,7 @@ from typing import Any, Protocol
 import orjson
 
 from pipeline.core.aggregates import Kind
+from pipeline.core.dedup import PartitionIds, digest
 from pipeline.core.model import (
     MAX_EVENT_BYTES,
     MAX_KEY_CHARS,
@@ -67,6 +68,8 @@ class Flush:
     duplicates: int = 0
     # (channel, raw event) of feed types (e.g. comments), forwarded to the feed topic
     feed: list[tuple[str, bytes]] = field(default_factory=list)
+    # source partition -> records of the ids this window counted (the dedup changelog)
+    changelog: dict[int, list[bytes]] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -78,8 +81,6 @@ class _PartitionState:
     late: int = 0
     dead: int = 0
     duplicates: int = 0
-    # events with an id, waiting for the dedup verdict: (offset, fields, raw, watermark at the event)
-    held: list[tuple[int, EventFields, bytes, int]] = field(default_factory=list)
 
 
 def _fold(cells: dict[Cell, Any], cell: Cell, kind: Kind, value: float, user: str | None) -> int:
@@ -112,8 +113,11 @@ def _fold(cells: dict[Cell, Any], cell: Cell, kind: Kind, value: float, user: st
 class Coalescer:
     """Sans-I/O: feed it records, ask it when to flush, take the partials."""
 
-    def __init__(self, topology: Topology, root_partitions: int, now: float) -> None:
+    def __init__(
+        self, topology: Topology, root_partitions: int, now: float, changelog_max_bytes: int = 900_000
+    ) -> None:
         self.topology = topology
+        self.changelog_max_bytes = changelog_max_bytes
         self.root_partitions = root_partitions
         self.clock = FlushClock(topology.flush_interval_ms / 1000, now)
         self.max_cells = topology.max_cells
@@ -136,7 +140,8 @@ class Coalescer:
             and all(kind is COUNT and has_total and not bucketed for _, kind, has_total, bucketed in entries)
         }
         self._tracks_time = any(m.rollups != (Rollup(),) for m in topology.metrics)
-        self._dedup = topology.dedup_horizon_s > 0
+        self._horizon_ms = topology.dedup_horizon_s * 1000
+        self._ids: dict[int, PartitionIds] = {}  # per source partition; outlives windows
         self._feed_types = topology.feed_types
         self._feed: list[tuple[str, bytes]] = []
         self._parts: dict[int, _PartitionState] = {}
@@ -162,15 +167,19 @@ class Coalescer:
     def add_batch(self, partition: int, records: Sequence[Record]) -> list[DeadLetter]:
         """Fold a batch of one partition's records; return those that can never be counted.
 
-        Events that carry an id are held back when the topology deduplicates:
-        the runtime asks its dedup store about `held_ids()` and calls `resolve`.
+        Events that carry an id are counted unless the partition counted that id
+        before, within the topology's dedup horizon (`pipeline.core.dedup`).
         """
         part = self._parts.get(partition)
         if part is None:
             part = self._parts[partition] = _PartitionState()
         types = self._types
         loads = orjson.loads
-        dedup = self._dedup
+        dedup = self._horizon_ms > 0
+        with_id: list[tuple[EventFields, bytes, int]] = []  # (fields, raw, watermark at the event)
+        digests: list[bytes] = []
+        id_ts: list[int] = []
+        newest = 0
         feed_types = self._feed_types
         shortcut = self._shortcut
         tracks_time = self._tracks_time
@@ -229,7 +238,12 @@ class Coalescer:
             if fields[3] > wm:
                 wm = fields[3]
             if dedup and fields[6] is not None:
-                part.held.append((record.offset, fields, raw, wm))
+                rts = record.timestamp
+                if rts > newest:
+                    newest = rts
+                with_id.append((fields, raw, wm))
+                digests.append(digest(fields[6].encode()))
+                id_ts.append(fields[3] if fields[3] < rts else rts)
                 continue
             accepted.append((fields, wm))
             if feed_types and fields[0] in feed_types:
@@ -238,31 +252,59 @@ class Coalescer:
         self._size = size + len(cells) - cells_before  # cells the shortcut added
         self._watermark[partition] = wm
         part.dead += len(dead)
+        if with_id:
+            ids = self.ids(partition)
+            for (fields, raw, wm), counted_before in zip(
+                with_id, ids.seen(digests, id_ts, newest), strict=True
+            ):
+                if counted_before:
+                    part.duplicates += 1
+                    continue
+                accepted.append((fields, wm))
+                if feed_types and fields[0] in feed_types:
+                    self._feed.append((fields[2], raw))
         self._fold(part, accepted)
         return dead
 
-    def held_ids(self) -> list[tuple[int, int, str]]:
-        """(partition, offset, id) of every event waiting for its dedup verdict."""
-        return [(p, offset, f[6] or "") for p, part in self._parts.items() for offset, f, _, _ in part.held]
+    def ids(self, partition: int) -> PartitionIds:
+        """The dedup state of a source partition (created empty on first use)."""
+        ids = self._ids.get(partition)
+        if ids is None:
+            ids = self._ids[partition] = PartitionIds(self._horizon_ms)
+        return ids
 
-    def resolve(self, duplicates: set[tuple[int, int]]) -> int:
-        """Fold the held events except the (partition, offset) pairs that are duplicates."""
-        dropped = 0
-        for partition, part in self._parts.items():
-            if not part.held:
-                continue
-            keep: list[tuple[EventFields, int]] = []
-            for offset, fields, raw, wm in part.held:
-                if (partition, offset) in duplicates:
-                    dropped += 1
-                    continue
-                keep.append((fields, wm))
-                if fields[0] in self._feed_types:
-                    self._feed.append((fields[2], raw))
-            part.duplicates += len(part.held) - len(keep)
-            part.held = []
-            self._fold(part, keep)
-        return dropped
+    def restore_ids(self, partition: int, records: Iterable[bytes], next_offset: int) -> int:
+        """Rebuild a partition's dedup state from its changelog; returns the ids taken back."""
+        ids = self._ids[partition] = PartitionIds(self._horizon_ms)
+        taken = sum(ids.load(r) for r in records)
+        ids.next_offset = next_offset
+        return taken
+
+    def ids_current(self, partition: int, committed: int) -> bool:
+        """Does this worker's dedup state of `partition` end exactly at its committed offset?"""
+        ids = self._ids.get(partition)
+        return ids is not None and not ids.pending and ids.next_offset == committed
+
+    def committed(self, result: Flush) -> None:
+        """The window's transaction committed: its ids are counted for good."""
+        for partition, offset in result.next_offsets.items():
+            ids = self._ids.get(partition)
+            if ids is not None:
+                ids.commit(offset)
+
+    def aborted(self) -> None:
+        """The window's transaction aborted: its events will be read, and their ids seen, again."""
+        for ids in self._ids.values():
+            ids.abort()
+
+    def ids_held(self) -> list[int]:
+        """The partitions whose dedup state this coalescer holds."""
+        return list(self._ids)
+
+    def drop_ids(self, partitions: Iterable[int]) -> None:
+        """Forget the dedup state of partitions another worker owns now."""
+        for p in partitions:
+            self._ids.pop(p, None)
 
     def _fold(self, part: _PartitionState, events: list[tuple[EventFields, int]]) -> None:
         """Fold validated events, each judged late or not by the watermark it arrived under."""
@@ -294,8 +336,6 @@ class Coalescer:
 
     def flush(self, now: float) -> Flush:
         """Close the window: partials for every (source partition, root partition) with something to say."""
-        if any(part.held for part in self._parts.values()):
-            raise RuntimeError("flush with events still waiting for their dedup verdict; call resolve()")
         self.window += 1
         self.clock.reset(now)
         result = Flush(self.window, [], {})
@@ -335,16 +375,22 @@ class Coalescer:
             result.events += part.events
             result.duplicates += part.duplicates
             result.cells += len(part.cells)
+            ids = self._ids.get(partition)
+            if ids is not None and ids.pending:
+                result.changelog[partition] = ids.changelog(self.changelog_max_bytes)
         result.feed, self._feed = self._feed, []
         self._parts = {}
         self._size = 0
         return result
 
     def forget(self, partitions: Iterable[int]) -> None:
-        """Drop state of partitions this worker no longer owns (their watermark moves with them)."""
+        """Drop the open window of partitions (their watermark moves with them; ids not yet committed too)."""
         for p in partitions:
             self._parts.pop(p, None)
             self._watermark.pop(p, None)
+            ids = self._ids.get(p)
+            if ids is not None:
+                ids.abort()
         # Count distinct members too, as add_batch does, or `full` would fire late.
         self._size = sum(
             len(p.cells) + sum(len(v) for v in p.cells.values() if isinstance(v, set))

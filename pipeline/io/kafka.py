@@ -200,7 +200,55 @@ def topology_topics(topology: Topology) -> list[TopicSpec]:
         TopicSpec(topology.topic("feed"), parts.updates),
         TopicSpec(topology.topic("dead-letters"), 1),
         TopicSpec(topology.topic("splits"), 1, {"cleanup.policy": "compact"}),
+        *_dedup_topics(topology),
     ]
+
+
+def _dedup_topics(topology: Topology) -> list[TopicSpec]:
+    """Tier 1's dedup changelog: one partition per events partition, kept a little over the horizon."""
+    horizon_ms = topology.dedup_horizon_s * 1000
+    if not horizon_ms:
+        return []
+    config = {
+        # an id is needed until records sent a horizon (and a bucket) after it arrive: write time + slack
+        "retention.ms": str(horizon_ms + horizon_ms // 4 + 300_000),
+        "segment.ms": str(max(60_000, horizon_ms // 4)),
+        "max.message.bytes": str(PARTIALS_MAX_MESSAGE_BYTES),
+    }
+    return [TopicSpec(topology.topic("dedup"), topology.partitions.events, config)]
+
+
+async def read_to_end(
+    bootstrap: KafkaTarget, topic: str, partitions: Iterable[int]
+) -> dict[int, list[bytes]]:
+    """Every committed record of some partitions, from the earliest kept to the end (read_committed)."""
+    tps = [TopicPartition(topic, p) for p in partitions]
+    out: dict[int, list[bytes]] = {tp.partition: [] for tp in tps}
+    if not tps:
+        return out
+    reader = AIOKafkaConsumer(
+        **connection(bootstrap).client_kwargs(),
+        group_id=None,
+        enable_auto_commit=False,
+        isolation_level="read_committed",
+        auto_offset_reset="earliest",
+        fetch_max_wait_ms=50,
+        max_partition_fetch_bytes=8 * 1024 * 1024,
+    )
+    await reader.start()
+    try:
+        reader.assign(tps)
+        end = await reader.end_offsets(tps)
+        await reader.seek_to_beginning(*tps)
+        left = {tp for tp in tps if end[tp] > 0}
+        while left:
+            batch = await reader.getmany(*left, timeout_ms=200)
+            for tp, records in batch.items():
+                out[tp.partition].extend(r.value for r in records if r.value is not None)
+            left = {tp for tp in left if await reader.position(tp) < end[tp]}
+    finally:
+        await reader.stop()
+    return out
 
 
 @broker_retry

@@ -26,7 +26,6 @@ from pipeline import observability as obs
 from pipeline.core.coalescer import Coalescer, DeadLetter
 from pipeline.core.topology import Topology
 from pipeline.io import incarnation, kafka, redis_client
-from pipeline.io.dedup_store import DedupStore
 from pipeline.io.partition_owners import PartitionOwners
 from pipeline.settings import Settings
 
@@ -54,7 +53,9 @@ class CoalesceWorker:
         self.log = obs.log(topology=topology.name, tier=self.tier, instance=settings.instance)
         self.producer: AIOKafkaProducer
         self.transactional_id = ""
-        self.coalescer = Coalescer(topology, topology.partitions.partials, time.monotonic())
+        self.coalescer = Coalescer(
+            topology, topology.partitions.partials, time.monotonic(), settings.max_partial_bytes
+        )
         self._dead: list[DeadLetter] = []
         self._lock = asyncio.Lock()
         self.consumer = kafka.consumer(
@@ -67,13 +68,13 @@ class CoalesceWorker:
             fetch_min_bytes=settings.fetch_min_bytes,
         )
         self.redis = redis_client.connect(settings)
-        self.dedup = DedupStore(self.redis, topology.name, topology.dedup_horizon_s)
         self.owners = PartitionOwners(self.redis, self.group)
         # assigned partitions not read: waiting for their claim, or claimed by another worker since
         self._held: set[TopicPartition] = set()
         self._to_claim: set[TopicPartition] = set()
         self._producer_claimed = False  # the current producer holds claims (renew it for new ones)
         self.feed_topic = topology.topic("feed")
+        self.dedup_topic = topology.topic("dedup")
         self.events_in = 0
         self.records_in = 0
         self.partials_out = 0
@@ -115,18 +116,12 @@ class CoalesceWorker:
             # an idle pause never outlasts the open window: it closes on time with no new events
             batch = await poller.poll(c.clock.remaining(time.monotonic()))
             if batch:
-                # Folding a batch and settling its dedup verdicts is one step: a rebalance that
-                # revokes partitions meanwhile waits for it (the lock) and then commits it whole.
-                async with self._lock:
-                    for tp, records in batch.items():
-                        dead = c.add_batch(tp.partition, records)
-                        records_in.inc(len(records))
-                        self.records_in += len(records)
-                        if dead:
-                            self._dead.extend(dead)
-                    held = c.held_ids()
-                    if held:
-                        c.resolve(await self.dedup.duplicates(held))
+                for tp, records in batch.items():
+                    dead = c.add_batch(tp.partition, records)
+                    records_in.inc(len(records))
+                    self.records_in += len(records)
+                    if dead:
+                        self._dead.extend(dead)
             now = time.monotonic()
             if c.due(now):
                 await self.flush()
@@ -165,6 +160,12 @@ class CoalesceWorker:
                         sent.append(
                             await self.producer.send(self.dead_topic, d.raw, headers=_dead_headers(self, d))
                         )
+                    # the ids this window counted: a new owner of the partition rebuilds from these
+                    for partition, records in result.changelog.items():
+                        for record in records:
+                            sent.append(
+                                await self.producer.send(self.dedup_topic, record, partition=partition)
+                            )
                     # aiokafka commits a transaction even if a record in it failed (e.g.
                     # OutOfOrderSequenceNumber after a broker restart): wait for every delivery
                     # so that a failure aborts the window instead of committing its offsets alone
@@ -176,8 +177,10 @@ class CoalesceWorker:
                 # forgotten by a restarted broker (OutOfOrderSequenceNumber on every later send).
                 obs.TX_ABORTS.labels(*self.labels).inc()
                 self.log.warning("transaction aborted; rewinding", error=repr(exc), window=result.window)
+                self.coalescer.aborted()
                 await self._after_abort()
                 return
+            self.coalescer.committed(result)
             self._count(result.events, len(result.partials), result.cells, dead)
 
     def drop_dead_letters(self, partitions: Iterable[int]) -> None:
@@ -243,7 +246,7 @@ class CoalesceWorker:
                 self._producer_claimed = True
                 self.coalescer.forget(partitions)
                 self.drop_dead_letters(partitions)
-                await self._seek_to_committed(claiming)
+                await self._restore_ids(await self._seek_to_committed(claiming))
             except (KafkaError, OSError, TimeoutError) as exc:
                 self.log.warning("claiming partitions failed; retrying", error=repr(exc))
                 return False
@@ -267,22 +270,52 @@ class CoalesceWorker:
             self.consumer.pause(*lost)
             self._held.update(lost)
             self.coalescer.forget(tp.partition for tp in lost)
+            self.coalescer.drop_ids(tp.partition for tp in lost)
             self.drop_dead_letters(tp.partition for tp in lost)
             gone = sorted(tp.partition for tp in lost)
             self.log.warning("partitions claimed by another worker", partitions=gone)
         await self._seek_to_committed(reading - lost)
 
-    async def _seek_to_committed(self, partitions: Iterable[TopicPartition]) -> None:
+    async def _seek_to_committed(self, partitions: Iterable[TopicPartition]) -> dict[int, int]:
+        """Seek each partition to its committed offset; returns them (-1: none committed yet)."""
+        out: dict[int, int] = {}
         for tp in partitions:
             committed = await self.consumer.committed(tp)
             if committed is None:
                 await self.consumer.seek_to_beginning(tp)
             else:
                 self.consumer.seek(tp, committed)
+            out[tp.partition] = -1 if committed is None else committed
+        return out
+
+    async def _restore_ids(self, committed: dict[int, int]) -> None:
+        """Rebuild the dedup state of claimed partitions from their changelog, unless it is current.
+
+        It is current when this worker committed the partition's last window itself (it kept the
+        partition, or got it back with nothing committed meanwhile). Read after the fence: exactly
+        the ids of committed windows.
+        """
+        if not self.topology.dedup_horizon_s:
+            return
+        c = self.coalescer
+        stale = sorted(p for p, offset in committed.items() if not c.ids_current(p, offset))
+        if not stale:
+            return
+        started = time.monotonic()
+        logs = await kafka.read_to_end(self.kafka, self.dedup_topic, stale)
+        ids = sum(c.restore_ids(p, logs[p], committed[p]) for p in stale)
+        self.log.info(
+            "dedup state rebuilt",
+            partitions=stale,
+            ids=ids,
+            records=sum(len(r) for r in logs.values()),
+            seconds=round(time.monotonic() - started, 2),
+        )
 
     def assigned(self, assigned: Iterable[TopicPartition]) -> None:
         """A new generation: hold every assigned partition until it is claimed."""
         partitions = set(assigned)
+        self.coalescer.drop_ids(set(self.coalescer.ids_held()) - {tp.partition for tp in partitions})
         self.consumer.pause(*partitions)
         self._held.clear()
         self._held.update(partitions)
@@ -319,6 +352,7 @@ class _FlushOnRevoke(ConsumerRebalanceListener):
             # The new owner starts from the committed offsets: never flush this state later.
             self.worker.log.exception("flush before revocation failed; dropping uncommitted state")
             self.worker.coalescer.forget(tp.partition for tp in revoked)
+            self.worker.coalescer.drop_ids(tp.partition for tp in revoked)
             self.worker.drop_dead_letters(tp.partition for tp in revoked)
             raise
 

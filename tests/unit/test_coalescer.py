@@ -8,7 +8,7 @@ when its bucket's end + grace <= that watermark (the watermark includes the
 event itself). The total rollup never drops anything.
 
 Tier 1 folds some events out of offset order (events with an id wait for
-their dedup verdict; the plainest {"type", "key", "channel"} events of
+their batch's dedup verdicts; the plainest {"type", "key", "channel"} events of
 count-only types are counted in place), but each event is judged by the
 watermark as of its own offset, so lateness does not depend on fold order or
 batch boundaries (test_lateness_does_not_depend_on_batch_boundaries). The
@@ -632,7 +632,7 @@ def test_late_counter_rides_with_the_other_counters(roots: int) -> None:
 # --------------------------------------------------------------------------- deduplication by event id
 
 
-def test_events_with_ids_wait_for_the_dedup_verdict() -> None:
+def test_an_id_counted_before_is_a_duplicate_within_the_batch_the_window_and_later_windows() -> None:
     c = Coalescer(TOPO, 2, now=0.0)
     dead = feed(
         c,
@@ -641,29 +641,67 @@ def test_events_with_ids_wait_for_the_dedup_verdict() -> None:
         start=10,
     )
     assert [d.offset for d in dead] == [13]
-    assert c.held_ids() == [(0, 10, "e1"), (0, 12, "e2"), (0, 14, "e1")]
-    with pytest.raises(RuntimeError):
-        c.flush(1.0)
-    assert c.resolve({(0, 14), (5, 10)}) == 1
-    assert c.held_ids() == []
+    feed(c, 0, [ev(key="k", id="e2")], start=15)  # another batch of the same window
     f = c.flush(1.0)
-    assert f.next_offsets == {0: 15}
-    assert f.events == 3 and f.duplicates == 1
+    assert f.next_offsets == {0: 16}
+    assert f.events == 3 and f.duplicates == 2
     carriers = [p for p in f.partials if p.events or p.dead or p.duplicates]
     assert len(carriers) == 1
-    assert (carriers[0].events, carriers[0].dead, carriers[0].duplicates) == (3, 1, 1)
+    assert (carriers[0].events, carriers[0].dead, carriers[0].duplicates) == (3, 1, 2)
     merger = Merger(TOPO)
     for p in f.partials:
         merger.add(p.root_partition, 0, p.to_json())
     batch = merger.take()
     assert batch.cells[(0, "", "k", "total")] == 3
-    assert (batch.events, batch.duplicates, batch.dead) == (3, 1, 1)
+    assert (batch.events, batch.duplicates, batch.dead) == (3, 2, 1)
+    c.committed(f)
+    feed(c, 0, [ev(key="k", id="e1"), ev(key="k", id="e3")], start=16)  # a later window
+    f2 = c.flush(2.0)
+    assert (f2.events, f2.duplicates) == (1, 1)
+
+
+def test_ids_are_per_source_partition() -> None:
+    c = Coalescer(TOPO, 1, now=0.0)
+    feed(c, 0, [ev(key="k", id="e1")])
+    feed(c, 1, [ev(key="k", id="e1")])
+    assert c.flush(1.0).events == 2
+
+
+def test_an_aborted_window_forgets_its_ids_and_a_committed_one_keeps_them() -> None:
+    c = Coalescer(TOPO, 1, now=0.0)
+    feed(c, 0, [ev(key="k", id="e1")])
+    f = c.flush(1.0)
+    assert f.events == 1 and f.changelog and list(f.changelog) == [0]
+    c.aborted()  # the transaction failed: the window is read again
+    feed(c, 0, [ev(key="k", id="e1")])
+    f = c.flush(2.0)
+    assert (f.events, f.duplicates) == (1, 0)
+    c.committed(f)
+    feed(c, 0, [ev(key="k", id="e1")], start=1)
+    assert (c.flush(3.0).duplicates, c.ids(0).committed) == (1, 1)
+
+
+def test_a_new_owner_rebuilt_from_the_changelog_knows_the_committed_ids() -> None:
+    old = Coalescer(TOPO, 1, now=0.0, changelog_max_bytes=100)  # forces several records per window
+    ids = [f"id-{i}" for i in range(40)]
+    feed(old, 3, [ev(key="k", id=i) for i in ids])
+    f = old.flush(1.0)
+    old.committed(f)
+    records = f.changelog[3]
+    assert len(records) > 1 and all(len(r) <= 100 for r in records)
+    new = Coalescer(TOPO, 1, now=0.0)
+    assert new.restore_ids(3, records, f.next_offsets[3]) == 40
+    assert new.ids_current(3, 40) and not new.ids_current(3, 39) and not new.ids_current(2, 40)
+    feed(new, 3, [ev(key="k", id=i) for i in [*ids[:5], "fresh"]], start=40)
+    g = new.flush(2.0)
+    assert (g.events, g.duplicates) == (1, 5)
 
 
 def test_duplicates_only_window_still_reports_the_counter() -> None:
     c = Coalescer(TOPO, 3, now=0.0)
     feed(c, 4, [ev(key="k", id="e1")])
-    c.resolve({(4, 0)})
+    c.committed(c.flush(0.5))
+    feed(c, 4, [ev(key="k", id="e1")], start=1)
     (p,) = c.flush(1.0).partials
     assert p.cells == {} and p.duplicates == 1 and p.events == 0
 
@@ -672,10 +710,9 @@ def test_ids_are_ignored_when_dedup_is_off() -> None:
     topo = topology("nodedup", [count("n", "a")], {"a": 0}, dedup_horizon_s=0)
     c = Coalescer(topo, 1, now=0.0)
     feed(c, 0, [ev(key="k", id="e1"), ev(key="k", id="e1")])
-    assert c.held_ids() == []
     f = c.flush(1.0)
     assert f.partials[0].cells == {(0, "", "k", "total"): 2}
-    assert f.duplicates == 0
+    assert f.duplicates == 0 and f.changelog == {}
 
 
 DEDUP = topology(
@@ -687,7 +724,10 @@ DEDUP = topology(
 
 @settings(max_examples=60, deadline=None)
 @given(data=st.data(), roots=st.integers(1, 3))
-def test_dedup_counts_every_event_once_except_declared_duplicates(data: st.DataObject, roots: int) -> None:
+def test_every_id_counts_once_per_partition_across_aborts_and_new_owners(
+    data: st.DataObject, roots: int
+) -> None:
+    """Windows commit, abort (and are read again) or move to a new owner rebuilt from the changelog."""
     events = data.draw(
         st.lists(
             st.tuples(
@@ -702,38 +742,54 @@ def test_dedup_counts_every_event_once_except_declared_duplicates(data: st.DataO
     )
     batch_size = data.draw(st.integers(1, 6))
     c = Coalescer(DEDUP, roots, now=0.0)
-    offsets = [0, 0, 0]
+    changelog: dict[int, list[bytes]] = defaultdict(list)
+    committed = [0, 0, 0]  # per partition: offsets committed so far
     expected: dict[Any, list[tuple[float, str | None]]] = defaultdict(list)
+    seen: set[tuple[int, str]] = set()
     duplicates = valid = 0
+    for partition, key, eid, value, user in events:
+        if eid is not None and (partition, eid) in seen:
+            duplicates += 1
+            continue
+        if eid is not None:
+            seen.add((partition, eid))
+        valid += 1
+        for index in range(len(DEDUP.metrics)):
+            expected[(index, "", key, "total")].append((value, user))
+    records: list[list[Rec]] = [[], [], []]
+    for partition, key, eid, value, user in events:
+        fields: dict[str, Any] = {"value": value}
+        if eid is not None:
+            fields["id"] = eid
+        if user is not None:
+            fields["user"] = user
+        records[partition].append(Rec(len(records[partition]), ev(key=key, **fields)))
     partials: list[Partial] = []
-    for start in range(0, len(events), batch_size):
-        chunk = events[start : start + batch_size]
-        by_partition: dict[int, list[Rec]] = defaultdict(list)
-        info: dict[tuple[int, int], tuple[str, int, str | None]] = {}
-        for partition, key, eid, value, user in chunk:
-            fields: dict[str, Any] = {"value": value}
-            if eid is not None:
-                fields["id"] = eid
-            if user is not None:
-                fields["user"] = user
-            by_partition[partition].append(Rec(offsets[partition], ev(key=key, **fields)))
-            info[(partition, offsets[partition])] = (key, value, user)
-            offsets[partition] += 1
-        for partition, recs in by_partition.items():
-            assert c.add_batch(partition, recs) == []
-        held = c.held_ids()
-        assert all(info.get((p, o)) for p, o, _ in held)
-        dups = {(p, o) for p, o, _ in held if data.draw(st.booleans())}
-        assert c.resolve(dups) == len(dups)
-        duplicates += len(dups)
-        for where, (key, value, user) in info.items():
-            if where in dups:
-                continue
-            valid += 1
-            for index in range(len(DEDUP.metrics)):
-                expected[(index, "", key, "total")].append((value, user))
-        if data.draw(st.booleans()):
-            partials.extend(c.flush(float(start)).partials)
+    position = [0, 0, 0]
+    while any(position[p] < len(records[p]) for p in range(3)):
+        for p in range(3):
+            chunk = records[p][position[p] : position[p] + batch_size]
+            if chunk:
+                assert c.add_batch(p, chunk) == []
+                position[p] += len(chunk)
+        if not data.draw(st.booleans()):
+            continue
+        f = c.flush(1.0)
+        fate = data.draw(st.sampled_from(["commit", "abort", "new owner"]))
+        if fate == "abort":  # nothing of the window happened: read it again from the commits
+            c.aborted()
+            position = list(committed)
+            continue
+        partials.extend(f.partials)
+        for p, logs in f.changelog.items():
+            changelog[p].extend(logs)
+        for p, offset in f.next_offsets.items():
+            committed[p] = offset
+        c.committed(f)
+        if fate == "new owner":
+            c = Coalescer(DEDUP, roots, now=0.0)
+            for p in range(3):
+                c.restore_ids(p, changelog[p], committed[p])
     partials.extend(c.flush(1e9).partials)
     merger = Merger(DEDUP)
     for i, p in enumerate(partials):
@@ -749,8 +805,7 @@ def test_feed_types_forward_raw_events_except_duplicates() -> None:
     topo = topology("feed", [count("n", "a")], {"a": 0, "b": 1}, feed_types={"b"})
     c = Coalescer(topo, 1, now=0.0)
     first, second, third = ev("b", key="k", channel="v1", text="hi"), ev("b", key="k", id="x"), ev("a")
-    feed(c, 0, [first, second, third, ev("b", key="j", channel="v2", id="y")])
-    c.resolve({(0, 3)})
+    feed(c, 0, [first, second, third, ev("b", key="j", channel="v2", id="x")])
     f = c.flush(1.0)
     assert f.feed == [("v1", first), ("", second)]
     assert c.flush(2.0).feed == []
@@ -853,9 +908,6 @@ def _bucketed(batches: list[list[Rec]], topo: Any) -> tuple[dict[Any, Any], int]
     c = Coalescer(topo, 1, now=0.0)
     for batch in batches:
         c.add_batch(0, batch)
-        held = c.held_ids()
-        if held:
-            c.resolve(set())
     f = c.flush(1.0)
     return merged_cells(f, topo), sum(p.late_dropped for p in f.partials)
 
@@ -870,7 +922,7 @@ ORDER = topology(
     [
         # a plain event of a count-only type is counted in place, before the rest of its batch
         (Rec(0, ev("a", key="k", ts=10_000)), Rec(1, ev("c", key="k", channel="x"), timestamp=1_000_000)),
-        # an event with an id waits for its dedup verdict, folded after the rest of its batch
+        # an event with an id is folded after its batch's dedup verdicts
         (Rec(0, ev("a", key="k", ts=10_000, id="e1")), Rec(1, ev("a", key="j", ts=1_000_000))),
     ],
     ids=["plain-event-shortcut", "dedup-hold"],

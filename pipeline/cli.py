@@ -5,8 +5,12 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from pipeline import settings as settings_mod
+
+if TYPE_CHECKING:
+    from pipeline.core.topology import Topology
 
 EPILOG = """
 examples:
@@ -23,6 +27,7 @@ examples:
   pipeline plan --rate 100000 --keys 50000 --hot-share 0.3             what a workload costs each tier
   pipeline chaos --seed 7 --json           the whole pipeline under faults, exact counts checked
   pipeline chaos --broker kafka --brokers 3 --json   on 3 Apache Kafka brokers, brokers SIGKILLed too
+  pipeline replay-quarantine live_likes --list     batches the root quarantined (repair, then replay)
 
 Settings come from (lowest to highest): defaults, a TOML file (--config or PIPELINE_CONFIG),
 environment variables PIPELINE_<NAME> (e.g. PIPELINE_KAFKA, PIPELINE_REDIS, PIPELINE_INSTANCE), flags.
@@ -272,6 +277,32 @@ def build_parser() -> argparse.ArgumentParser:
     soak.add_argument("--json", action="store_true", help="print the report as JSON on the last line")
     _server_flags(soak)
 
+    rq = sub.add_parser(
+        "replay-quarantine",
+        help="show, replay or release the batches the root merger quarantined",
+        description="A batch the root's apply refuses (a Redis key of another type, a field holding a value "
+        "the apply cannot take) and that stays refused for quarantine_after_s is quarantined: its partials "
+        "are copied to T.partials-quarantine, T:quarantine records it, and the root stops that partials "
+        "partition. Repair the key (for example DEL it), then run this: it applies each quarantined batch "
+        "from its copies, exactly once (the positions in Redis guard it), publishes the totals, and lifts "
+        "the quarantine; the root resumes the partition within 2 s. Exit 1 if a batch is still refused.",
+    )
+    rq.add_argument("topology", help="a name in topologies/ (live_likes, analytics) or module:ATTR")
+    rq.add_argument("--name", help="the topology runs under another name (as `pipeline run --name`)")
+    rq.add_argument(
+        "--partition", type=int, action="append", help="only this partials partition (may be repeated)"
+    )
+    rq.add_argument("--list", action="store_true", help="only show what is quarantined, change nothing")
+    rq.add_argument(
+        "--release",
+        action="store_true",
+        help="lift the quarantine without applying: the root reads the batch again from the partials topic",
+    )
+    rq.add_argument("--kafka", help="Kafka bootstrap servers")
+    rq.add_argument("--redis", help="Redis URL")
+    rq.add_argument("--config", help="TOML settings file")
+    rq.add_argument("--json", action="store_true", help="print one JSON object per batch")
+
     servers = sub.add_parser("servers", help="start a local broker and Redis and wait (Ctrl-C stops them)")
     servers.add_argument("--data-dir", help="keep data here (default: a temporary directory)")
     _broker_flag(servers)
@@ -368,6 +399,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         from pipeline import soak as soak_mod
 
         return soak_mod.main(args)
+    if args.command == "replay-quarantine":
+        return _replay_quarantine(args)
     if args.command == "servers":
         from pipeline import local_servers
 
@@ -393,6 +426,72 @@ def _token(args: argparse.Namespace) -> int:
     expires = int(time.time()) + args.ttl
     print(tokens.issue(secret.encode(), args.viewer, parse_channels(args.channels), expires))
     return 0
+
+
+def _replay_quarantine(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from pipeline.tiers import worker
+
+    try:
+        settings = settings_mod.load(args.config, kafka=args.kafka, redis=args.redis)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"pipeline replay-quarantine: {exc}", file=sys.stderr)
+        return 2
+    topology = worker.load_topology(args.topology)
+    if args.name:
+        topology = topology.renamed(args.name)
+    return asyncio.run(_replay_quarantined(topology, settings, args))
+
+
+async def _replay_quarantined(
+    topology: Topology, settings: settings_mod.Settings, args: argparse.Namespace
+) -> int:
+    import json
+
+    from pipeline.io import kafka, quarantine, redis_client
+
+    conn = kafka.connection_from(settings)
+    client = redis_client.connect(settings)
+    producer = None
+    failed = 0
+    try:
+        state = quarantine.QuarantineState(client, topology)
+        held = sorted((await state.all()).items())
+        chosen = [q for p, q in held if not args.partition or p in args.partition]
+        if not chosen:
+            print(
+                f"nothing quarantined for {topology.name}"
+                + (f" in {args.partition}" if args.partition else "")
+            )
+            return 0
+        if not (args.list or args.release):
+            producer = kafka.producer(conn, f"{topology.group('merge')}.replay")
+            await kafka.start(producer)
+        for q in chosen:
+            if args.list:
+                outcome, detail, ok = "quarantined", q.reason, True
+            elif args.release:
+                ok = await state.release(q)
+                outcome = "released" if ok else "changed meanwhile"
+                detail = "the root reads the batch again from the partials topic" if ok else "run again"
+            else:
+                done = await quarantine.replay(conn, client, topology, q, producer)
+                outcome, detail, ok = done.outcome, done.detail, done.ok
+            failed += not ok
+            if args.json:
+                report = {"partition": q.partition, "outcome": outcome, "ok": ok, "detail": detail}
+                print(json.dumps({**report, "quarantined": json.loads(q.to_json())}))
+            else:
+                print(
+                    f"partition {q.partition}, offsets {q.first}-{q.last} ({q.messages} partials, "
+                    f"quarantined by {q.by}): {outcome}: {detail}"
+                )
+    finally:
+        if producer is not None:
+            await producer.stop()
+        await client.aclose()
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -28,11 +28,22 @@ STALE_APPLIES = Counter(
 )
 APPLIES_REFUSED = Counter(
     "pipeline_applies_refused_total",
-    "Applies refused before any write: a key holds another type than the apply needs (alert on it)",
+    "Applies refused before any write: a key holds another type, or a field a value, that the apply "
+    "cannot take (alert on it)",
     LABELS,
 )
 ROOT_BLOCKED = Gauge(
-    "pipeline_root_blocked", "1 while the root holds a batch that a wrongly typed key refuses", LABELS
+    "pipeline_root_blocked", "1 while the root holds or has quarantined a batch its apply refuses", LABELS
+)
+BATCHES_QUARANTINED = Counter(
+    "pipeline_batches_quarantined_total",
+    "Batches still refused after quarantine_after_s, copied to T.partials-quarantine (alert on it)",
+    LABELS,
+)
+ROOT_QUARANTINED = Gauge(
+    "pipeline_root_quarantined",
+    "1 while a quarantined batch stops this partials partition (pipeline replay-quarantine lifts it)",
+    (*LABELS, "partition"),
 )
 UPDATES_OUT = Counter("pipeline_updates_out_total", "Channel updates published", LABELS)
 DEAD_LETTERS = Counter(

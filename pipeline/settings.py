@@ -63,6 +63,12 @@ class Settings(BaseSettings):
     memory_trim_interval_s: float = Field(
         10.0, description="Return freed heap pages to the OS this often (glibc malloc_trim; 0: never)"
     )
+    quarantine_after_s: float = Field(
+        30.0,
+        description="The root holds a batch its apply refuses (a key or a value it cannot take) and tries it "
+        "again every 2 s; still refused after this long, the batch is quarantined and its partition waits "
+        "for `pipeline replay-quarantine` (0: at the first refusal)",
+    )
     leave_group_on_stop: bool = Field(
         True,
         description="A stopped worker leaves its consumer group, so its partitions move at once; "

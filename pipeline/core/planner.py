@@ -108,8 +108,9 @@ def plan(w: Workload) -> Plan:
         ranges = min(roots, partials_per_s / applies_per_s)
         # a leaderboard per channel: a ZCARD, and a ZADD per 1,000 of its members
         boards = (2 * channels_per_apply + cells_per_apply / 1000) if w.leaderboard else 0.0
-        # the TYPE checked of every key before the first write: a hash (and a board) per channel, 3 more
-        types = channels_per_apply * (2 if w.leaderboard else 1) + 3
+        # what the apply will change, read before its first write: an HMGET of each channel's hash (and
+        # the TYPE of its board), an HMGET of the sequence numbers and one of the counters
+        types = channels_per_apply * (2 if w.leaderboard else 1) + 2
         overhead = 2 * ranges + channels_per_apply + boards + types + 7  # positions, seqs, counters
         commands_per_s = applies_per_s * (cells_per_apply * per_cell + overhead)
     else:

@@ -7,17 +7,56 @@ The layout is documented in docs/CONTRACT.md.
 Every key starts with the topology name. Variable parts that may hold any
 character (channel, key) come last or are JSON-encoded, so two different
 cells can never share a key.
+
+The apply: one JSON object, ARGV[1] of the script in pipeline/io/redis_sink.py.
+
+    {
+      "positions": "T:pos:merge",     HASH partials partition -> last offset applied
+      "ranges": [                      one per partials partition in the batch, by partition
+        {"partition": 2, "first": 120, "last": 131, "expected": 119}
+      ],
+      "seq": "T:seq",                  HASH channel -> sequence number of its last update
+      "channels": ["v1", "v2"],        channels whose sequence number this apply increments, in order
+      "stats": "T:stats",              HASH of the pipeline-wide counters
+      "counters": {"events": 3000, "partials": 9, "applies": 1, "redis_commands": 57},   non-zero only
+      "ops": [                         one per key written, in the order the reply answers
+        {"kind": "count", "key": "T:agg:likes:total:v1", "fields": ["c1", "c2"], "values": ["3", "5"],
+         "ttl": 0, "board": "T:top:likes:v1", "board_size": 100},
+        {"kind": "sum" | "min" | "max", ... the same fields},
+        {"kind": "distinct", "key": "T:uniq:viewers:60:0:[\\"v1\\",\\"c1\\"]", "members": ["u1", "u7"],
+         "ttl": 7200}
+      ]
+    }
+
+- `ranges[].expected` is the last offset this merger saw applied for the partition (-1: nothing yet;
+  -2: unknown, then only a range starting at or before what Redis holds is refused).
+- `values` are decimal strings, so that no number is rounded on its way: integers for `count`, Python's
+  `repr` of a float for the others. `fields[i]` takes `values[i]`.
+- `ttl` > 0 sets the key's retention if it has none (`EXPIRE key ttl NX`); `board` (a ZSET) and
+  `board_size` (N) come only with the total cells of a leaderboard metric: every field's new value
+  is its score, and the set is trimmed to N once it holds more than 2N members.
+
+The reply is an array:
+
+- `[1, seq of each channel..., value of each field of each op...]` (a `distinct` op answers one value,
+  its PFCOUNT): the batch is applied;
+- `[0, partition, position Redis holds]`: a range is refused (already applied, or Redis holds
+  another position than expected); nothing written;
+- `[-1, key, what it holds, what the apply needs]`: refused before the first write, because a key
+  holds another type, or a field holds a value the command would fail on (a count that is not an
+  integer, a number that is not one); nothing written.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Required, TypedDict
 
 import orjson
 
 from pipeline.core.aggregates import Kind
 from pipeline.core.merger import UNKNOWN, MergedBatch
+from pipeline.core.model import ChannelUpdate
 from pipeline.core.topology import Topology
 from pipeline.core.windows import TOTAL, Rollup
 
@@ -52,102 +91,180 @@ def splits_key(topology: str) -> str:
     return f"{topology}:splits"
 
 
+def quarantine_key(topology: str) -> str:
+    """HASH of partials partition -> the batch quarantined there (JSON), while the root holds it."""
+    return f"{topology}:quarantine"
+
+
 def seq_key(topology: str) -> str:
     """HASH of channel -> sequence number of its last update."""
     return f"{topology}:seq"
 
 
-# Operation codes understood by the apply script.
-OP_INCR = "i"  # HINCRBY (count)
-OP_INCRF = "f"  # HINCRBYFLOAT (sum)
-OP_MIN = "n"
-OP_MAX = "x"
-OP_HLL = "d"  # PFADD + PFCOUNT
+# Operation kinds understood by the apply script (the "kind" of an op).
+OP_COUNT = "count"  # HINCRBY per field
+OP_SUM = "sum"  # HINCRBYFLOAT per field
+OP_MIN = "min"  # compare with the value held, HSET where smaller
+OP_MAX = "max"  # compare with the value held, HSET where larger
+OP_DISTINCT = "distinct"  # PFADD of the members, then PFCOUNT
 
-_OPS = {Kind.COUNT: OP_INCR, Kind.SUM: OP_INCRF, Kind.MIN: OP_MIN, Kind.MAX: OP_MAX, Kind.DISTINCT: OP_HLL}
+_OPS = {
+    Kind.COUNT: OP_COUNT,
+    Kind.SUM: OP_SUM,
+    Kind.MIN: OP_MIN,
+    Kind.MAX: OP_MAX,
+    Kind.DISTINCT: OP_DISTINCT,
+}
+
+
+class Range(TypedDict):
+    partition: int
+    first: int
+    last: int
+    expected: int
+
+
+class Op(TypedDict, total=False):
+    kind: Required[str]
+    key: Required[str]
+    ttl: Required[int]
+    fields: list[str]  # count, sum, min, max
+    values: list[str]
+    board: str  # count, sum, min, max of a leaderboard metric's total bucket
+    board_size: int
+    members: list[str]  # distinct
 
 
 @dataclass(slots=True)
 class ApplyPlan:
-    """One atomic apply: the script arguments, and how to read its answer back into updates."""
+    """One atomic apply: the script argument, and how to read its answer back into updates."""
 
     payload: bytes
     channels: list[str]
-    # per op, (channel, metric, key) for total-bucket values that viewers see, else None
+    # per value the reply carries, (channel, metric, key) for total-bucket values that viewers see, else None
     reports: list[tuple[str, str, str] | None] = field(default_factory=list)
-    commands: int = 0  # Redis commands the script will run (for the coalescing-ratio metric)
+    commands: int = 0  # Redis commands the script runs (for the coalescing-ratio metric; see plan_apply)
 
 
-ZADD_MEMBERS = 1000  # members per ZADD in the apply script (2,000 arguments)
+BATCH = 1000  # fields per HMGET, members per PFADD and per ZADD, pairs per HSET in the apply script
+
+
+def _chunks(n: int) -> int:
+    return -(-n // BATCH)
 
 
 def plan_apply(topology: Topology, batch: MergedBatch) -> ApplyPlan:
+    """The apply of a merged batch (the format above), its reports and the commands it runs.
+
+    Commands, as the script runs them: per range an HGET and an HSET. Per op, first a read of what it
+    will change, before the first write: an HMGET per 1,000 fields, or a PFCOUNT of a HyperLogLog.
+    Then its writes: an HINCRBY or HINCRBYFLOAT per field; for min and max, an HSET per 1,000 fields
+    (the fields that keep their value are written too); a PFADD per 1,000 members and a PFCOUNT; an
+    EXPIRE when it has a TTL. Per leaderboard a TYPE, a ZADD per 1,000 members and a ZCARD (a trim
+    now and then is not counted). An HMGET and an HINCRBY per channel of the sequence hash; an HMGET
+    and an HINCRBY per counter of the stats hash.
+    """
     name = topology.name
     metrics = topology.metrics
     rollups: dict[tuple[int, str], Rollup] = {}
     for i, m in enumerate(metrics):
         for r in m.rollups:
             rollups[(i, r.name)] = r
-    ops: list[list[Any]] = []
-    reports: list[tuple[str, str, str] | None] = []
+    ops: dict[str, Op] = {}
+    op_reports: dict[str, list[tuple[str, str, str] | None]] = {}
     channels: dict[str, None] = {}
-    boards: dict[str, int] = {}  # leaderboard sorted set -> members this apply updates
-    commands = 0
     for (index, channel, key, bucket), value in batch.cells.items():
         metric = metrics[index]
         kind = metric.kind
         is_total = bucket == TOTAL
-        ttl = 0
-        if not is_total:
-            ttl = rollups[(index, f"{bucket.split(':', 1)[0]}s")].retention_s
+        report = (channel, metric.name, key) if is_total else None
         if kind is Kind.DISTINCT:
             if not value:
                 continue
             target = uniq_key(name, metric.name, bucket, channel, key)
-            ops.append([OP_HLL, target, "", sorted(value), ttl, "", 0])
-            commands += 2
+            ttl = 0 if is_total else rollups[(index, f"{bucket.split(':', 1)[0]}s")].retention_s
+            ops[target] = {"kind": OP_DISTINCT, "key": target, "members": sorted(value), "ttl": ttl}
+            op_reports[target] = [report]
         else:
             target = agg_key(name, metric.name, bucket, channel)
-            arg = str(value) if kind is Kind.COUNT else repr(float(value))
-            zkey = top_key(name, metric.name, channel) if is_total and metric.leaderboard else ""
-            ops.append([_OPS[kind], target, key, arg, ttl, zkey, metric.leaderboard])
-            commands += 1
-            if zkey:
-                boards[zkey] = boards.get(zkey, 0) + 1
-        commands += 1 if ttl else 0
+            op = ops.get(target)
+            if op is None:
+                ttl = 0 if is_total else rollups[(index, f"{bucket.split(':', 1)[0]}s")].retention_s
+                op = ops[target] = {"kind": _OPS[kind], "key": target, "fields": [], "values": [], "ttl": ttl}
+                if is_total and metric.leaderboard:
+                    op["board"] = top_key(name, metric.name, channel)
+                    op["board_size"] = metric.leaderboard
+                op_reports[target] = []
+            op["fields"].append(key)
+            op["values"].append(str(value) if kind is Kind.COUNT else repr(float(value)))
+            op_reports[target].append(report)
         if is_total:
             channels[channel] = None
-            reports.append((channel, metric.name, key))
+    commands = 0
+    for op in ops.values():
+        if op["kind"] == OP_DISTINCT:
+            commands += 2 + _chunks(len(op["members"]))  # PFCOUNT (checked first), PFADD per 1,000, PFCOUNT
         else:
-            reports.append(None)
-    # per sorted set: a ZADD per 1,000 members and a ZCARD (a trim now and then is not counted)
-    commands += sum(-(-members // ZADD_MEMBERS) + 1 for members in boards.values())
-    # a TYPE per key the apply touches, checked before anything is written (stats, seq, positions too)
-    commands += len({op[1] for op in ops} | set(boards)) + 3
+            n = len(op["fields"])
+            commands += _chunks(n)  # HMGET
+            commands += _chunks(n) if op["kind"] in (OP_MIN, OP_MAX) else n
+            if "board" in op:
+                commands += 2 + _chunks(n)  # TYPE, ZADD per 1,000 members, ZCARD
+        commands += 1 if op["ttl"] else 0
     channel_list = list(channels)
-    counters = [
-        ["events", batch.events],
-        ["late_dropped", batch.late_dropped],
-        ["dead_letters", batch.dead],
-        ["deduplicated", batch.duplicates],
-        ["partials", batch.partials],
-        ["bad_partials", batch.bad_partials],
-        ["applies", 1],
+    counters = {
+        "events": batch.events,
+        "late_dropped": batch.late_dropped,
+        "dead_letters": batch.dead,
+        "deduplicated": batch.duplicates,
+        "partials": batch.partials,
+        "bad_partials": batch.bad_partials,
+        "applies": 1,
+    }
+    counters = {k: v for k, v in counters.items() if v}
+    commands += 2 * len(batch.ranges)  # HGET, HSET
+    commands += (1 if channel_list else 0) + len(channel_list)  # HMGET, HINCRBY per channel
+    commands += 1 + len(counters) + 1  # HMGET, HINCRBY per counter and for redis_commands
+    counters["redis_commands"] = commands
+    ranges: list[Range] = [
+        {"partition": p, "first": first, "last": last, "expected": batch.expected.get(p, UNKNOWN)}
+        for p, (first, last) in sorted(batch.ranges.items())
     ]
-    commands += len(batch.ranges) * 2 + len(channel_list) + sum(1 for c in counters if c[1]) + 1
-    counters.append(["redis_commands", commands])
     payload = orjson.dumps(
         {
-            "pos": positions_key(name),
-            "ranges": [
-                [p, first, last, batch.expected.get(p, UNKNOWN)]
-                for p, (first, last) in sorted(batch.ranges.items())
-            ],
-            "ops": ops,
-            "stats": stats_key(name),
-            "counters": [c for c in counters if c[1]],
+            "positions": positions_key(name),
+            "ranges": ranges,
             "seq": seq_key(name),
             "channels": channel_list,
+            "stats": stats_key(name),
+            "counters": counters,
+            "ops": list(ops.values()),
         }
     )
+    reports = [r for target in ops for r in op_reports[target]]
     return ApplyPlan(payload, channel_list, reports, commands)
+
+
+def channel_updates(
+    plan: ApplyPlan, seqs: dict[str, int], values: list[str], now_ms: int
+) -> list[ChannelUpdate]:
+    """What an applied plan left: the absolute totals of its total cells, one update per channel, from the
+    values the script answered (in the order of `plan.reports`) and the channels' new sequence numbers."""
+    updates: dict[str, ChannelUpdate] = {}
+    for report, value in zip(plan.reports, values, strict=True):
+        if report is None:
+            continue
+        channel, metric, key = report
+        update = updates.get(channel)
+        if update is None:
+            update = updates[channel] = ChannelUpdate(channel, seqs[channel], now_ms)
+        update.values.append((metric, key, _number(value)))
+    return list(updates.values())
+
+
+def _number(raw: str) -> float:
+    """A stored value as int when it is one (counts), else float (sums)."""
+    try:
+        return int(raw)
+    except ValueError:
+        return float(raw)

@@ -1,16 +1,25 @@
 """Applies merged batches to Redis: data, counters and the applied offset range
 in one Lua script, so a batch is applied entirely or not at all, and once.
 
-Before it writes anything, the script checks the type of every key it will touch
-and refuses the whole batch if one holds another type (Redis keeps a script's
-earlier writes when a later command fails: half a batch, then the same half
-again on every retry). The script also refuses a batch whose offset range starts at or before an offset
-already applied for that partition (a replay after a crash, or a zombie
-merger that lost its partitions), and one whose merger expected another
-applied position than Redis holds: ahead of it, another merger applied more;
-behind it, Redis lost its last writes (a crash between AOF fsyncs), and those
-partials must be applied again from Kafka. Either way the caller re-reads the
-positions and seeks there.
+The script's argument is one JSON object with named fields, built by
+`pipeline.core.redis_layout.plan_apply`, whose module docstring documents it and
+the reply (docs/ARCHITECTURE.md, "the apply").
+
+It refuses a batch whose offset range starts at or before an offset already
+applied for that partition (a replay after a crash, or a zombie merger that lost
+its partitions), and one whose merger expected another applied position than
+Redis holds: ahead of it, another merger applied more; behind it, Redis lost its
+last writes (a crash between AOF fsyncs), and those partials must be applied
+again from Kafka. Either way the caller re-reads the positions and seeks there.
+
+Before it writes anything, it reads everything it will change: the type of every
+key, and the value of every field a command could fail on (HINCRBY needs an
+integer, HINCRBYFLOAT and the min/max comparisons a finite number, PFADD a
+HyperLogLog). Redis keeps a script's earlier writes when a later command fails,
+so one bad key used to leave half a batch applied, and the same half again on
+every retry. Now the whole batch is refused (`Refusal`) and nothing is written;
+the root holds it and, if it stays refused, quarantines it
+(pipeline/io/quarantine.py).
 """
 
 from __future__ import annotations
@@ -27,91 +36,218 @@ from pipeline.io.redis_retry import redis_retry
 MIN_REDIS = (7, 0)  # EXPIRE ... NX
 
 APPLY_LUA = r"""
-local p = cjson.decode(ARGV[1])
-for _, r in ipairs(p.ranges) do
-  local raw = redis.call('HGET', p.pos, tostring(r[1]))
+-- ARGV[1]: the apply, one JSON object with named fields (documented in pipeline/core/redis_layout.py)
+local a = cjson.decode(ARGV[1])
+local BATCH = 1000
+
+local function failed(reply)
+  return type(reply) == 'table' and reply.err ~= nil
+end
+local function refuse_type(key, wanted)
+  return {-1, key, redis.call('TYPE', key).ok, wanted}
+end
+local function shown(v)
+  return #v > 40 and (string.sub(v, 1, 40) .. '...') or v
+end
+local function held(field, v)
+  return 'field ' .. cjson.encode(field) .. ' = ' .. cjson.encode(shown(v))
+end
+-- what HINCRBY takes: a decimal 64-bit integer without '+' or leading zeros
+local function integer(v)
+  return v == '0' or (#v <= 20 and string.find(v, '^%-?[1-9]%d*$') ~= nil)
+end
+-- what HINCRBYFLOAT and a comparison take: a finite number, no blanks
+local function finite(n)
+  return n == n and n ~= math.huge and n ~= -math.huge
+end
+local function number(v)
+  local n = tonumber(v)
+  return n ~= nil and finite(n) and not string.find(v, '%s')
+end
+local INT_ROOM = 9.2e18  -- under 2^63: an HINCRBY that stays below cannot overflow
+local function hmget(key, fields)
+  local got = {}
+  for i = 1, #fields, BATCH do
+    local part = redis.pcall('HMGET', key, unpack(fields, i, math.min(i + BATCH - 1, #fields)))
+    if failed(part) then
+      return nil
+    end
+    for j = 1, #part do
+      got[#got + 1] = part[j]
+    end
+  end
+  return got
+end
+
+-- 1. the ranges: refused if already applied, or if Redis holds another position than expected
+for _, r in ipairs(a.ranges) do
+  local raw = redis.pcall('HGET', a.positions, tostring(r.partition))
+  if failed(raw) then
+    return refuse_type(a.positions, 'hash')
+  end
   local cur = raw and tonumber(raw) or -1
-  if cur >= r[2] or (r[4] ~= -2 and cur ~= r[4]) then
-    return {0, r[1], cur}
+  if cur >= r.first or (r.expected ~= -2 and cur ~= r.expected) then
+    return {0, r.partition, cur}
   end
 end
--- Redis does not undo a script's earlier writes when a later command fails: check every key's type
--- before the first write, so that a key holding another type refuses the whole batch, not half of it
-local want = {[p.stats] = 'hash', [p.seq] = 'hash', [p.pos] = 'hash'}
-for _, op in ipairs(p.ops) do
-  want[op[2]] = (op[1] == 'd') and 'string' or 'hash'
-  if op[6] ~= '' then
-    want[op[6]] = 'zset'
+
+-- 2. everything it will touch, read before the first write: Redis keeps a script's earlier writes
+-- when a later command fails, so a key of another type or a value a command cannot take refuses the
+-- whole batch here, not half of it later
+local names = {}
+for name in pairs(a.counters) do
+  names[#names + 1] = name
+end
+local counters = hmget(a.stats, names)
+if not counters then
+  return refuse_type(a.stats, 'hash')
+end
+for i, v in ipairs(counters) do
+  if v and not integer(v) then
+    return {-1, a.stats, held(names[i], v), 'an integer'}
   end
 end
-for key, wanted in pairs(want) do
-  local have = redis.call('TYPE', key).ok
-  if have ~= 'none' and have ~= wanted then
-    return {-1, key, have, wanted}
+if #a.channels > 0 then
+  local seqs = hmget(a.seq, a.channels)
+  if not seqs then
+    return refuse_type(a.seq, 'hash')
+  end
+  for i, v in ipairs(seqs) do
+    if v and not integer(v) then
+      return {-1, a.seq, held(a.channels[i], v), 'an integer'}
+    end
   end
 end
-local out = {1}
--- leaderboard entries, gathered per sorted set: one ZADD of many members and one trim per set and
--- apply, not three commands per cell
-local boards, board_order = {}, {}
-for _, ch in ipairs(p.channels) do
-  out[#out + 1] = redis.call('HINCRBY', p.seq, ch, 1)
-end
-for _, op in ipairs(p.ops) do
-  local code, key, field, arg, ttl, zkey, ztop = op[1], op[2], op[3], op[4], op[5], op[6], op[7]
-  local nv
-  if code == 'i' then
-    nv = redis.call('HINCRBY', key, field, arg)
-  elseif code == 'f' then
-    nv = redis.call('HINCRBYFLOAT', key, field, arg)
-  elseif code == 'n' or code == 'x' then
-    local cur = redis.call('HGET', key, field)
-    local v = tonumber(arg)
-    if (not cur) or (code == 'n' and v < tonumber(cur)) or (code == 'x' and v > tonumber(cur)) then
-      redis.call('HSET', key, field, arg)
-      nv = arg
-    else
-      nv = cur
+local before = {}  -- per op, what its fields held
+for n, op in ipairs(a.ops) do
+  local kind, key = op.kind, op.key
+  if kind == 'distinct' then
+    if failed(redis.pcall('PFCOUNT', key)) then
+      local t = redis.call('TYPE', key).ok
+      return {-1, key, t == 'string' and 'a string that is not a HyperLogLog' or t, 'a HyperLogLog'}
     end
   else
-    for i = 1, #arg, 1000 do
-      redis.call('PFADD', key, unpack(arg, i, math.min(i + 999, #arg)))
+    local cur = hmget(key, op.fields)
+    if not cur then
+      return refuse_type(key, 'hash')
     end
-    nv = redis.call('PFCOUNT', key)
-  end
-  if ttl > 0 then
-    redis.call('EXPIRE', key, ttl, 'NX')
-  end
-  if zkey ~= '' then
-    local b = boards[zkey]
-    if not b then
-      b = {ztop, {}}
-      boards[zkey] = b
-      board_order[#board_order + 1] = zkey
+    for i = 1, #op.fields do
+      local v, add = cur[i], op.values[i]
+      if kind == 'count' then
+        if not integer(add) or math.abs(tonumber(add)) >= INT_ROOM then
+          return {-1, key, 'field ' .. cjson.encode(op.fields[i]) .. ' and an increment of ' .. shown(add),
+                  'an increment that is a 64-bit integer'}
+        end
+        if v and not integer(v) then
+          return {-1, key, held(op.fields[i], v), 'an integer'}
+        end
+        if v and math.abs(tonumber(v)) + math.abs(tonumber(add)) >= INT_ROOM then
+          return {-1, key, held(op.fields[i], v), 'room for +' .. add .. ' in 64 bits'}
+        end
+      else
+        if not number(add) then
+          return {-1, key, 'field ' .. cjson.encode(op.fields[i]) .. ' and a value of ' .. shown(add),
+                  'a value that is a finite number'}
+        end
+        if v and not (number(v) and (kind ~= 'sum' or finite(tonumber(v) + tonumber(add)))) then
+          return {-1, key, held(op.fields[i], v), 'a finite number'}
+        end
+      end
     end
-    local m = b[2]
-    m[#m + 1] = nv
-    m[#m + 1] = field
-  end
-  out[#out + 1] = tostring(nv)
-end
-for _, zkey in ipairs(board_order) do
-  local ztop, m = boards[zkey][1], boards[zkey][2]
-  for i = 1, #m, 2000 do
-    redis.call('ZADD', zkey, unpack(m, i, math.min(i + 1999, #m)))
-  end
-  if redis.call('ZCARD', zkey) > 2 * ztop then
-    redis.call('ZREMRANGEBYRANK', zkey, 0, -(ztop + 1))
+    before[n] = cur
+    if op.board then
+      local t = redis.call('TYPE', op.board).ok
+      if t ~= 'none' and t ~= 'zset' then
+        return {-1, op.board, t, 'zset'}
+      end
+    end
   end
 end
-for _, c in ipairs(p.counters) do
-  redis.call('HINCRBY', p.stats, c[1], c[2])
+
+-- 3. the writes
+local out = {1}
+for _, ch in ipairs(a.channels) do
+  out[#out + 1] = redis.call('HINCRBY', a.seq, ch, 1)
 end
-for _, r in ipairs(p.ranges) do
-  redis.call('HSET', p.pos, tostring(r[1]), r[3])
+for n, op in ipairs(a.ops) do
+  local kind, key = op.kind, op.key
+  if kind == 'distinct' then
+    local members = op.members
+    for i = 1, #members, BATCH do
+      redis.call('PFADD', key, unpack(members, i, math.min(i + BATCH - 1, #members)))
+    end
+    out[#out + 1] = redis.call('PFCOUNT', key)
+  else
+    local fields, values = op.fields, op.values
+    local new = {}
+    if kind == 'count' then
+      for i = 1, #fields do
+        new[i] = redis.call('HINCRBY', key, fields[i], values[i])  -- a number: tostring would round it
+      end
+    elseif kind == 'sum' then
+      for i = 1, #fields do
+        new[i] = redis.call('HINCRBYFLOAT', key, fields[i], values[i])
+      end
+    else
+      -- the smaller (larger) of what is held and the batch's value; one HSET per 1,000 fields, of all of
+      -- them (a field that keeps its value is written unchanged: the command count stays what the plan says)
+      local cur, pairs_ = before[n], {}
+      for i = 1, #fields do
+        local c, v = cur[i], values[i]
+        if (not c) or (kind == 'min' and tonumber(v) < tonumber(c))
+            or (kind == 'max' and tonumber(v) > tonumber(c)) then
+          new[i] = v
+        else
+          new[i] = c
+        end
+        pairs_[#pairs_ + 1] = fields[i]
+        pairs_[#pairs_ + 1] = new[i]
+      end
+      for i = 1, #pairs_, 2 * BATCH do
+        redis.call('HSET', key, unpack(pairs_, i, math.min(i + 2 * BATCH - 1, #pairs_)))
+      end
+    end
+    for i = 1, #new do
+      out[#out + 1] = new[i]
+    end
+    if op.board then
+      local scored = {}
+      for i = 1, #fields do
+        scored[#scored + 1] = new[i]
+        scored[#scored + 1] = fields[i]
+      end
+      for i = 1, #scored, 2 * BATCH do
+        redis.call('ZADD', op.board, unpack(scored, i, math.min(i + 2 * BATCH - 1, #scored)))
+      end
+      if redis.call('ZCARD', op.board) > 2 * op.board_size then
+        redis.call('ZREMRANGEBYRANK', op.board, 0, -(op.board_size + 1))
+      end
+    end
+  end
+  if op.ttl > 0 then
+    redis.call('EXPIRE', key, op.ttl, 'NX')
+  end
+end
+for name, n in pairs(a.counters) do
+  redis.call('HINCRBY', a.stats, name, n)
+end
+for _, r in ipairs(a.ranges) do
+  redis.call('HSET', a.positions, tostring(r.partition), r.last)
 end
 return out
 """
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """Why the script refused a batch before its first write."""
+
+    key: str
+    holds: str  # the type the key holds, or the field and its value
+    needs: str  # what the apply needs there
+
+    def __str__(self) -> str:
+        return f"{self.key} holds {self.holds}, the apply needs {self.needs}"
 
 
 @dataclass(slots=True)
@@ -122,8 +258,7 @@ class ApplyResult:
     values: list[str]
     stale_partition: int | None = None
     stale_position: int | None = None  # what Redis holds for it (-1: nothing)
-    # refused before any write: (key, the type it holds, the type the apply needs)
-    wrong_type: tuple[str, str, str] | None = None
+    refused: Refusal | None = None  # refused before any write: a key or a value the apply cannot take
 
 
 class RedisSink:
@@ -157,13 +292,17 @@ class RedisSink:
         plan = plan_apply(self.topology, batch)
         reply = await self._script(args=[plan.payload])
         if int(reply[0]) == -1:
-            key, have, wanted = (v.decode() if isinstance(v, bytes) else str(v) for v in reply[1:4])
-            return ApplyResult(False, plan, {}, [], wrong_type=(key, have, wanted))
+            key, holds, needs = (_text(v) for v in reply[1:4])
+            return ApplyResult(False, plan, {}, [], refused=Refusal(key, holds, needs))
         if int(reply[0]) == 0:
             return ApplyResult(
                 False, plan, {}, [], stale_partition=int(reply[1]), stale_position=int(reply[2])
             )
         n = len(plan.channels)
         seqs = {ch: int(s) for ch, s in zip(plan.channels, reply[1 : 1 + n], strict=True)}
-        values = [v.decode() if isinstance(v, bytes) else str(v) for v in reply[1 + n :]]
+        values = [_text(v) for v in reply[1 + n :]]
         return ApplyResult(True, plan, seqs, values)
+
+
+def _text(value: bytes | int | str) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)

@@ -5,28 +5,47 @@ Redis, not Kafka, holds the merger's position: each apply stores the offsets
 it covers atomically with the data, and a merger (re)starting, or getting new
 partitions in a rebalance, seeks to those stored positions. Kafka offsets are
 committed too, but only so that lag can be graphed.
+
+A batch the apply refuses before writing (a key or a value it cannot take) is
+applied again partition by partition, so that only the partials partition whose
+cells meet the bad key waits. That partition is held and tried again every 2 s;
+still refused after `quarantine_after_s`, the batch is quarantined and the
+partition stays stopped until `pipeline replay-quarantine` lifts it
+(pipeline/io/quarantine.py).
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+from dataclasses import dataclass
 
 from aiokafka import ConsumerRebalanceListener, ConsumerRecord, TopicPartition
 from aiokafka.errors import KafkaError
 
 from pipeline import observability as obs
-from pipeline.core.merger import Merger
-from pipeline.core.model import ChannelUpdate
+from pipeline.core.merger import NOTHING_APPLIED, UNKNOWN, MergedBatch, Merger
 from pipeline.core.topology import Topology
-from pipeline.io import kafka, redis_client, redis_query
+from pipeline.io import kafka, quarantine, redis_client
+from pipeline.io.quarantine import Quarantined, QuarantineState
 from pipeline.io.redis_retry import retrying
-from pipeline.io.redis_sink import ApplyResult, RedisSink
+from pipeline.io.redis_sink import ApplyResult, RedisSink, Refusal
 from pipeline.settings import Settings
 
 LAG_EVERY_S = 2.0
 PROGRESS_EVERY_S = 10.0
-BLOCKED_RETRY_S = 2.0  # how often a refused batch is tried again
+BLOCKED_RETRY_S = 2.0  # how often a refused batch is tried again, and a quarantine looked up
+
+Records = dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]]
+
+
+@dataclass(slots=True)
+class _Blocked:
+    """A partials partition whose batch the apply refuses: held, and tried again at `retry_at`."""
+
+    since: float  # first refusal (monotonic)
+    retry_at: float  # 0: sought back and waiting for the batch to be read again
+    refusal: Refusal
 
 
 class MergeWorker:
@@ -56,9 +75,16 @@ class MergeWorker:
         self.partials_in = 0
         self.cells_in = 0
         self.commands = 0
+        self.quarantine_after_s = settings.quarantine_after_s
+        self.quarantine = QuarantineState(self.redis, topology)
+        self.held: set[TopicPartition] = set()  # paused on purpose: refused or quarantined batches
+        self.blocked: dict[TopicPartition, _Blocked] = {}
+        self.quarantined: dict[TopicPartition, Quarantined] = {}
 
     async def run(self, stop: asyncio.Event) -> None:
-        await kafka.ensure_topics(self.kafka, kafka.topology_topics(self.topology))
+        await kafka.ensure_topics(
+            self.kafka, [*kafka.topology_topics(self.topology), quarantine.topic_spec(self.topology)]
+        )
         await retrying(self.redis.ping)  # wait for Redis, as for any apply
         await self.sink.check_server()
         await kafka.start(self.producer)
@@ -82,12 +108,18 @@ class MergeWorker:
 
     async def _loop(self, stop: asyncio.Event) -> None:
         next_progress = time.monotonic() + PROGRESS_EVERY_S
-        poller = kafka.Poller(self.consumer, 2_000, self.settings.idle_backoff_ms / 1000)
+        next_lookup = 0.0
+        poller = kafka.Poller(self.consumer, 2_000, self.settings.idle_backoff_ms / 1000, held=self.held)
         while not stop.is_set():
             batch = await poller.poll()
             if batch:
                 await self._apply(batch)
             now = time.monotonic()
+            if self.blocked:
+                await self._retry_due(now)
+            if self.quarantined and now >= next_lookup:
+                next_lookup = now + BLOCKED_RETRY_S
+                await self._resume_lifted()
             if now >= next_progress:
                 next_progress = now + PROGRESS_EVERY_S
                 self.log.info(
@@ -97,16 +129,36 @@ class MergeWorker:
                     redis_commands=self.commands,
                 )
 
-    async def _apply(self, batch: dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]]) -> None:
+    async def _apply(self, batch: Records) -> None:
+        batch = {tp: records for tp, records in batch.items() if records and tp not in self.held}
+        if not batch:
+            return
+        got = await self._apply_records(batch)
+        if got is None or got[1].refused is None:
+            return
+        if len(batch) == 1:
+            ((tp, records),) = batch.items()
+            await self._refused(tp, records, *got)
+            return
+        # one key refused the whole batch, and nothing was written: apply each partials partition on its
+        # own, so that only the one whose cells meet the key waits
+        for tp, records in batch.items():
+            got = await self._apply_records({tp: records})
+            if got is None:
+                return  # out of step with Redis: sought again
+            if got[1].refused is not None:
+                await self._refused(tp, records, *got)
+
+    async def _apply_records(self, batch: Records) -> tuple[MergedBatch, ApplyResult] | None:
+        """Merge and apply; None when Redis was out of step (refused range) and the partitions sought."""
         merger = self.merger
         for tp, records in batch.items():
             for r in records:
                 merger.add(tp.partition, r.offset, r.value)
         merged = merger.take()
         result = await self.sink.apply(merged)
-        if result.wrong_type is not None:
-            await self._hold(result.wrong_type)
-            return
+        if result.refused is not None:
+            return merged, result
         if not result.applied:
             obs.STALE_APPLIES.labels(*self.labels).inc()
             partition = result.stale_partition
@@ -121,9 +173,10 @@ class MergeWorker:
                 expected=expected,
             )
             await self.seek_to_applied(self.consumer.assignment())
-            return
+            return None
         merger.applied(merged)
-        obs.ROOT_BLOCKED.labels(*self.labels).set(0)
+        for tp in batch:
+            self._unblock(tp)
         self.partials_in += merged.partials
         self.cells_in += len(merged.cells)
         self.commands += result.plan.commands
@@ -132,43 +185,158 @@ class MergeWorker:
         obs.REDIS_APPLIES.labels(*self.labels).inc()
         if self.commands:
             obs.COALESCING_RATIO.labels(*self.labels).set(self.cells_in / self.commands)
-        await self._publish(result)
+        sent = await quarantine.publish(self.producer, self.updates_topic, result)
+        obs.UPDATES_OUT.labels(*self.labels).inc(sent)
         try:
             await self.consumer.commit({tp: recs[-1].offset + 1 for tp, recs in batch.items()})
         except KafkaError as exc:  # only lag reporting depends on it
             self.log.info("offset commit skipped", error=repr(exc))
+        return merged, result
 
-    async def _hold(self, wrong_type: tuple[str, str, str]) -> None:
-        """A key holds another type than the apply needs: nothing was written. Say so, wait, and read
-        the same partials again: once the key is repaired the batch applies whole, exactly once."""
-        key, have, wanted = wrong_type
+    # --- refused batches: hold, try again, quarantine ------------------------------------------------
+
+    async def _refused(
+        self,
+        tp: TopicPartition,
+        records: list[ConsumerRecord[bytes, bytes]],
+        merged: MergedBatch,
+        result: ApplyResult,
+    ) -> None:
+        """Nothing of the batch was written. Hold the partition and try again in a while; quarantine the
+        batch once it has been refused for `quarantine_after_s`."""
+        refusal = result.refused
+        assert refusal is not None
+        now = time.monotonic()
+        blocked = self.blocked.setdefault(tp, _Blocked(now, 0.0, refusal))
+        blocked.refusal = refusal
         obs.APPLIES_REFUSED.labels(*self.labels).inc()
-        obs.ROOT_BLOCKED.labels(*self.labels).set(1)
+        self._hold(tp)
+        quarantine_in = blocked.since + self.quarantine_after_s - now
         self.log.error(
-            "apply refused: a key holds another type; nothing written, holding until it is repaired",
-            key=key,
-            holds=have,
-            needs=wanted,
+            "apply refused: a key holds what the apply cannot take; nothing written, holding the partition",
+            partition=tp.partition,
+            key=refusal.key,
+            holds=refusal.holds,
+            needs=refusal.needs,
             retry_in_s=BLOCKED_RETRY_S,
+            quarantine_in_s=round(max(0.0, quarantine_in), 1),
         )
-        await asyncio.sleep(BLOCKED_RETRY_S)
-        await self.seek_to_applied(self.consumer.assignment())
+        if quarantine_in <= 0:
+            expected = merged.expected.get(tp.partition, UNKNOWN)
+            if expected == UNKNOWN:
+                expected = (await self.sink.positions()).get(tp.partition, NOTHING_APPLIED)
+            await self._quarantine(tp, records, expected, refusal)
+        else:
+            blocked.retry_at = now + BLOCKED_RETRY_S
 
-    async def _publish(self, result: ApplyResult) -> None:
-        """Absolute totals per channel: a lost or repeated update is corrected by the next one."""
-        now_ms = int(time.time() * 1000)
-        updates: dict[str, ChannelUpdate] = {}
-        for report, value in zip(result.plan.reports, result.values, strict=True):
-            if report is None:
+    async def _quarantine(
+        self,
+        tp: TopicPartition,
+        records: list[ConsumerRecord[bytes, bytes]],
+        expected: int,
+        refusal: Refusal,
+    ) -> None:
+        by = f"{self.group}.{self.settings.instance}"
+        messages = [(r.offset, r.key, r.value) for r in records]
+        q = await quarantine.send(self.producer, self.topology, tp.partition, messages, refusal, expected, by)
+        await self.quarantine.record(q)
+        self.blocked.pop(tp, None)
+        self.quarantined[tp] = q
+        obs.BATCHES_QUARANTINED.labels(*self.labels).inc()
+        obs.ROOT_QUARANTINED.labels(*self.labels, str(tp.partition)).set(1)
+        self.log.error(
+            "batch quarantined: its partials partition stops until the key is repaired and it is replayed",
+            partition=tp.partition,
+            first_offset=q.first,
+            last_offset=q.last,
+            partials=q.messages,
+            key=q.key,
+            holds=q.holds,
+            needs=q.needs,
+            copies=f"{q.topic}/{q.copy_partition}/{q.copy_first}-{q.copy_last}",
+            replay=f"pipeline replay-quarantine {self.topology.name} --partition {tp.partition}",
+        )
+
+    async def _retry_due(self, now: float) -> None:
+        for tp, blocked in list(self.blocked.items()):
+            if blocked.retry_at and now >= blocked.retry_at:
+                blocked.retry_at = 0.0
+                await self.seek_to_applied([tp])
+                self._unhold(tp)
+
+    async def _resume_lifted(self) -> None:
+        """Resume the partitions whose quarantine was lifted (replayed, or released) since last looked."""
+        current = await self.quarantine.all()
+        for tp, q in list(self.quarantined.items()):
+            now_held = current.get(tp.partition)
+            if now_held is not None:
+                self.quarantined[tp] = now_held  # perhaps quarantined again meanwhile, by another root
                 continue
-            channel, metric, key = report
-            update = updates.get(channel)
-            if update is None:
-                update = updates[channel] = ChannelUpdate(channel, result.seqs[channel], now_ms)
-            update.values.append((metric, key, redis_query.number(value)))
-        for channel, update in updates.items():
-            await self.producer.send(self.updates_topic, update.to_json(), key=channel.encode())
-        obs.UPDATES_OUT.labels(*self.labels).inc(len(updates))
+            del self.quarantined[tp]
+            obs.ROOT_QUARANTINED.labels(*self.labels, str(tp.partition)).set(0)
+            self.log.warning(
+                "quarantine lifted; resuming the partition from the applied position",
+                partition=tp.partition,
+                first_offset=q.first,
+                last_offset=q.last,
+            )
+            await self.seek_to_applied([tp])
+            self._unhold(tp)
+        self._blocked_gauge()
+
+    async def hold_quarantined(self, assigned: list[TopicPartition]) -> None:
+        """Partitions given to this root whose batch is in quarantine stay stopped here too."""
+        if not assigned:
+            return
+        current = await self.quarantine.all()
+        for tp in assigned:
+            q = current.get(tp.partition)
+            if q is None:
+                continue
+            self.quarantined[tp] = q
+            self._hold(tp)
+            obs.ROOT_QUARANTINED.labels(*self.labels, str(tp.partition)).set(1)
+            self.log.error(
+                "partition quarantined: held until the batch is replayed",
+                partition=tp.partition,
+                first_offset=q.first,
+                last_offset=q.last,
+                reason=q.reason,
+                replay=f"pipeline replay-quarantine {self.topology.name} --partition {tp.partition}",
+            )
+
+    def forget(self, revoked: list[TopicPartition]) -> None:
+        for tp in revoked:
+            self.held.discard(tp)
+            self.blocked.pop(tp, None)
+            if self.quarantined.pop(tp, None) is not None:
+                obs.ROOT_QUARANTINED.labels(*self.labels, str(tp.partition)).set(0)
+        self._blocked_gauge()
+
+    def _hold(self, tp: TopicPartition) -> None:
+        self.held.add(tp)
+        if tp in self.consumer.assignment():
+            self.consumer.pause(tp)
+        self._blocked_gauge()
+
+    def _unhold(self, tp: TopicPartition) -> None:
+        self.held.discard(tp)
+        if tp in self.consumer.assignment():
+            self.consumer.resume(tp)
+
+    def _unblock(self, tp: TopicPartition) -> None:
+        blocked = self.blocked.pop(tp, None)
+        if blocked is not None:
+            self.log.warning(
+                "refused batch applied once repaired",
+                partition=tp.partition,
+                key=blocked.refusal.key,
+                held_s=round(time.monotonic() - blocked.since, 1),
+            )
+            self._blocked_gauge()
+
+    def _blocked_gauge(self) -> None:
+        obs.ROOT_BLOCKED.labels(*self.labels).set(1 if self.blocked or self.quarantined else 0)
 
     async def seek_to_applied(self, partitions: set[TopicPartition] | list[TopicPartition]) -> None:
         positions = await self.sink.positions()
@@ -197,7 +365,8 @@ class _SeekToApplied(ConsumerRebalanceListener):
         self.worker = worker
 
     async def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
-        pass
+        self.worker.forget(revoked)
 
     async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
         await self.worker.seek_to_applied(assigned)
+        await self.worker.hold_quarantined(assigned)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
@@ -17,6 +18,7 @@ from pipeline.core.redis_layout import agg_key
 from pipeline.core.windows import TOTAL
 from pipeline.io import redis_query
 from pipeline.local_servers import Endpoints
+from pipeline.topology import count, distinct_users, every, maximum, minimum, sum_of, topology, total
 from tests.integration.pipeline_harness import LedgerKey, Pipeline, send_events, wait_for_totals
 from topologies.live_likes import TOPOLOGY
 
@@ -73,3 +75,107 @@ async def test_the_root_checks_the_redis_version_it_needs(servers: Endpoints) ->
     finally:
         await client.aclose()
     assert tuple(int(x) for x in version.split(".")[:2]) >= MIN_REDIS
+
+
+SHOP = topology(
+    "shop",
+    metrics=[
+        count("likes", "like", total(), every(60, 3600), leaderboard=10),
+        sum_of("amount", "like"),
+        minimum("lo", "like"),
+        maximum("hi", "like"),
+        distinct_users("viewers", "like"),
+    ],
+    priorities={"like": 0},
+)
+
+
+def _cells() -> dict[Any, Any]:
+    return {
+        (0, "v", "c1", TOTAL): 5,
+        (0, "v", "c2", TOTAL): 3,
+        (0, "v", "c1", "60:0"): 5,
+        (1, "v", "c1", TOTAL): 2.5,
+        (2, "v", "c1", TOTAL): -1.0,
+        (3, "v", "c1", TOTAL): 7.0,
+        (4, "v", "c1", TOTAL): {"u1", "u2"},
+    }
+
+
+async def test_a_value_a_command_would_fail_on_refuses_the_batch_before_any_write(
+    servers: Endpoints, unique_name: str
+) -> None:
+    """HINCRBY needs an integer, HINCRBYFLOAT and min/max a finite number, PFADD a HyperLogLog: a field (or a
+    key) holding anything else refuses the whole batch, named, and nothing of it is written."""
+    from pipeline.core.merger import MergedBatch
+    from pipeline.core.redis_layout import seq_key, stats_key, uniq_key
+    from pipeline.io.redis_sink import RedisSink
+
+    shop = SHOP.renamed(unique_name)
+    name = shop.name
+    client = aioredis.Redis.from_url(servers.redis_url)
+    sink = RedisSink(client, shop)
+    traps = [  # (key, field or None for the whole key, value, what the refusal says it holds)
+        (agg_key(name, "likes", TOTAL, "v"), "c2", "1.5", 'field "c2" = "1.5"'),
+        (agg_key(name, "likes", TOTAL, "v"), "c1", str(2**63 - 2), f'field "c1" = "{2**63 - 2}"'),
+        (agg_key(name, "amount", TOTAL, "v"), "c1", "abc", 'field "c1" = "abc"'),
+        (agg_key(name, "amount", TOTAL, "v"), "c1", "inf", 'field "c1" = "inf"'),
+        (agg_key(name, "lo", TOTAL, "v"), "c1", "nan", 'field "c1" = "nan"'),
+        (agg_key(name, "hi", TOTAL, "v"), "c1", " 7", 'field "c1" = " 7"'),
+        (seq_key(name), "v", "x", 'field "v" = "x"'),
+        (stats_key(name), "events", "1.0", 'field "events" = "1.0"'),
+        (uniq_key(name, "viewers", TOTAL, "v", "c1"), None, "not a hyperloglog", "a string that is not"),
+        (f"{name}:top:likes:v", None, "a string", "string"),
+    ]
+    try:
+        for key, field, value, holds in traps:
+            if field is None:
+                await client.set(key, value)
+            else:
+                await client.hset(key, field, value)
+            before = {k: await client.dump(k) for k in await client.keys(f"{name}:*")}
+            result = await sink.apply(
+                MergedBatch(cells=_cells(), ranges={0: (0, 3)}, events=9, expected={0: -1})
+            )
+            assert not result.applied and result.refused is not None, (key, field, value)
+            assert result.refused.key == key and result.refused.holds.startswith(holds), result.refused
+            after = {k: await client.dump(k) for k in await client.keys(f"{name}:*")}
+            assert after == before, f"written although refused ({key})"
+            await client.delete(key)
+        result = await sink.apply(MergedBatch(cells=_cells(), ranges={0: (0, 3)}, events=9, expected={0: -1}))
+        assert result.applied and result.refused is None
+    finally:
+        await client.aclose()
+
+
+async def test_the_plan_counts_the_commands_the_script_runs(servers: Endpoints, unique_name: str) -> None:
+    """`plan.commands` (the coalescing-ratio metric and T:stats.redis_commands) is what Redis counted."""
+    from pipeline.core.merger import MergedBatch
+    from pipeline.io.redis_sink import RedisSink
+
+    shop = SHOP.renamed(unique_name)
+    client = aioredis.Redis.from_url(servers.redis_url)
+    sink = RedisSink(client, shop)
+    not_counted = {"evalsha", "eval", "script|load", "info", "zremrangebyrank"}
+
+    async def calls() -> Counter[str]:
+        stats = await client.info("commandstats")
+        return Counter({k.removeprefix("cmdstat_"): v["calls"] for k, v in stats.items()})
+
+    try:
+        await sink.apply(MergedBatch(cells={(0, "w", "k", TOTAL): 1}, ranges={1: (0, 0)}, expected={1: -1}))
+        big: dict[Any, Any] = {(0, "v", f"k{i}", TOTAL): i + 1 for i in range(1500)}
+        big[(4, "v", "c9", TOTAL)] = {f"u{i}" for i in range(1500)}  # two PFADDs
+        for batch in (
+            MergedBatch(cells=_cells(), ranges={0: (0, 3)}, events=9, partials=2, expected={0: -1}),
+            MergedBatch(cells=_cells(), ranges={0: (4, 5), 2: (0, 0)}, events=1, expected={0: 3, 2: -1}),
+            MergedBatch(cells=big, ranges={0: (6, 6)}, expected={0: 5}),
+        ):
+            before = await calls()
+            result = await sink.apply(batch)
+            assert result.applied
+            ran = await calls() - before
+            counted = sum(n for command, n in ran.items() if command not in not_counted)
+            assert counted == result.plan.commands, dict(ran)
+    finally:
+        await client.aclose()

@@ -10,11 +10,11 @@ from hypothesis import strategies as st
 
 from pipeline.core.merger import UNKNOWN, MergedBatch
 from pipeline.core.redis_layout import (
-    OP_HLL,
-    OP_INCR,
-    OP_INCRF,
+    OP_COUNT,
+    OP_DISTINCT,
     OP_MAX,
     OP_MIN,
+    OP_SUM,
     agg_key,
     plan_apply,
     positions_key,
@@ -138,87 +138,75 @@ def test_plan_ops_keys_ttls_and_leaderboards() -> None:
         (4, "v1", "c1", "60:0"): {"a"},
         (5, "v4", "k", "total"): 1,
         (6, "v4", "k", "total"): 0.25,
+        (0, "v1", "c3", "total"): 4,  # the same key as the first cell: one op, two fields
     }
     p = plan(cells)
     ops = payload(p)["ops"]
-    assert len(ops) == len(p.reports) == len(cells)
-    by_target = {(op[1], op[2]): op for op in ops}
-
-    def op(target: str, field: str) -> list[Any]:
-        return by_target[(target, field)]
-
-    assert op("shop:agg:likes:total:v1", "c1")[:6] == [
-        OP_INCR,
-        "shop:agg:likes:total:v1",
-        "c1",
-        "5",
-        0,
-        "shop:top:likes:v1",
-    ]
-    assert op("shop:agg:likes:total:v1", "c1")[6] == 10
-    assert op("shop:agg:likes:60:120:v1", "c1")[:6] == [
-        OP_INCR,
-        "shop:agg:likes:60:120:v1",
-        "c1",
-        "2",
-        3600,
-        "",
-    ]
-    assert op("shop:agg:amount:total:v2", "c1") == [
-        OP_INCRF,
-        "shop:agg:amount:total:v2",
-        "c1",
-        "2.5",
-        0,
-        "",
-        0,
-    ]
-    assert op("shop:agg:amount:3600:0:v2", "c1")[:6] == [
-        OP_INCRF,
-        "shop:agg:amount:3600:0:v2",
-        "c1",
-        "1.0",
-        86400,
-        "",
-    ]
-    assert op("shop:agg:lo:total:v1", "c2") == [OP_MIN, "shop:agg:lo:total:v1", "c2", "-3.0", 0, "", 0]
-    assert op("shop:agg:hi:60:0:v1", "c2")[:6] == [OP_MAX, "shop:agg:hi:60:0:v1", "c2", "7.0", 120, ""]
-    assert op('shop:uniq:viewers:total:["v1","c1"]', "") == [
-        OP_HLL,
-        'shop:uniq:viewers:total:["v1","c1"]',
-        "",
-        ["a", "b"],
-        0,
-        "",
-        0,
-    ]
-    assert op('shop:uniq:viewers:60:0:["v1","c1"]', "") == [
-        OP_HLL,
-        'shop:uniq:viewers:60:0:["v1","c1"]',
-        "",
-        ["a"],
-        7200,
-        "",
-        0,
-    ]
-    assert op("shop:agg:plain:total:v4", "k") == [OP_INCR, "shop:agg:plain:total:v4", "k", "1", 0, "", 0]
-    assert op("shop:agg:spend:total:v4", "k") == [
-        OP_INCRF,
-        "shop:agg:spend:total:v4",
-        "k",
-        "0.25",
-        0,
-        "shop:top:spend:v4",
-        3,
-    ]
-    # a TTL exactly for bucketed rollups, a leaderboard key exactly for total cells of leaderboard metrics
-    for o, (index, _, _, bucket) in zip(ops, cells, strict=True):
-        rollup = {r.name: r for r in TOPO.metrics[index].rollups}
-        if bucket == "total":
-            assert o[4] == 0
+    assert len(p.reports) == len(cells)
+    assert len(ops) == len(cells) - 1
+    by_key = {op["key"]: op for op in ops}
+    assert len(by_key) == len(ops)  # one op per key written
+    assert by_key["shop:agg:likes:total:v1"] == {
+        "kind": OP_COUNT,
+        "key": "shop:agg:likes:total:v1",
+        "fields": ["c1", "c3"],
+        "values": ["5", "4"],
+        "ttl": 0,
+        "board": "shop:top:likes:v1",
+        "board_size": 10,
+    }
+    assert by_key["shop:agg:likes:60:120:v1"] == {
+        "kind": OP_COUNT,
+        "key": "shop:agg:likes:60:120:v1",
+        "fields": ["c1"],
+        "values": ["2"],
+        "ttl": 3600,
+    }
+    assert by_key["shop:agg:amount:total:v2"] == {
+        "kind": OP_SUM,
+        "key": "shop:agg:amount:total:v2",
+        "fields": ["c1"],
+        "values": ["2.5"],
+        "ttl": 0,
+    }
+    assert by_key["shop:agg:amount:3600:0:v2"]["values"] == ["1.0"]
+    assert by_key["shop:agg:amount:3600:0:v2"]["ttl"] == 86400
+    assert by_key["shop:agg:lo:total:v1"] == {
+        "kind": OP_MIN,
+        "key": "shop:agg:lo:total:v1",
+        "fields": ["c2"],
+        "values": ["-3.0"],
+        "ttl": 0,
+    }
+    assert by_key["shop:agg:hi:60:0:v1"]["kind"] == OP_MAX
+    assert by_key["shop:agg:hi:60:0:v1"]["ttl"] == 120
+    assert by_key['shop:uniq:viewers:total:["v1","c1"]'] == {
+        "kind": OP_DISTINCT,
+        "key": 'shop:uniq:viewers:total:["v1","c1"]',
+        "members": ["a", "b"],
+        "ttl": 0,
+    }
+    assert by_key['shop:uniq:viewers:60:0:["v1","c1"]']["ttl"] == 7200
+    assert by_key["shop:agg:plain:total:v4"]["values"] == ["1"]
+    assert by_key["shop:agg:spend:total:v4"]["board"] == "shop:top:spend:v4"
+    assert by_key["shop:agg:spend:total:v4"]["board_size"] == 3
+    # a TTL exactly for bucketed rollups, a leaderboard exactly for total cells of leaderboard metrics
+    for o in ops:
+        bucketed = ":total:" not in o["key"]
+        assert (o["ttl"] > 0) == bucketed
+        metric = o["key"].split(":")[2]
+        has_board = not bucketed and any(m.name == metric and m.leaderboard for m in TOPO.metrics)
+        assert ("board" in o) == ("board_size" in o) == has_board
+    # the reply answers a value per field of each op, in that order: the reports follow it
+    fields = [(o["key"], f) for o in ops for f in o.get("fields", [""])]
+    assert len(fields) == len(p.reports)
+    for (key, field), report in zip(fields, p.reports, strict=True):
+        if report is None:
+            assert ":total:" not in key
         else:
-            assert o[4] == rollup[bucket.split(":")[0] + "s"].retention_s > 0
-        assert bool(o[5]) == (bucket == "total" and TOPO.metrics[index].leaderboard > 0)
+            _channel, metric, cell_key = report
+            assert key.startswith(f"shop:{'uniq' if metric == 'viewers' else 'agg'}:{metric}:total:")
+            assert field in ("", cell_key)
 
 
 def test_reports_only_total_bucket_cells_in_op_order() -> None:
@@ -239,7 +227,7 @@ def test_reports_only_total_bucket_cells_in_op_order() -> None:
 def test_empty_distinct_cells_are_skipped() -> None:
     p = plan({(4, "v9", "c", "total"): set(), (4, "v9", "c", "60:0"): set(), (0, "v1", "c", "total"): 1})
     ops = payload(p)["ops"]
-    assert [o[0] for o in ops] == [OP_INCR]
+    assert [o["kind"] for o in ops] == [OP_COUNT]
     assert p.reports == [("v1", "likes", "c")]
     assert p.channels == ["v1"]
 
@@ -249,12 +237,15 @@ def test_payload_carries_ranges_positions_and_counters() -> None:
         {}, ranges={2: (10, 12), 0: (5, 5)}, events=7, late_dropped=2, dead=1, partials=3, bad_partials=0
     )
     body = payload(p)
-    assert body["pos"] == "shop:pos:merge"
+    assert body["positions"] == "shop:pos:merge"
     assert body["stats"] == "shop:stats"
     assert body["seq"] == "shop:seq"
-    assert body["ranges"] == [[0, 5, 5, UNKNOWN], [2, 10, 12, UNKNOWN]]  # no expected position given
+    assert body["ranges"] == [  # no expected position given
+        {"partition": 0, "first": 5, "last": 5, "expected": UNKNOWN},
+        {"partition": 2, "first": 10, "last": 12, "expected": UNKNOWN},
+    ]
     assert body["ops"] == [] and body["channels"] == []
-    counters = dict(body["counters"])
+    counters = body["counters"]
     assert counters["events"] == 7
     assert counters["late_dropped"] == 2
     assert counters["dead_letters"] == 1
@@ -267,8 +258,8 @@ def test_payload_carries_ranges_positions_and_counters() -> None:
 def test_values_are_transferred_exactly() -> None:
     p = plan({(0, "", "k", "total"): 10**15 + 1, (1, "", "k", "total"): 0.1 + 0.2})
     ops = payload(p)["ops"]
-    assert ops[0][3] == str(10**15 + 1)
-    assert float(ops[1][3]) == 0.1 + 0.2
+    assert ops[0]["values"] == [str(10**15 + 1)]
+    assert float(ops[1]["values"][0]) == 0.1 + 0.2
 
 
 def cost(cell: tuple[Any, ...], value: Any) -> int:
@@ -278,20 +269,27 @@ def cost(cell: tuple[Any, ...], value: Any) -> int:
 
 
 def test_command_count() -> None:
-    # every key an apply touches also costs a TYPE check, made before anything is written
-    assert cost((5, "v", "k", "total"), 1) == 1  # HINCRBY (into the base cell's hash)
-    assert cost((1, "v", "k", "total"), 1.5) == 2  # HINCRBYFLOAT + TYPE of its hash
-    # the first cell on a leaderboard adds its sorted set's ZADD, ZCARD and TYPE; more members, no more
+    # what an apply will change is read before its first write: an HMGET per hash (per 1,000 fields)
+    assert cost((5, "v", "k", "total"), 1) == 1  # HINCRBY (into the base cell's hash, read already)
+    assert cost((1, "v", "k", "total"), 1.5) == 2  # HMGET of its hash + HINCRBYFLOAT
+    assert cost((2, "v", "k", "total"), 1.5) == 2  # HMGET + one HSET of what is smaller
+    # a leaderboard's first cell adds its hash's HMGET and the sorted set's TYPE, ZADD and ZCARD
     assert cost((0, "v", "k", "total"), 1) == 5
     board = {(0, "v", f"k{i}", "total"): i for i in range(1, 1001)}
-    assert plan(board).commands - plan({}).commands == 1000 + 2 + 2 + 1  # + TYPEs, + the channel's seq
+    # 1,000 HINCRBY, an HMGET, a TYPE, a ZADD, a ZCARD, the channel's seq (HMGET and HINCRBY)
+    assert plan(board).commands - plan({}).commands == 1000 + 4 + 2
     board[(0, "v", "k1001", "total")] = 1
-    assert plan(board).commands - plan({}).commands == 1001 + 3 + 2 + 1  # a second ZADD
-    assert cost((0, "v", "k", "60:0"), 1) == 3  # HINCRBY + EXPIRE + TYPE
-    assert cost((4, "v", "k", "total"), {"u"}) == 3  # PFADD + PFCOUNT + TYPE
+    assert plan(board).commands - plan({}).commands == 1001 + 6 + 2  # a second HMGET and ZADD
+    assert cost((0, "v", "k", "60:0"), 1) == 3  # HMGET + HINCRBY + EXPIRE (one per key, not per cell)
+    two = {(0, "v", "k", "60:0"): 1, (0, "v", "j", "60:0"): 1}
+    assert (
+        plan({(5, "v", "base", "total"): 1, **two}).commands - plan({(5, "v", "base", "total"): 1}).commands
+        == 4
+    )
+    assert cost((4, "v", "k", "total"), {"u"}) == 3  # PFCOUNT (checked first) + PFADD + PFCOUNT
     assert cost((4, "v", "k", "60:0"), {"u"}) == 4  # + EXPIRE
     assert cost((4, "v", "k", "total"), set()) == 0  # skipped
-    # a new channel costs its sequence-number increment and the TYPE of its hash
+    # a new channel costs its sequence-number increment and its hash's HMGET
     assert plan({(5, "a", "k", "total"): 1, (5, "b", "k", "total"): 1}).commands == (
         plan({(5, "a", "k", "total"): 1, (5, "a", "j", "total"): 1}).commands + 2
     )
@@ -305,4 +303,4 @@ def test_command_count() -> None:
 @given(value=st.floats(allow_nan=False, allow_infinity=False, min_value=-1e15, max_value=1e15))
 def test_float_args_round_trip(value: float) -> None:
     (op,) = payload(plan({(1, "", "k", "total"): value}))["ops"]
-    assert float(op[3]) == value
+    assert float(op["values"][0]) == value

@@ -276,8 +276,13 @@ class Writer:
                 await client.start()
                 self.client = client
             results = await self.client.send_many(batch)
-        except BrokerUnavailable:
+        except BrokerUnavailable as exc:
             self.failures += 1
+            if len(exc.results) == len(batch):  # resent with the ts and sub of the first send: same partition
+                batch = [
+                    {**event, "ts": r.ts, "sub": r.sub} if r.ts else event
+                    for event, r in zip(batch, exc.results, strict=True)
+                ]
             self.retry.insert(0, batch)
             if self.cfg.reopen_after_failure or self.failures % 5 == 0:
                 await self.close()  # a fresh producer after a broker restart, not a wedged one

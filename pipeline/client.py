@@ -8,6 +8,14 @@ SendResult). Tier 1 counts an id once within the topology's dedup horizon
 (`Topology.dedup_horizon_s`, 600 s by default), so resending after an error or
 a BrokerUnavailable with the same ids never counts twice.
 
+Tier 1 remembers ids per partition, so a retry must reach its original's partition.
+Every event leaves with a `ts` (the caller's, or the time of this send) and a `sub`,
+both returned in its SendResult: a `sub` the caller gives is kept; otherwise the sub
+comes from the key's split factor in force at the event's `ts`, read from the split
+history all writers share (with `redis_url`; `core/split_history.py`). So a resend
+that carries the original's `ts` (and better its `sub`) lands where the original did,
+from this writer or any other.
+
 Sends go through an idempotent producer with acks=all. `send_many` builds
 record batches per partition itself (no per-message bookkeeping in aiokafka);
 `send` gathers single events for `linger_ms` or `max_batch` events, whichever
@@ -21,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import logging
 import os
 import re
 import time
@@ -36,19 +45,23 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 from aiokafka.partitioner import DefaultPartitioner
 
-from pipeline.core.hotkeys import HotKeySplitter
+from pipeline.core.hotkeys import HotKeySplitter, SplitPolicy, SubKeyRouter
 from pipeline.core.model import MAX_ID_CHARS, EventFields, InvalidEvent, check_event, message_key
+from pipeline.core.split_history import reconcile
 from pipeline.core.topology import Topology
 from pipeline.io.kafka import KafkaConnection, check_access
 from pipeline.io.kafka import connection as kafka_connection
-from pipeline.io.splits import SplitAnnouncer
+from pipeline.io.splits import SplitAnnouncer, SplitHistoryStore
 
 MAX_BATCH_BYTES = 512 * 1024
 MAX_SENDS_IN_FLIGHT = 64
 PARTITION_CACHE_MAX = 100_000
+HISTORY_KEEP_MARGIN_MS = 60_000  # split history kept this much longer than the dedup horizon
+HISTORY_TRIM_EVERY_S = 30.0
 
+log = logging.getLogger(__name__)
 
-UNKNOWN_FATE = "the broker did not acknowledge in time: resend this event with the same id and sub"
+UNKNOWN_FATE = "the broker did not acknowledge in time: resend this event with the same id, ts and sub"
 
 
 class BrokerUnavailable(Exception):
@@ -57,8 +70,8 @@ class BrokerUnavailable(Exception):
     `results` (when the failure came from `send_many`) has one SendResult per event, as a
     success would: accepted (acknowledged), rejected or shed as usual, or `unknown` — sent but
     not acknowledged, so maybe counted. Every result carries its event's id, the SDK's own when
-    the caller gave none: resend the unknown ones (`resend()`) with the same id and sub, and
-    those that were counted are not counted twice.
+    the caller gave none, and the ts and sub it was sent with: resend the unknown ones
+    (`resend()`) with the same id, ts and sub, and those that were counted are not counted twice.
     """
 
     def __init__(self, message: str, results: list[SendResult] | None = None) -> None:
@@ -66,8 +79,8 @@ class BrokerUnavailable(Exception):
         self.results: list[SendResult] = results or []
 
     def resend(self, events: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """The events whose fate is unknown, each with the id and sub it was sent with."""
-        return [{**events[r.index], "id": r.id, "sub": r.sub} for r in self.results if r.unknown]
+        """The events whose fate is unknown, each with the id, ts and sub it was sent with."""
+        return [{**events[r.index], "id": r.id, "ts": r.ts, "sub": r.sub} for r in self.results if r.unknown]
 
 
 @dataclass(slots=True)
@@ -79,7 +92,8 @@ class SendResult:
     field: str | None = None
     sub: int = 0
     shed: bool = False  # refused on purpose under overload (by the gateway), not invalid
-    unknown: bool = False  # sent, not acknowledged: resend with the same id and sub (BrokerUnavailable)
+    unknown: bool = False  # sent, not acknowledged: resend with the same id, ts, sub (BrokerUnavailable)
+    ts: int = 0  # the event's ts as sent (ms since the epoch; stamped by the SDK when absent)
 
 
 # Per event type: a reason to refuse it now (load shedding), or None to send it.
@@ -122,6 +136,15 @@ class PipelineClient:
         self._partitions: list[int] = []
         self._partitioner = DefaultPartitioner()
         self._partition_cache: dict[bytes, int] = {}
+        # routing: the split history this writer follows, and what it proposed there
+        self._router = splitter.router if splitter is not None else SubKeyRouter()
+        self._policy = splitter.policy if splitter is not None else SplitPolicy()
+        self._store: SplitHistoryStore | None = None
+        self._mine: dict[str, int] = {}  # key -> the k this writer last put in the split history
+        self._sync_lock = asyncio.Lock()
+        self._trimmed_at = 0.0
+        self._history_failing = False
+        self.history_read_at = 0.0  # time.monotonic() of the last read of the shared split history
         self._senders: dict[int, _PartitionSender] = {}
         self._in_flight = asyncio.Semaphore(MAX_SENDS_IN_FLIGHT)
         self._pending: list[tuple[Any, asyncio.Future[SendResult]]] = []
@@ -159,10 +182,23 @@ class PipelineClient:
         self._partitions = sorted(partitions)
         if self._redis_url:
             self._redis = aioredis.Redis.from_url(self._redis_url, **self._redis_options)
+            lead_ms = int(self._policy.lead_s * 1000)
+            self._store = SplitHistoryStore(
+                self._redis,
+                self.topology.name,
+                lead_ms=lead_ms,
+                guard_ms=lead_ms // 2,
+                keep_ms=self.topology.dedup_horizon_s * 1000 + lead_ms + HISTORY_KEEP_MARGIN_MS,
+            )
         self._announcer = SplitAnnouncer(self.topology.name, self.client_id, producer, self._redis)
+        self._router.use_partitions(len(self._partitions), self._partition_of)
         if self.splitter is not None:
-            self.splitter.use_partitions(len(self._partitions), self._partition_of)
             self.splitter.restart(time.monotonic())
+        if self._store is not None:
+            # route by the shared history from the first event (a failure is retried by the ticker)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._sync_splits(), self.ack_timeout_s)
+        if self.splitter is not None or self._store is not None:
             self._ticker = asyncio.create_task(self._tick_forever())
 
     async def stop(self) -> None:
@@ -251,13 +287,14 @@ class PipelineClient:
             raise BrokerUnavailable("client not started")
         scope = self.source if source is None else check_source(source)
         results: list[SendResult | None] = [None] * len(events)
-        ready: list[tuple[int, EventFields, str, Any]] = []
+        ready: list[tuple[int, EventFields, str, Any, bool]] = []
         types = self._types
         keys: dict[str, int] = {}
         new_ids = _IdSource(len(events))
+        now_ms = int(time.time() * 1000)  # the ts of events that come without one
         for i, obj in enumerate(events):
             try:
-                fields = check_event(obj, types)
+                fields = check_event(obj, types, now_ms)
             except InvalidEvent as exc:
                 results[i] = SendResult(i, _given_id(obj), False, exc.reason, exc.field)
                 continue
@@ -269,19 +306,27 @@ class PipelineClient:
                 if reason is not None:
                     results[i] = SendResult(i, event_id, False, reason, None, shed=True)
                     continue
-            ready.append((i, fields, event_id, obj.get("text") if len(obj) > 3 else None))
+            ready.append((i, fields, event_id, obj.get("text") if len(obj) > 3 else None, "sub" in obj))
             key = fields[1]
             keys[key] = keys.get(key, 0) + 1
         splitter = self.splitter
         if splitter is not None and ready:
             splitter.observe_counts(keys)
-            self._announce(splitter.tick(time.monotonic()))
+            changes = splitter.tick(time.monotonic())
+            if changes:
+                self._announce(changes)
+                if self._store is None:
+                    self._follow_locally(now_ms)  # a lone writer: in force at once
+                else:
+                    self._spawn(self._sync_splits())  # proposed; in force after the lead
         by_partition: dict[int, list[tuple[bytes, bytes]]] = {}
         indexes: dict[int, list[int]] = {}  # partition -> the events it carries
         partition_of = self._partition_of
-        for i, (etype, key, channel, ts, value, user, _, sub), event_id, text in ready:
-            if splitter is not None:
-                sub = splitter.sub_for(key, event_id)
+        router = self._router
+        route = router.sub_for if router.active else None
+        for i, (etype, key, channel, ts, value, user, _, sub), event_id, text, given_sub in ready:
+            if route is not None and not given_sub:
+                sub = route(key, event_id, ts)  # by the key's split factor at the event's ts
             mkey = message_key(key, sub)
             wire_id = scoped_id(scope, event_id) if scope else event_id
             value_json = _wire(etype, key, channel, ts, value, user, wire_id, sub, text)
@@ -292,7 +337,7 @@ class PipelineClient:
                 indexes[partition] = []
             batch.append((mkey, value_json))
             indexes[partition].append(i)
-            results[i] = SendResult(i, event_id, True, sub=sub)
+            results[i] = SendResult(i, event_id, True, sub=sub, ts=ts)
         if by_partition:
             try:
                 await self._produce(producer, by_partition)
@@ -358,11 +403,66 @@ class PipelineClient:
         task.add_done_callback(_finished(self._background))
 
     async def _tick_forever(self) -> None:
-        """Close rate intervals without traffic too, so cooled keys are unsplit and announced."""
-        assert self.splitter is not None
+        """Close rate intervals without traffic too, so cooled keys are unsplit and announced;
+        read the shared split history back and propose this writer's changes."""
         while True:
-            await asyncio.sleep(self.splitter.policy.interval_s)
-            self._announce(self.splitter.tick(time.monotonic()))
+            await asyncio.sleep(self._policy.refresh_s)
+            if self.splitter is not None:
+                self._announce(self.splitter.tick(time.monotonic()))
+            if self._store is not None:
+                await self._sync_splits()
+            elif self.splitter is not None:
+                self._follow_locally(int(time.time() * 1000))
+
+    def _follow_locally(self, now_ms: int) -> None:
+        """Without a shared store: this writer's decisions go into its own history, in force at once."""
+        splitter = self.splitter
+        assert splitter is not None
+        history = splitter.history
+        keep_ms = self.topology.dedup_horizon_s * 1000 + HISTORY_KEEP_MARGIN_MS
+        for change in reconcile(splitter.splits, history, self._mine):
+            if history.apply(change, now_ms, now_ms - keep_ms):
+                self._took(change.key, change.k)
+        self._forget_mine()
+
+    async def _sync_splits(self) -> None:
+        """Read the shared split history; propose what this writer wants changed; trim now and then."""
+        store = self._store
+        assert store is not None
+        history = self._router.history
+        async with self._sync_lock:
+            try:
+                await store.load(history)
+                self.history_read_at = time.monotonic()
+                if self.splitter is not None:
+                    for change in reconcile(self.splitter.splits, history, self._mine):
+                        if await store.propose(history, change):
+                            self._took(change.key, change.k)
+                    self._forget_mine()
+                if self.history_read_at - self._trimmed_at >= HISTORY_TRIM_EVERY_S:
+                    self._trimmed_at = self.history_read_at
+                    await store.trim(history)
+                if self._history_failing:
+                    self._history_failing = False
+                    log.warning("split history readable again (%s)", self.topology.name)
+            except Exception as exc:  # routing goes on by what is known; the next refresh tries again
+                if not self._history_failing:
+                    self._history_failing = True
+                    log.warning("cannot read or update the split history: %r", exc)
+
+    def _took(self, key: str, k: int) -> None:
+        if k > 1:
+            self._mine[key] = k
+        else:
+            self._mine.pop(key, None)
+
+    def _forget_mine(self) -> None:
+        """Keys this writer no longer splits whose latest k another writer set: not its to shrink."""
+        wanted = self.splitter.splits if self.splitter is not None else {}
+        history = self._router.history
+        for key, k in list(self._mine.items()):
+            if key not in wanted and history.latest(key) != k:
+                del self._mine[key]
 
 
 class _PartitionSender:

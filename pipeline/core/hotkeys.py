@@ -7,11 +7,15 @@ cardinality) and, when a key's rate crosses `threshold_eps`, spreads its events
 over k sub-keys, k = ceil(rate / budget_eps), so each sub-key stays under a
 per-partition budget. It returns to one key with hysteresis: only once the
 rate has stayed under threshold/2 for `cooldown_s`. Readers (tier 1 and the
-root) always merge every sub-key, so writers need no coordination.
+root) always merge every sub-key.
 
-The sub-key of an event is a stable hash of its id, so a retry lands on the
-same sub-key while k is unchanged (and if k changed meanwhile, tier 1's
-dedup-by-id still counts it once). Sans-I/O: the caller passes a monotonic clock.
+What a writer decides is a proposal: the k an event is routed by is the one in
+force at the event's `ts` in the split history every writer shares
+(`core/split_history.py`), so a retry that carries its original's `ts` lands on
+the same sub-key, hence the same partition (where tier 1 holds the ids it
+counted), whichever writer sends it and however k changed meanwhile
+(`SubKeyRouter`). The sub-key of an event is a stable hash of its id.
+Sans-I/O: the caller passes the clocks.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from dataclasses import dataclass
 import datasketches
 
 from pipeline.core.model import MAX_SUBKEYS, message_key
+from pipeline.core.split_history import SplitHistory, k_at
 
 # How a Kafka message key maps to a partition (the producer's partitioner), when known.
 PartitionOf = Callable[[bytes], int]
@@ -42,10 +47,16 @@ class SplitPolicy:
     interval_s: float = 1.0  # rates are measured over intervals this long
     cooldown_s: float = 10.0  # a split shrinks only after the rate has stayed low this long
     static_k: int = 0  # static mode: every key split this many ways (0 or 1: off)
+    # shared split history: a change takes effect `lead_s` after it is proposed; writers read the
+    # history back every `refresh_s`, so each knows a change before it is in force (lead >= 2 x refresh)
+    lead_s: float = 2.0
+    refresh_s: float = 0.5
 
     def __post_init__(self) -> None:
         if self.threshold_eps <= 0 or self.budget_eps <= 0 or self.interval_s <= 0 or self.cooldown_s < 0:
             raise ValueError("threshold, budget and interval must be positive, cooldown not negative")
+        if self.refresh_s <= 0 or self.lead_s < 2 * self.refresh_s:
+            raise ValueError("refresh must be positive and the lead at least twice the refresh interval")
         if not 1 <= self.max_k <= MAX_SUBKEYS or not 0 <= self.static_k <= MAX_SUBKEYS:
             raise ValueError(f"max_k and static_k must be within [1, {MAX_SUBKEYS}]")
 
@@ -74,18 +85,22 @@ class HotKeySplitter:
         self._interval_start = now
         self._rates: dict[str, float] = {}
         self._splits: dict[str, _Split] = {}
-        self._subs: dict[tuple[str, int], tuple[int, ...]] = {}
-        self._round_robin = 0
-        self.partitions = 0
-        self._partition_of: PartitionOf | None = None
+        self.router = SubKeyRouter(SplitHistory(), self.policy.static_k)
         if partitions:
             self.use_partitions(partitions, partition_of)
 
+    @property
+    def partitions(self) -> int:
+        return self.router.partitions
+
+    @property
+    def history(self) -> SplitHistory:
+        """The split history events are routed by (filled by the writer from the shared store)."""
+        return self.router.history
+
     def use_partitions(self, partitions: int, partition_of: PartitionOf | None) -> None:
         """Cap k at the partition count; with the partitioner, give each sub-key its own partition."""
-        self.partitions = partitions
-        self._partition_of = partition_of
-        self._subs.clear()
+        self.router.use_partitions(partitions, partition_of)
 
     def restart(self, now: float) -> None:
         """Start measuring afresh from `now` (e.g. when the writer connects); current splits stay."""
@@ -116,8 +131,8 @@ class HotKeySplitter:
 
     def _cap(self) -> int:
         cap = self.policy.max_k
-        if self.partitions and self._partition_of is not None:
-            cap = min(cap, self.partitions)  # one sub-key per partition: more would share partitions
+        if self.router.partitions and self.router.partition_of is not None:
+            cap = min(cap, self.router.partitions)  # one sub-key per partition: more would share partitions
         return max(1, cap)
 
     def wanted_k(self, rate: float, current: int = 1) -> int:
@@ -156,15 +171,102 @@ class HotKeySplitter:
     # -- decisions -------------------------------------------------------------------------
 
     def k(self, key: str) -> int:
+        """The k this writer wants for `key` now (what it proposes; events follow the history)."""
         split = self._splits.get(key)
         if split is not None:
             return split.k
         return self.policy.static_k or 1
 
-    def sub_for(self, key: str, event_id: str | None) -> int:
-        """The sub-key of one event: stable in its id, so a retry lands on the same sub-key."""
+    def sub_for(self, key: str, event_id: str | None, ts_ms: int | None = None) -> int:
+        """The sub-key of one event, stable in its id.
+
+        With `ts_ms` (what writers pass): by the k in force at that time in the split history,
+        so a retry carrying its original's ts lands on the same sub-key whatever changed since.
+        Without: by this writer's own current decision (a lone writer, tests).
+        """
+        if ts_ms is not None:
+            return self.router.sub_for(key, event_id, ts_ms)
         split = self._splits.get(key)
-        k = split.k if split is not None else self.policy.static_k
+        return self.router.sub_of(key, event_id, split.k if split is not None else self.policy.static_k)
+
+    def subs(self, key: str, k: int) -> tuple[int, ...]:
+        """The k sub-key numbers of a key; with a known partitioner, on k distinct partitions."""
+        return self.router.subs(key, k)
+
+    # -- what operators see ------------------------------------------------------------------
+
+    @property
+    def splits(self) -> dict[str, int]:
+        """Keys this writer splits by rate now (static mode is not listed: it applies to every key)."""
+        return {key: s.k for key, s in self._splits.items()}
+
+    def top_rates(self, n: int = 20) -> list[tuple[str, float]]:
+        """The heaviest keys of the last interval, with their estimated rate (events/s)."""
+        return sorted(self._rates.items(), key=lambda kv: kv[1], reverse=True)[:n]
+
+    @property
+    def tracked_items(self) -> int:
+        """Keys held in the sketch now (bounded by the sketch size whatever the cardinality)."""
+        return int(self._sketch.num_active_items)
+
+
+class SubKeyRouter:
+    """Where an event goes: k from the split history at the event's ts, the sub-key a stable hash of its id.
+
+    Every writer with the same history, partition count and partitioner routes an event
+    with a given key, id and ts to the same sub-key.
+    """
+
+    def __init__(
+        self,
+        history: SplitHistory | None = None,
+        static_k: int = 0,
+        partitions: int = 0,
+        partition_of: PartitionOf | None = None,
+    ) -> None:
+        self.history = history if history is not None else SplitHistory()
+        self.static_k = static_k
+        self.partitions = partitions
+        self.partition_of = partition_of
+        self._subs: dict[tuple[str, int], tuple[int, ...]] = {}
+        self._round_robin = 0
+
+    @property
+    def active(self) -> bool:
+        """False when every event goes to its plain key (no history, no static split): skip routing."""
+        return self.static_k > 1 or bool(self.history.histories)
+
+    def use_partitions(self, partitions: int, partition_of: PartitionOf | None) -> None:
+        self.partitions = partitions
+        self.partition_of = partition_of
+        self._subs.clear()
+
+    def k_at(self, key: str, ts_ms: int) -> int:
+        history = self.history.histories.get(key)
+        k = (history[-1][1] if ts_ms >= history[-1][0] else k_at(history, ts_ms)) if history else 1
+        return k if k > 1 else (self.static_k or 1)
+
+    def sub_for(self, key: str, event_id: str | None, ts_ms: int) -> int:
+        history = self.history.histories.get(key)
+        if history is None:
+            k = self.static_k
+        else:
+            last = history[-1]
+            k = last[1] if ts_ms >= last[0] else k_at(history, ts_ms)
+            if k <= 1:
+                k = self.static_k
+        if k <= 1:
+            return 0
+        if event_id is None:
+            self._round_robin += 1
+            slot = self._round_robin % k
+        else:
+            slot = zlib.crc32(event_id.encode()) % k
+        subs = self._subs.get((key, k))  # inline: this runs for every event of a split key
+        return (subs if subs is not None else self.subs(key, k))[slot]
+
+    def sub_of(self, key: str, event_id: str | None, k: int) -> int:
+        """The sub-key of an event when `key` is split `k` ways."""
         if k <= 1:
             return 0
         if event_id is None:
@@ -179,7 +281,7 @@ class HotKeySplitter:
         cached = self._subs.get((key, k))
         if cached is not None:
             return cached
-        partition_of = self._partition_of
+        partition_of = self.partition_of
         if partition_of is None or not self.partitions or k > self.partitions:
             subs = tuple(range(k))
         else:
@@ -188,22 +290,6 @@ class HotKeySplitter:
             self._subs.clear()
         self._subs[(key, k)] = subs
         return subs
-
-    # -- what operators see ------------------------------------------------------------------
-
-    @property
-    def splits(self) -> dict[str, int]:
-        """Keys currently split by rate (static mode is not listed: it applies to every key)."""
-        return {key: s.k for key, s in self._splits.items()}
-
-    def top_rates(self, n: int = 20) -> list[tuple[str, float]]:
-        """The heaviest keys of the last interval, with their estimated rate (events/s)."""
-        return sorted(self._rates.items(), key=lambda kv: kv[1], reverse=True)[:n]
-
-    @property
-    def tracked_items(self) -> int:
-        """Keys held in the sketch now (bounded by the sketch size whatever the cardinality)."""
-        return int(self._sketch.num_active_items)
 
 
 def _spread(key: str, k: int, partitions: int, partition_of: PartitionOf) -> tuple[int, ...]:

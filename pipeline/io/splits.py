@@ -1,11 +1,20 @@
-"""Announcing hot-key splits so operators and dashboards can see them.
+"""Hot-key splits in Redis and Kafka: the split history writers route by, and announcements for people.
 
-Readers never need this (they merge every sub-key anyway); it is for people.
-Two places: the Redis hash `{topology}:splits` (field = key, value = k, removed
-when the key is one key again) and the compacted topic `{topology}.splits`
-(message key = the key, value = {"key", "k", "writer", "ts"}, a tombstone when
-unsplit). Several writers may split the same key with different k: the last
-announcement wins, which is enough to see what is hot.
+`SplitHistoryStore` keeps the split history every writer routes by
+(`core/split_history.py`): the Redis hash `{topology}:split-history` (field = key,
+value = JSON `[[effective_ms, k], ...]`) and a version counter beside it,
+`{topology}:split-history:version`, raised by every change so that a writer reads
+the hash again only when it changed. A change is a compare-and-set by one Lua
+script, which also refuses an entry that would take effect sooner than the guard
+(Redis clock): a writer paused between deciding and writing cannot change the
+routing of events already sent.
+
+`SplitAnnouncer` is for people (readers merge every sub-key anyway): the hash
+`{topology}:splits` (field = key, value = the k a writer decided, removed when the
+key is one key again) and the compacted topic `{topology}.splits` (message key =
+the key, value = {"key", "k", "writer", "ts"}, a tombstone when unsplit). Several
+writers may split the same key with different k: the last announcement wins,
+which is enough to see what is hot.
 """
 
 from __future__ import annotations
@@ -18,6 +27,142 @@ import redis.asyncio as aioredis
 from aiokafka import AIOKafkaProducer
 
 from pipeline.core.redis_layout import splits_key
+from pipeline.core.split_history import Proposal, SplitHistory, encode, propose, trim
+
+# KEYS: history hash, version. ARGV: field, expected value ('' = none), new value ('' = delete),
+# the earliest effective time the new value adds (ms, 0: it adds none), guard ms.
+# Answers {1, now} when written, {0, now, current} when the field is not what was expected,
+# {-1, now} when the new entry would take effect sooner than now + guard (Redis clock).
+HISTORY_CAS_LUA = r"""
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local current = redis.call('HGET', KEYS[1], ARGV[1]) or ''
+if current ~= ARGV[2] then
+  return {0, now, current}
+end
+local effective = tonumber(ARGV[4])
+if effective > 0 and effective < now + tonumber(ARGV[5]) then
+  return {-1, now}
+end
+if ARGV[3] == '' then
+  redis.call('HDEL', KEYS[1], ARGV[1])
+else
+  redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
+end
+redis.call('INCR', KEYS[2])
+return {1, now}
+"""
+
+# KEYS: history hash, version. ARGV: the version the caller holds.
+# Answers {now, version} when unchanged, else {now, version, HGETALL}.
+HISTORY_READ_LUA = r"""
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local version = redis.call('GET', KEYS[2]) or '0'
+if version == ARGV[1] then
+  return {now, version}
+end
+return {now, version, redis.call('HGETALL', KEYS[1])}
+"""
+
+CAS_ATTEMPTS = 5
+
+
+def split_history_key(topology: str) -> str:
+    """HASH of key -> its split history, JSON [[effective_ms, k], ...] (k = 1: one key)."""
+    return f"{topology}:split-history"
+
+
+def split_history_version_key(topology: str) -> str:
+    """Counter raised by every change of the split history."""
+    return f"{topology}:split-history:version"
+
+
+class SplitHistoryStore:
+    """The shared split history: read it back, propose changes, drop entries past the horizon.
+
+    `lead_ms`: how far ahead of now a change takes effect; `guard_ms`: the least lead the
+    store accepts (Redis clock), at least the writers' refresh interval; `keep_ms`: how far
+    back the history must answer (the dedup horizon, and a margin).
+    """
+
+    def __init__(
+        self, redis: aioredis.Redis, topology: str, *, lead_ms: int, guard_ms: int, keep_ms: int
+    ) -> None:
+        self.redis = redis
+        self.topology = topology
+        self.lead_ms = lead_ms
+        self.guard_ms = guard_ms
+        self.keep_ms = keep_ms
+        self.keys = [split_history_key(topology), split_history_version_key(topology)]
+        self.redis_now_ms = 0  # Redis clock at the last answer
+        self._cas = redis.register_script(HISTORY_CAS_LUA)
+        self._read = redis.register_script(HISTORY_READ_LUA)
+
+    async def load(self, history: SplitHistory) -> bool:
+        """Read the history into `history` if it changed since it was read; True if it did."""
+        answer = await self._read(keys=self.keys, args=[history.version or b"-"])
+        self.redis_now_ms = int(answer[0])
+        version = _bytes(answer[1])
+        if len(answer) < 3:
+            return False
+        flat = answer[2]
+        stored = {_bytes(flat[i]).decode(): _bytes(flat[i + 1]) for i in range(0, len(flat), 2)}
+        history.replace(stored, version)
+        return True
+
+    async def propose(self, history: SplitHistory, change: Proposal, now_ms: int | None = None) -> bool:
+        """Ask for `change`; True if the store took it. `history` holds the key's stored value after."""
+        key = change.key
+        effective = (now_ms if now_ms is not None else int(time.time() * 1000)) + self.lead_ms
+        for _ in range(CAS_ATTEMPTS):
+            current = history.get(key)
+            new = propose(current, change.k, change.expect, effective)
+            if new is None:
+                return False
+            oldest = max(self.redis_now_ms, effective - self.lead_ms) - self.keep_ms
+            value = encode(trim(new, oldest))
+            answer = await self._cas(
+                keys=self.keys,
+                args=[key, history.raw.get(key, b""), value, new[-1][0], self.guard_ms],
+            )
+            status, self.redis_now_ms = int(answer[0]), int(answer[1])
+            if status == 1:
+                history.set(key, value)
+                return True
+            if status == 0:
+                _set_stored(history, key, _bytes(answer[2]))
+            else:  # this writer's clock is behind Redis: take effect a lead after Redis's now
+                effective = self.redis_now_ms + self.lead_ms
+        return False
+
+    async def trim(self, history: SplitHistory) -> int:
+        """Drop entries nothing is routed by any more (older than `keep_ms`); how many keys changed."""
+        oldest = self.redis_now_ms - self.keep_ms
+        changed = 0
+        for key in history.stale(oldest):
+            value = trim(history.get(key), oldest)
+            raw = encode(value) if value else b""
+            answer = await self._cas(keys=self.keys, args=[key, history.raw.get(key, b""), raw, 0, 0])
+            if int(answer[0]) == 1:
+                history.set(key, raw)
+                changed += 1
+            else:  # another writer changed it: the next read brings it
+                _set_stored(history, key, _bytes(answer[2]))
+        return changed
+
+
+def _set_stored(history: SplitHistory, key: str, raw: bytes) -> None:
+    try:
+        history.set(key, raw)
+    except ValueError:  # not a history (written by hand?): treat the key as unsplit
+        history.set(key, None)
+
+
+def _bytes(value: bytes | str | int) -> bytes:
+    if isinstance(value, bytes):
+        return value
+    return str(value).encode()
 
 
 class SplitAnnouncer:

@@ -15,15 +15,21 @@
   the request was of a priority class being shed;
 - 503 with Retry-After: the broker is unreachable or did not acknowledge in
   time. Nothing is buffered. When some events were sent, `resend` lists each
-  whose fate is unknown with its index, id (generated ones too) and sub:
-  resend those with that id and sub (the others of the request were accepted,
-  or rejected as the results of a 202 would say).
+  whose fate is unknown with its index, id (generated ones too), ts and sub:
+  resend those with that id, ts and sub (the others of the request were
+  accepted, or rejected as the results of a 202 would say).
 
 Ids: an event's own `id` is kept, otherwise one is generated and returned; an
 empty `id` is refused (field `id`): leave the field out to have one made. A
 resent id within the topology's dedup horizon (600 s by default) is acknowledged
 again but counted once by tier 1. Tier 1 does the deduplication; this gateway
 only reports the pipeline-wide `deduplicated` counter from Redis as a metric.
+
+Routing: an accepted event's result also carries its `ts` (the event's own, or
+the time the gateway accepted it) and its `sub` (the one given, or chosen by the
+key's split factor at that ts, from the split history every writer shares). A
+retry that carries them goes to the partition of its original, where tier 1
+remembers its id, through this gateway, another one, or the SDK.
 
 Also served: `GET /openapi.json`, `GET /healthz`, `GET /metrics` (Prometheus), and CORS for
 the browser origins listed in `ingest_cors_origins` (preflight `OPTIONS /v1/events`).
@@ -360,14 +366,14 @@ class IngestWorker:
             self.log.warning("broker unavailable", error=str(exc)[:200])
             # which events were acknowledged, and the id and sub of each whose fate is unknown
             resend = [
-                {"index": items[r.index][0], "status": "unknown", "id": r.id, "sub": r.sub}
+                {"index": items[r.index][0], "status": "unknown", "id": r.id, "ts": r.ts, "sub": r.sub}
                 for r in exc.results
                 if r.unknown
             ]
             response = _error(
                 503,
                 "the broker did not acknowledge in time: resend the events listed in `resend`, "
-                "each with its id and sub (those already counted are not counted twice)",
+                "each with its id, ts and sub (those already counted are not counted twice)",
                 retry_after=UNAVAILABLE_RETRY_S,
                 extra={"accepted": sum(r.accepted for r in exc.results), "resend": resend},
             )
@@ -457,7 +463,7 @@ class IngestWorker:
                 accepted += 1
                 etype = obj["type"]
                 by_type[etype] = by_type.get(etype, 0) + 1
-                out[index] = {"index": index, "status": "accepted", "id": r.id, "sub": r.sub}
+                out[index] = {"index": index, "status": "accepted", "id": r.id, "ts": r.ts, "sub": r.sub}
             elif r.shed:
                 shed += 1
                 SHED.labels(*labels, str(priorities[obj["type"]])).inc()
@@ -632,7 +638,7 @@ def openapi_document(topology: Topology) -> dict[str, Any]:
                         "413": resp("Body or batch too large", error),
                         "415": resp("Unsupported Content-Type", error),
                         "429": resp("Overloaded (throttled, or every event shed)", batch, retry),
-                        "503": resp("Broker unreachable; resend with the same ids", error, retry),
+                        "503": resp("Broker unreachable; resend with the same id, ts, sub", error, retry),
                     },
                 }
             }
@@ -651,7 +657,19 @@ def openapi_document(topology: Topology) -> dict[str, Any]:
                         "key": {"type": "string", "minLength": 1, "maxLength": 256},
                         "channel": {"type": "string", "maxLength": 256},
                         "id": {"type": "string", "maxLength": 128, "description": "generated if absent"},
-                        "ts": {"type": "integer", "minimum": 0, "description": "ms since the epoch"},
+                        "ts": {
+                            "type": "integer",
+                            "minimum": 0,
+                            "description": "ms since the epoch; the time of acceptance if absent. "
+                            "A retry carries its original's ts",
+                        },
+                        "sub": {
+                            "type": "integer",
+                            "minimum": 0,
+                            "maximum": 1023,
+                            "description": "hot-key sub-key; chosen from the split history at ts if absent. "
+                            "A retry carries its original's sub",
+                        },
                         "value": {"type": "number"},
                         "user": {"type": "string", "maxLength": 256},
                         "text": {"type": "string", "maxLength": 2000},
@@ -664,7 +682,8 @@ def openapi_document(topology: Topology) -> dict[str, Any]:
                         "index": {"type": "integer"},
                         "status": {"type": "string", "enum": ["accepted", "rejected", "shed"]},
                         "id": {"type": "string", "nullable": True},
-                        "sub": {"type": "integer"},
+                        "ts": {"type": "integer", "description": "accepted: the ts it was sent with"},
+                        "sub": {"type": "integer", "description": "accepted: the sub it was sent with"},
                         "field": {"type": "string", "nullable": True},
                         "reason": {"type": "string"},
                     },
@@ -686,13 +705,14 @@ def openapi_document(topology: Topology) -> dict[str, Any]:
                         "accepted": {"type": "integer"},
                         "resend": {
                             "type": "array",
-                            "description": "503: events of unknown fate; resend each with this id and sub",
+                            "description": "503: events of unknown fate; resend each with its id, ts, sub",
                             "items": {
                                 "type": "object",
                                 "properties": {
                                     "index": {"type": "integer"},
                                     "status": {"type": "string", "enum": ["unknown"]},
                                     "id": {"type": "string"},
+                                    "ts": {"type": "integer"},
                                     "sub": {"type": "integer"},
                                 },
                             },

@@ -73,7 +73,14 @@ async def test_send_many_validates_keeps_or_generates_ids_and_sends(
     values = {orjson.loads(v)["id"]: (k, orjson.loads(v)) for _, k, v in records if v}
     assert len(values) == 33
     key, value = values["mine-\xff"]
-    assert key == b"k2" and value == {"type": "like", "key": "k2", "channel": "v", "id": "mine-\xff"}
+    assert key == b"k2" and value == {
+        "type": "like",
+        "key": "k2",
+        "channel": "v",
+        "id": "mine-\xff",
+        "ts": results[1].ts,  # stamped by the SDK at the send, returned so a retry can carry it
+    }
+    assert abs(results[1].ts - time.time() * 1000) < 60_000
     assert values[results[4].id or ""][1]["text"] == "hello"
 
 
@@ -95,7 +102,16 @@ async def test_a_hot_key_is_split_over_distinct_partitions_and_announced(
         )
         partitions = topology.partitions.events
         assert splitter.k("viral") == partitions  # capped by the partition count
-        assert len({r.sub for r in second}) == partitions
+        # proposed in the shared split history, in force after the lead (so every writer knows it first)
+        assert {r.sub for r in second} == {0}
+        deadline = time.monotonic() + 10
+        while splitter.router.k_at("viral", int(time.time() * 1000)) != partitions:
+            assert time.monotonic() < deadline, "split never took effect"
+            await asyncio.sleep(0.02)
+        third = await client.send_many(
+            [{"type": "like", "key": "viral", "channel": "v"} for _ in range(3000)]
+        )
+        assert len({r.sub for r in third}) == partitions
         deadline = time.monotonic() + 5
         while (await redis_query.splits(redis, topology.name)).get("viral") != partitions:
             assert time.monotonic() < deadline, "split never announced in Redis"
@@ -108,7 +124,7 @@ async def test_a_hot_key_is_split_over_distinct_partitions_and_announced(
     finally:
         await client.stop()
         await redis.aclose()
-    records = await _read_all(servers.kafka_bootstrap, topology.topic("events"), 3500)
+    records = await _read_all(servers.kafka_bootstrap, topology.topic("events"), 6500)
     landed = {p for p, k, _ in records if k and parse_message_key(k)[1] != 0} | {
         p for p, k, _ in records if k == b"viral"
     }

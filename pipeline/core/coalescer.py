@@ -18,6 +18,7 @@ from pipeline.core.aggregates import Kind
 from pipeline.core.dedup import PartitionIds, digest
 from pipeline.core.model import (
     MAX_EVENT_BYTES,
+    MAX_ID_CHARS,
     MAX_KEY_CHARS,
     Cell,
     EventFields,
@@ -176,7 +177,9 @@ class Coalescer:
         types = self._types
         loads = orjson.loads
         dedup = self._horizon_ms > 0
-        with_id: list[tuple[EventFields, bytes, int]] = []  # (fields, raw, watermark at the event)
+        # events with an id, folded once the batch's verdicts are in: (fields, raw, watermark at the
+        # event), or (None, (metric indexes, channel, key), 0) for the shortcut's
+        with_id: list[tuple[EventFields | None, Any, int]] = []
         digests: list[bytes] = []
         id_ts: list[int] = []
         newest = 0
@@ -204,9 +207,11 @@ class Coalescer:
                 if len(raw) > MAX_EVENT_BYTES:
                     raise InvalidEvent(f"event is {len(raw)} bytes, over the {MAX_EVENT_BYTES} byte limit")
                 obj = loads(raw)
-                # Shortcut for the commonest event, {"type", "key", "channel"} of a type that only
-                # feeds all-time counts: same verdict as check_event, counted in place.
-                if type(obj) is dict and len(obj) == 3:
+                # Shortcut for the commonest events, {"type", "key", "channel"} of a type that only
+                # feeds all-time counts, and the same with an "id" (what the SDK sends): same
+                # verdict as check_event; counted in place (with an id: once its verdict is in).
+                size_of = len(obj) if type(obj) is dict else 0
+                if size_of == 3 or (size_of == 4 and dedup):
                     etype = obj.get("type")
                     key = obj.get("key")
                     channel = obj.get("channel")
@@ -217,15 +222,25 @@ class Coalescer:
                             and 0 < len(key) <= MAX_KEY_CHARS
                             and len(channel) <= MAX_KEY_CHARS
                         ):
-                            quick += 1
-                            if tracks_time:
-                                ts = record.timestamp
-                                if ts > wm:
+                            ts = record.timestamp
+                            if size_of == 3:
+                                quick += 1
+                                if tracks_time and ts > wm:
                                     wm = ts
-                            for index in indexes:
-                                cell = (index, channel, key, TOTAL)
-                                cells[cell] = count(cell, 0) + 1
-                            continue
+                                for index in indexes:
+                                    cell = (index, channel, key, TOTAL)
+                                    cells[cell] = count(cell, 0) + 1
+                                continue
+                            eid = obj.get("id")
+                            if type(eid) is str and 0 < len(eid) <= MAX_ID_CHARS:
+                                if tracks_time and ts > wm:
+                                    wm = ts
+                                if ts > newest:
+                                    newest = ts
+                                with_id.append((None, (indexes, channel, key), 0))
+                                digests.append(digest(eid.encode()))
+                                id_ts.append(ts)
+                                continue
                 fields = check_event(obj, types, record.timestamp)
             except InvalidEvent as exc:
                 dead.append(DeadLetter(partition, record.offset, raw or b"", exc.reason, exc.field))
@@ -248,21 +263,25 @@ class Coalescer:
             accepted.append((fields, wm))
             if feed_types and fields[0] in feed_types:
                 self._feed.append((fields[2], raw))
+        if with_id:
+            verdicts = self.ids(partition).seen(digests, id_ts, newest)
+            for (checked, extra, at), counted_before in zip(with_id, verdicts, strict=True):
+                if counted_before:
+                    part.duplicates += 1
+                elif checked is None:  # a shortcut event: (metric indexes, channel, key)
+                    quick += 1
+                    indexes, channel, key = extra
+                    for index in indexes:
+                        cell = (index, channel, key, TOTAL)
+                        cells[cell] = count(cell, 0) + 1
+                else:
+                    accepted.append((checked, at))
+                    if feed_types and checked[0] in feed_types:
+                        self._feed.append((checked[2], extra))
         part.events += quick
         self._size = size + len(cells) - cells_before  # cells the shortcut added
         self._watermark[partition] = wm
         part.dead += len(dead)
-        if with_id:
-            ids = self.ids(partition)
-            for (fields, raw, wm), counted_before in zip(
-                with_id, ids.seen(digests, id_ts, newest), strict=True
-            ):
-                if counted_before:
-                    part.duplicates += 1
-                    continue
-                accepted.append((fields, wm))
-                if feed_types and fields[0] in feed_types:
-                    self._feed.append((fields[2], raw))
         self._fold(part, accepted)
         return dead
 

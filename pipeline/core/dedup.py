@@ -146,15 +146,22 @@ class PartitionIds:
         """
         pending = self.pending
         verdict = [False] * len(digests)
-        fresh: list[int] = []
-        for i, d in enumerate(digests):
-            if d in pending:
-                verdict[i] = True
-            else:
-                pending[d] = ts_ms[i]
-                fresh.append(i)
+        fresh: list[int]
+        if pending.keys().isdisjoint(digests) and len(set(digests)) == len(digests):
+            pending.update(zip(digests, ts_ms, strict=True))  # the common case: all new to the window
+            fresh = list(range(len(digests)))
+        else:
+            fresh = []
+            for i, d in enumerate(digests):
+                if d in pending:
+                    verdict[i] = True
+                else:
+                    pending[d] = ts_ms[i]
+                    fresh.append(i)
         if fresh and self._committed:
-            hi, lo = _columns(b"".join(digests[i] for i in fresh))
+            hi, lo = _columns(
+                b"".join(digests) if len(fresh) == len(digests) else b"".join(digests[i] for i in fresh)
+            )
             for j in np.flatnonzero(self._bloom.may_hold(hi)).tolist():
                 if self._holds(int(hi[j]), int(lo[j])):
                     i = fresh[j]

@@ -850,7 +850,12 @@ plain_bad = [
                 st.sampled_from(["", "v1", "v:2", "c" * 256]),
                 st.none()
                 | st.fixed_dictionaries(
-                    {}, optional={"user": st.sampled_from(["u1", "u2"]), "value": st.integers(-9, 9)}
+                    {},
+                    optional={
+                        "user": st.sampled_from(["u1", "u2"]),
+                        "value": st.integers(-9, 9),
+                        "id": st.sampled_from(["i1", "i2", "i3", "", "x" * 129]),
+                    },
                 ),
             ),
             st.sampled_from(plain_bad),
@@ -859,12 +864,15 @@ plain_bad = [
     ),
 )
 def test_plain_events_are_counted_like_any_other(data: st.DataObject, roots: int, items: list[Any]) -> None:
-    """The in-place shortcut for {"type", "key", "channel"} has the verdict and result of the full path."""
+    """The in-place shortcut for {"type", "key", "channel"} (and the same with an "id") has the verdict
+    and result of the full path; an id counted before is a duplicate either way."""
     from pipeline.core.model import InvalidEvent, explain_event
 
     raws = []
     expected: dict[Any, list[tuple[float, str | None]]] = defaultdict(list)
     verdicts = []
+    ids: set[str] = set()
+    duplicates = 0
     for item in items:
         if isinstance(item, dict):
             obj = item
@@ -873,11 +881,16 @@ def test_plain_events_are_counted_like_any_other(data: st.DataObject, roots: int
             obj = {"type": etype, "key": key, "channel": channel, **(extra or {})}
         raws.append(orjson.dumps(obj))
         try:
-            etype, key, channel, _ts, value, user, _id, _sub = explain_event(obj, PLAIN.types)
+            etype, key, channel, _ts, value, user, event_id, _sub = explain_event(obj, PLAIN.types)
         except InvalidEvent as exc:
             verdicts.append((exc.reason, exc.field))
             continue
         verdicts.append(None)
+        if event_id is not None:
+            if event_id in ids:
+                duplicates += 1
+                continue
+            ids.add(event_id)
         for index, metric in enumerate(PLAIN.metrics):
             if metric.on == etype:
                 expected[(index, channel, key, "total")].append((value, user))
@@ -896,8 +909,8 @@ def test_plain_events_are_counted_like_any_other(data: st.DataObject, roots: int
     batch = merger.take()
     kinds = [m.kind for m in PLAIN.metrics]
     assert batch.cells == {cell: aggregate(kinds[cell[0]], vals) for cell, vals in expected.items()}
-    assert batch.events == verdicts.count(None)
-    assert batch.dead == len(dead)
+    assert batch.events == verdicts.count(None) - duplicates
+    assert (batch.dead, batch.duplicates) == (len(dead), duplicates)
     assert c.size == 0
 
 

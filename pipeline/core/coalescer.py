@@ -20,6 +20,8 @@ from pipeline.core.model import (
     MAX_EVENT_BYTES,
     MAX_ID_CHARS,
     MAX_KEY_CHARS,
+    MAX_SUBKEYS,
+    MAX_TS,
     Cell,
     EventFields,
     InvalidEvent,
@@ -211,7 +213,7 @@ class Coalescer:
                 # feeds all-time counts, and the same with an "id" (what the SDK sends): same
                 # verdict as check_event; counted in place (with an id: once its verdict is in).
                 size_of = len(obj) if type(obj) is dict else 0
-                if size_of == 3 or (size_of == 4 and dedup):
+                if size_of == 3:
                     etype = obj.get("type")
                     key = obj.get("key")
                     channel = obj.get("channel")
@@ -222,25 +224,46 @@ class Coalescer:
                             and 0 < len(key) <= MAX_KEY_CHARS
                             and len(channel) <= MAX_KEY_CHARS
                         ):
-                            ts = record.timestamp
-                            if size_of == 3:
-                                quick += 1
-                                if tracks_time and ts > wm:
+                            quick += 1
+                            if tracks_time:
+                                ts = record.timestamp
+                                if ts > wm:
                                     wm = ts
-                                for index in indexes:
-                                    cell = (index, channel, key, TOTAL)
-                                    cells[cell] = count(cell, 0) + 1
-                                continue
-                            eid = obj.get("id")
-                            if type(eid) is str and 0 < len(eid) <= MAX_ID_CHARS:
-                                if tracks_time and ts > wm:
-                                    wm = ts
-                                if ts > newest:
-                                    newest = ts
-                                with_id.append((None, (indexes, channel, key), 0))
-                                digests.append(digest(eid.encode()))
-                                id_ts.append(ts)
-                                continue
+                            for index in indexes:
+                                cell = (index, channel, key, TOTAL)
+                                cells[cell] = count(cell, 0) + 1
+                            continue
+                elif dedup and 3 <= size_of <= 6:
+                    # {"type", "key", "id"} and any of "channel", "ts", "sub": what the writers send
+                    etype = obj.get("type")
+                    key = obj.get("key")
+                    eid = obj.get("id")
+                    channel = obj.get("channel")
+                    ets = obj.get("ts")
+                    sub = obj.get("sub")
+                    indexes = shortcut.get(etype) if type(etype) is str else None
+                    if (
+                        indexes is not None
+                        and type(key) is str
+                        and 0 < len(key) <= MAX_KEY_CHARS
+                        and type(eid) is str
+                        and 0 < len(eid) <= MAX_ID_CHARS
+                        and size_of == 3 + (channel is not None) + (ets is not None) + (sub is not None)
+                        and (channel is None or (type(channel) is str and len(channel) <= MAX_KEY_CHARS))
+                        and (ets is None or (type(ets) is int and 0 <= ets < MAX_TS))
+                        and (sub is None or (type(sub) is int and 0 <= sub < MAX_SUBKEYS))
+                    ):
+                        rts = record.timestamp
+                        if ets is None:
+                            ets = rts
+                        if tracks_time and ets > wm:
+                            wm = ets
+                        if rts > newest:
+                            newest = rts
+                        with_id.append((None, (indexes, channel or "", key), 0))
+                        digests.append(digest(eid.encode()))
+                        id_ts.append(ets if ets < rts else rts)
+                        continue
                 fields = check_event(obj, types, record.timestamp)
             except InvalidEvent as exc:
                 dead.append(DeadLetter(partition, record.offset, raw or b"", exc.reason, exc.field))

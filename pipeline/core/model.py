@@ -18,6 +18,7 @@ MAX_KEY_CHARS = 256
 MAX_ID_CHARS = 128
 MAX_TEXT_CHARS = 2000
 MAX_SUBKEYS = 1024
+MAX_TS = 2**53  # event times are integers JSON and JavaScript carry exactly
 MAX_ABS_VALUE = 1e15
 
 # Kafka message keys of sub-keys start with 0xFF, a byte that never occurs in
@@ -146,7 +147,7 @@ def check_event(obj: Any, types: frozenset[str] | None = None, default_ts_ms: in
             and len(channel) <= MAX_KEY_CHARS
             and (user is None or (type(user) is str and len(user) <= MAX_KEY_CHARS))
             and (event_id is None or (type(event_id) is str and 0 < len(event_id) <= MAX_ID_CHARS))
-            and (ts is None or (type(ts) is int and 0 <= ts < 2**53))
+            and (ts is None or (type(ts) is int and 0 <= ts < MAX_TS))
             and (type(value) is int or type(value) is float)
             and -MAX_ABS_VALUE <= value <= MAX_ABS_VALUE
             and type(sub) is int
@@ -177,7 +178,7 @@ def explain_event(obj: Any, types: frozenset[str] | None = None, default_ts_ms: 
         ts = default_ts_ms
     elif type(ts) is not int:
         raise InvalidEvent("field 'ts' must be an integer (milliseconds since the epoch)", "ts")
-    elif not 0 <= ts < 2**53:
+    elif not 0 <= ts < MAX_TS:
         raise InvalidEvent("field 'ts' is out of range", "ts")
     value = obj.get("value", 1)
     vtype = type(value)

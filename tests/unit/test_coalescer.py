@@ -826,6 +826,8 @@ PLAIN = topology(
     {"a": 0, "b": 0, "c": 0},
 )
 
+OMIT = "(no channel field)"
+
 plain_bad = [
     {"type": "a", "key": "k" * 257, "channel": "v"},
     {"type": "a", "key": "", "channel": "v"},
@@ -847,7 +849,7 @@ plain_bad = [
             st.tuples(
                 st.sampled_from(["a", "b", "c"]),
                 st.sampled_from(["k1", "k2", "ü", "k" * 256]),
-                st.sampled_from(["", "v1", "v:2", "c" * 256]),
+                st.sampled_from(["", "v1", "v:2", "c" * 256, OMIT]),
                 st.none()
                 | st.fixed_dictionaries(
                     {},
@@ -855,6 +857,8 @@ plain_bad = [
                         "user": st.sampled_from(["u1", "u2"]),
                         "value": st.integers(-9, 9),
                         "id": st.sampled_from(["i1", "i2", "i3", "", "x" * 129]),
+                        "ts": st.sampled_from([5, 2**53 - 1, 2**53, -1, True]),
+                        "sub": st.sampled_from([0, 3, 1023, 1024, -1]),
                     },
                 ),
             ),
@@ -879,6 +883,8 @@ def test_plain_events_are_counted_like_any_other(data: st.DataObject, roots: int
         else:
             etype, key, channel, extra = item
             obj = {"type": etype, "key": key, "channel": channel, **(extra or {})}
+            if channel is OMIT:
+                del obj["channel"]
         raws.append(orjson.dumps(obj))
         try:
             etype, key, channel, _ts, value, user, event_id, _sub = explain_event(obj, PLAIN.types)

@@ -6,7 +6,7 @@ Server-Sent Events. The protocol is in docs/BROADCAST.md; the decisions (what a
 viewer gets, when, and who is too slow) are in pipeline/core/fanout.py.
 
 Pushes are written straight to each viewer's transport, never awaited: one
-encoded frame per distinct message goes to every viewer that needs it, and a
+encoded frame per distinct message (pipeline/core/frames.py) goes to every viewer that needs it, and a
 viewer whose transport is backed up is skipped (it gets the latest values
 later) instead of stalling the others or growing a queue.
 """
@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import resource
-import struct
 import time
 import uuid
 from pathlib import Path
@@ -43,6 +42,7 @@ from pipeline.core.fanout import (
     redirect_message,
     valid_channel,
 )
+from pipeline.core.frames import http_chunk, sse_comment, sse_event, text_frame
 from pipeline.core.model import ChannelUpdate
 from pipeline.core.topology import Topology
 from pipeline.io import kafka, redis_client
@@ -86,16 +86,6 @@ SENDS_PER_SLICE = 1000  # writes between two turns of the event loop (Kafka, han
 IDLE_BACKOFF_S = 0.05  # a quiet topic is polled this often: the wait adds to every viewer's staleness
 
 
-def ws_frame(data: bytes) -> bytes:
-    """A final, unmasked text frame (RFC 6455 §5.2): what a server sends."""
-    n = len(data)
-    if n < 126:
-        return bytes((0x81, n)) + data
-    if n < 65536:
-        return struct.pack("!BBH", 0x81, 126, n) + data
-    return struct.pack("!BBQ", 0x81, 127, n) + data
-
-
 @web.middleware
 async def _any_origin(request: web.Request, handler: Any) -> web.StreamResponse:
     """Viewer endpoints answer any origin: a page served by one node connects to (or is
@@ -112,17 +102,11 @@ async def _any_origin(request: web.Request, handler: Any) -> web.StreamResponse:
     return response
 
 
-def sse_event(out: Outgoing) -> bytes:
-    """One Server-Sent Event; `id` is channel:seq so that EventSource's Last-Event-ID resumes."""
-    head = b"event: " + out.type.encode() + b"\n"
-    if out.type in ("snapshot", "update"):
-        head += b"id: " + f"{out.channel}:{out.seq}".encode() + b"\n"
-    return head + b"data: " + out.data + b"\n\n"
-
-
-def http_chunk(data: bytes) -> bytes:
-    """HTTP/1.1 chunked framing: an SSE response is chunked, and pushes bypass aiohttp's writer."""
-    return b"%x\r\n%b\r\n" % (len(data), data)
+def sse_push(out: Outgoing) -> bytes:
+    """A push as one chunk of the SSE response; the event's id is channel:seq, so that EventSource's
+    Last-Event-ID resumes where it stopped."""
+    event_id = f"{out.channel}:{out.seq}" if out.type in ("snapshot", "update") else None
+    return http_chunk(sse_event(out.type, out.data, event_id))
 
 
 class Refused(Exception):
@@ -535,7 +519,7 @@ class BroadcastNode:
         self.fanout.remove(viewer)
         if viewer.ws is None:
             if last is not None and not viewer.transport.is_closing():
-                viewer.transport.write(http_chunk(sse_event(last)))
+                viewer.transport.write(sse_push(last))
             if not viewer.done.done():
                 viewer.done.set_result(None)
             return
@@ -564,11 +548,11 @@ class BroadcastNode:
                     continue
                 if viewer.sse:
                     if sse is None:
-                        sse = http_chunk(sse_event(out))
+                        sse = sse_push(out)
                     transport.write(sse)
                 else:
                     if ws is None:
-                        ws = ws_frame(out.data)
+                        ws = text_frame(out.data)
                     transport.write(ws)
             metric = self._m_pushes.get(out.type)
             if metric is not None:
@@ -684,7 +668,7 @@ class BroadcastNode:
 
     async def _keepalive(self, stop: asyncio.Event) -> None:
         """An SSE comment now and then, so that idle proxies keep the stream and dead peers show."""
-        ping = http_chunk(b": keepalive\n\n")
+        ping = http_chunk(sse_comment("keepalive"))
         while not stop.is_set():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), SSE_KEEPALIVE_S)

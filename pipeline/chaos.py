@@ -109,6 +109,10 @@ class ChaosConfig:
     merge_workers: int = 2
     max_added: int = 1
     drain_timeout_s: float = 90.0
+    # a client's retries: this share of the accepted events is sent again, with its id and first-send
+    # ts (half of them without their sub), by the next writer, this long after the original
+    retry_share: float = 0.05
+    retry_delay_s: float = 5.0
     plan: list[Fault] | None = None  # explicit faults instead of the seeded plan (tests)
 
     @classmethod
@@ -148,6 +152,8 @@ class ChaosReport:
     faults_by_kind: dict[str, int]
     faults_skipped: int
     events_resent: int
+    retries_sent: int  # acknowledged copies of accepted events (same id): each must count zero times
+    retries_forced: int  # of those, sent without sub under another split of their key than the original
     events_on_subkeys: int
     events_rejected: int
     send_failures: int
@@ -234,8 +240,11 @@ class Writer:
         self.splitter = HotKeySplitter(policy)
         self.client: PipelineClient | None = None
         self.retry: list[list[dict[str, Any]]] = []
+        self.peer: Writer = self  # sends the client retries of this writer's events
+        self.echoes: list[tuple[float, list[dict[str, Any]]]] = []  # (due, copies of accepted events)
         self.sending = False
         self.accepted = self.resent = self.on_subkeys = self.rejected = self.failures = 0
+        self.retries_sent = self.retries_forced = 0
 
     async def run(self, stop: asyncio.Event, gate: asyncio.Event) -> None:
         interval = self.cfg.batch / self.cfg.rate
@@ -252,30 +261,24 @@ class Writer:
 
     async def flush(self, gate: asyncio.Event, deadline: float) -> None:
         """Resend what failed until it is accepted (or the deadline passes)."""
-        while self.retry and time.monotonic() < deadline:
+        while (self.retry or self.echoes) and time.monotonic() < deadline:
             await gate.wait()
             if not await self._send_one(new=False):
                 await asyncio.sleep(0.5)
 
     async def _send_one(self, new: bool = True) -> bool:
+        # due retries of the other writer's events go out first, in one send, beside the load
+        due = self.echoes and (self.echoes[0][0] <= time.monotonic() or not new)
+        if due and not await self._send_echoes(time.monotonic() if new else float("inf")):
+            return False
         resend = bool(self.retry)
         if not resend and not new:
             return True
         batch = self.retry.pop(0) if resend else self.workload.batch(self.cfg.batch)
         self.sending = True
         try:
-            if self.client is None:
-                client = PipelineClient(
-                    self.topology,
-                    self.endpoints.kafka_bootstrap,
-                    redis_url=self.endpoints.redis_url,
-                    splitter=self.splitter,
-                    ack_timeout_ms=self.cfg.ack_timeout_ms,
-                    client_id=f"{self.topology.name}.chaos-writer-{self.index}",
-                )
-                await client.start()
-                self.client = client
-            results = await self.client.send_many(batch)
+            client = await self._client()
+            results = await client.send_many(batch)
         except BrokerUnavailable as exc:
             self.failures += 1
             if len(exc.results) == len(batch):  # resent with the ts and sub of the first send: same partition
@@ -284,20 +287,70 @@ class Writer:
                     for event, r in zip(batch, exc.results, strict=True)
                 ]
             self.retry.insert(0, batch)
-            if self.cfg.reopen_after_failure or self.failures % 5 == 0:
-                await self.close()  # a fresh producer after a broker restart, not a wedged one
+            await self._after_failure()
             return False
         finally:
             self.sending = False
         self.resent += len(batch) if resend else 0
+        copies: list[dict[str, Any]] = []
         for event, result in zip(batch, results, strict=True):
             if result.accepted:
                 self.ledger[(event["channel"], event["key"])] += 1
                 self.accepted += 1
                 self.on_subkeys += result.sub != 0
+                if self.workload.rng.random() < self.cfg.retry_share:
+                    # the caller's retry: same id and ts; half also echo the sub, half rely on the ts
+                    copy = {**event, "id": result.id, "ts": result.ts}
+                    if len(copies) % 2:
+                        copy["sub"] = result.sub
+                    copies.append(copy)
             else:
                 self.rejected += 1
+        if copies:
+            self.peer.echoes.append((time.monotonic() + self.cfg.retry_delay_s, copies))
         return True
+
+    async def _send_echoes(self, now_s: float) -> bool:
+        """Send the due copies of another writer's events (a client's retries): none may count."""
+        due = [e for e in self.echoes if e[0] <= now_s]
+        copies = [c for _, batch in due for c in batch]
+        self.sending = True
+        try:
+            client = await self._client()
+            now = int(time.time() * 1000)
+            router = self.splitter.router
+            forced = sum(
+                router.k_at(e["key"], e["ts"]) != router.k_at(e["key"], now) for e in copies if "sub" not in e
+            )
+            results = await client.send_many(copies)
+        except BrokerUnavailable:
+            self.failures += 1
+            await self._after_failure()
+            return False  # sent again later: they carry their id, ts (and sub), so they route alike
+        finally:
+            self.sending = False
+        del self.echoes[: len(due)]
+        self.retries_sent += sum(r.accepted for r in results)
+        self.retries_forced += forced
+        return True
+
+    async def _after_failure(self) -> None:
+        if self.cfg.reopen_after_failure or self.failures % 5 == 0:
+            await self.close()  # a fresh producer after a broker restart, not a wedged one
+
+    async def _client(self) -> PipelineClient:
+        if self.client is None:
+            client = PipelineClient(
+                self.topology,
+                self.endpoints.kafka_bootstrap,
+                redis_url=self.endpoints.redis_url,
+                splitter=self.splitter,
+                ack_timeout_ms=self.cfg.ack_timeout_ms,
+                client_id=f"{self.topology.name}.chaos-writer-{self.index}",
+            )
+            await client.start()
+            self.client = client
+        return self.client
 
     async def close(self) -> None:
         client, self.client = self.client, None
@@ -432,6 +485,8 @@ async def run_chaos(
     workers = Workers(topology, endpoints, workdir)
     ledger: Counter[LedgerKey] = Counter()
     writers = [Writer(i, topology, endpoints, cfg, ledger) for i in range(cfg.writers)]
+    for i, w in enumerate(writers):
+        w.peer = writers[(i + 1) % len(writers)]
     stop, gate = asyncio.Event(), asyncio.Event()
     gate.set()
     injected: list[Fault] = []
@@ -506,6 +561,8 @@ async def run_chaos(
         faults_by_kind=breakdown(injected),
         faults_skipped=len(skipped),
         events_resent=sum(w.resent for w in writers),
+        retries_sent=sum(w.retries_sent for w in writers),
+        retries_forced=sum(w.retries_forced for w in writers),
         events_on_subkeys=sum(w.on_subkeys for w in writers),
         events_rejected=sum(w.rejected for w in writers),
         send_failures=sum(w.failures for w in writers),
@@ -873,6 +930,8 @@ def _print_report(report: ChaosReport, as_json: bool) -> None:
         f"faults injected   {report.faults_injected:>10}   ({kinds})",
         f"broker            {report.broker:>10}   x{report.brokers}, {report.rate_eps:,.0f} events/s",
         f"resent events     {report.events_resent:>10,}   after {report.send_failures} failed sends",
+        f"client retries    {report.retries_sent:>10,}   (same id, by another writer; "
+        f"{report.retries_forced:,} under another split than their original)",
         f"on sub-keys       {report.events_on_subkeys:>10,}   (hot key split)",
         f"unexpected exits  {report.unexpected_exits:>10}   broadcast node up at the end: "
         f"{report.broadcast_ok}",

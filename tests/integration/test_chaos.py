@@ -1,5 +1,5 @@
 """A short chaos run: worker kills, Redis and broker restarts, a worker joining and one leaving,
-under live load; every key exact."""
+under live load with 5% client retries; every key exact."""
 
 from __future__ import annotations
 
@@ -38,6 +38,7 @@ async def test_faults_under_load_keep_every_count_exact(
         split_threshold_eps=100.0,  # the viral key (30% of 600/s per writer) gets split
         merge_workers=1,
         drain_timeout_s=40.0,
+        retry_delay_s=2.0,  # 5% of the events sent again by another writer, faults in between
         plan=FAULTS,
     )
     report = await run_chaos(servers, cfg, tmp_path, name=unique_name)
@@ -47,5 +48,6 @@ async def test_faults_under_load_keep_every_count_exact(
     assert report.events_counted == report.events_accepted, detail
     assert report.faults_injected + report.faults_skipped == len(FAULTS), detail
     assert report.events_on_subkeys > 0, detail  # hot-key splitting was exercised
+    assert report.retries_sent > 100, detail  # and none of them counted
     assert report.events_rejected == 0, detail  # every unusual key passed the schema
     assert report.broadcast_ok, detail

@@ -24,6 +24,8 @@ def main(args: argparse.Namespace) -> int:
             tier1_workers=args.tier1_workers,
             split_threshold_eps=args.split_threshold,
             partition_budget_eps=args.split_threshold,
+            dedup_horizon_s=args.dedup_horizon,
+            id_share=args.id_share,
         )
     except ValueError as exc:
         print(f"pipeline plan: {exc}")
@@ -45,6 +47,17 @@ def main(args: argparse.Namespace) -> int:
     )
     for key, rate, k in result.hot_keys:
         print(f"hot key {key:<15} {rate:>14,.0f} events/s -> split {k} ways")
+    if result.dedup_ids:
+        changelog_mb = result.dedup_changelog_bytes / 1e6
+        print(
+            f"dedup memory (tier 1)   {result.dedup_memory_bytes / 1e6:>14,.1f} MB   "
+            f"{result.dedup_ids:,.0f} ids in the horizon, {result.dedup_bytes_per_id:.2f} bytes each; "
+            f"{result.dedup_memory_bytes / 1e6 / result.workers['coalesce']:,.1f} MB per tier-1 worker"
+        )
+        print(
+            f"dedup changelog         {changelog_mb:>14,.1f} MB   kept on Kafka; "
+            f"a moved partition re-reads {changelog_mb / workload.events_partitions:,.1f} MB"
+        )
     print("workers                 " + ", ".join(f"{tier} {n}" for tier, n in result.workers.items()))
     for warning in result.warnings:
         print(f"note: {warning}")

@@ -48,6 +48,12 @@ _BUCKET_HEAD = struct.Struct(">qI")  # bucket start (ms), ids in it
 digest = xxhash.xxh3_128_digest  # 16 bytes, big-endian; the first 12 are the id's key
 
 
+def changelog_retention_ms(horizon_ms: int) -> int:
+    """How long Kafka keeps the changelog: an id is needed until records sent a horizon and a bucket
+    after it arrive; a quarter horizon and five minutes more absorb lag and clock skew."""
+    return horizon_ms + horizon_ms // 4 + 300_000
+
+
 def bytes_per_id() -> float:
     """Memory per committed id inside the horizon: the hash columns plus the Bloom filter's share."""
     return BYTES_PER_ID + BLOOM_BITS_PER_ID / 8

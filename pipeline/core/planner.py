@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from pipeline.core import zipf
+from pipeline.core import dedup, zipf
 
 # Capacities measured on the 2-core reference machine (docs/BENCHMARKS.md), halved for headroom.
 TIER1_EVENTS_PER_WORKER = 75_000.0
@@ -33,12 +33,16 @@ class Workload:
     leaderboard: bool = True  # all-time cells also update a sorted set per channel (batched per apply)
     split_threshold_eps: float = 20_000.0  # a key above this rate is split by the writers
     partition_budget_eps: float = 20_000.0  # what one sub-key may carry
+    dedup_horizon_s: float = 600.0  # how long tier 1 remembers an event id (0: no deduplication)
+    id_share: float = 1.0  # share of events with an id (the SDK and the gateway give every event one)
 
     def __post_init__(self) -> None:
         if self.events_per_s <= 0 or self.keys <= 0 or self.flush_interval_s <= 0:
             raise ValueError("rate, keys and flush interval must be positive")
         if not 0 <= self.hot_share < 1:
             raise ValueError("hot_share must be in [0, 1)")
+        if self.dedup_horizon_s < 0 or not 0 <= self.id_share <= 1:
+            raise ValueError("the dedup horizon must not be negative, the id share within [0, 1]")
 
 
 @dataclass
@@ -50,6 +54,12 @@ class Plan:
     redis_commands_per_s: float
     events_per_partial: float
     events_per_redis_command: float
+    # deduplication at tier 1: ids held in memory (a horizon and at most one bucket more), their bytes,
+    # and the changelog Kafka keeps for rebuilding them (no Redis write per event)
+    dedup_ids: float = 0.0
+    dedup_bytes_per_id: float = 0.0
+    dedup_memory_bytes: float = 0.0
+    dedup_changelog_bytes: float = 0.0
     hot_keys: list[tuple[str, float, int]] = field(default_factory=list)  # (key, events/s, k)
     workers: dict[str, int] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
@@ -127,6 +137,13 @@ def plan(w: Workload) -> Plan:
         hot_keys=hot,
         workers={"coalesce": tier1, "merge": merge_workers},
     )
+    if w.dedup_horizon_s and w.id_share:
+        ids_per_s = w.events_per_s * w.id_share
+        result.dedup_ids = ids_per_s * w.dedup_horizon_s * (1 + 1 / dedup.BUCKETS)
+        result.dedup_bytes_per_id = dedup.bytes_per_id()
+        result.dedup_memory_bytes = result.dedup_ids * result.dedup_bytes_per_id
+        kept_s = dedup.changelog_retention_ms(int(w.dedup_horizon_s * 1000)) / 1000
+        result.dedup_changelog_bytes = ids_per_s * kept_s * dedup.BYTES_PER_ID
     events_per_window = w.events_per_s * window
     if cells > 0.5 * events_per_window:
         result.warnings.append(

@@ -23,6 +23,7 @@ from aiokafka.errors import KafkaConnectionError, KafkaError, TopicAlreadyExists
 from aiokafka.helpers import create_ssl_context
 from aiokafka.protocol.group import LeaveGroupRequest
 
+from pipeline.core import dedup
 from pipeline.core.topology import Topology
 from pipeline.io.server_wait import retry_while_unavailable
 from pipeline.settings import Settings
@@ -210,8 +211,7 @@ def _dedup_topics(topology: Topology) -> list[TopicSpec]:
     if not horizon_ms:
         return []
     config = {
-        # an id is needed until records sent a horizon (and a bucket) after it arrive: write time + slack
-        "retention.ms": str(horizon_ms + horizon_ms // 4 + 300_000),
+        "retention.ms": str(dedup.changelog_retention_ms(horizon_ms)),
         "segment.ms": str(max(60_000, horizon_ms // 4)),
         "max.message.bytes": str(PARTIALS_MAX_MESSAGE_BYTES),
     }

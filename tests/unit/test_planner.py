@@ -48,3 +48,25 @@ def test_more_events_never_mean_fewer_cells_and_writes_never_exceed_one_per_cell
     p = plan(w)
     assert p.cells_per_window <= min(keys * 6, rate * window) + 1e-6  # a split key has up to 6 sub-keys
     assert p.partials_per_s <= 6 * 3 / window + 1e-6
+
+
+def test_dedup_memory_is_the_ids_of_a_horizon_at_the_stated_bytes_each() -> None:
+    from pipeline.core import dedup
+
+    p = plan(Workload(events_per_s=100_000, keys=10_000, dedup_horizon_s=600))
+    assert p.dedup_ids == pytest.approx(100_000 * 600 * (1 + 1 / dedup.BUCKETS))
+    assert p.dedup_bytes_per_id <= 16
+    assert p.dedup_memory_bytes == pytest.approx(p.dedup_ids * dedup.bytes_per_id())
+    assert p.dedup_changelog_bytes >= 100_000 * 600 * dedup.BYTES_PER_ID
+    half = plan(Workload(events_per_s=100_000, keys=10_000, dedup_horizon_s=600, id_share=0.5))
+    assert half.dedup_memory_bytes == pytest.approx(p.dedup_memory_bytes / 2)
+    off = plan(Workload(events_per_s=100_000, keys=10_000, dedup_horizon_s=0))
+    assert (off.dedup_ids, off.dedup_memory_bytes, off.dedup_changelog_bytes) == (0, 0, 0)
+
+
+def test_plan_command_reports_dedup_memory(capsys: pytest.CaptureFixture[str]) -> None:
+    from pipeline.cli import main
+
+    assert main(["plan", "--rate", "100000"]) == 0
+    out = capsys.readouterr().out
+    assert "dedup memory (tier 1)" in out and "67,500,000 ids in the horizon" in out

@@ -209,7 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
         "Checked against measured runs in docs/BENCHMARKS.md.",
     )
     plan.add_argument("--rate", type=float, required=True, help="events per second")
-    plan.add_argument("--keys", type=int, required=True, help="distinct keys")
+    plan.add_argument("--keys", type=int, default=10_000, help="distinct keys (default 10,000)")
     plan.add_argument("--skew", type=float, default=1.1, help="Zipf exponent of key popularity (default 1.1)")
     plan.add_argument("--hot-share", type=float, default=0.0, help="share of events on one viral key")
     plan.add_argument("--channels", type=int, default=20)
@@ -218,6 +218,12 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--root-partitions", type=int, default=3, help="partials topic partitions")
     plan.add_argument("--tier1-workers", type=int, help="default: as many as the rate needs")
     plan.add_argument("--split-threshold", type=float, default=20_000.0, help="events/s that makes a key hot")
+    plan.add_argument(
+        "--dedup-horizon", type=float, default=600.0, help="seconds an event id is remembered (default 600)"
+    )
+    plan.add_argument(
+        "--id-share", type=float, default=1.0, help="share of events that carry an id (default 1: the SDK's)"
+    )
     plan.add_argument("--json", action="store_true")
 
     token = sub.add_parser(

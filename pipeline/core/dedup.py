@@ -8,9 +8,10 @@ counted that id within the horizon. The answer costs no remote call:
   vanish when it aborts (`abort`): exactly like the window's counts.
 - **Committed ids** are kept per time bucket (event time, `horizon / BUCKETS`
   wide) as sorted arrays of 96-bit hashes: a `uint64` and a `uint32` column,
-  12 bytes per id. A Bloom filter over all of them (10 bits per id, 7 probes:
-  under 1 % false positives) answers most lookups with a few vectorised
-  gathers; only its positives are searched in the sorted arrays.
+  12 bytes per id. A blocked Bloom filter over all of them (10 to 20 bits per
+  id, 5 bits in one 64-bit word: a few % false positives) answers most lookups
+  with one vectorised gather; only its positives are searched in the sorted
+  arrays.
 - **Expiry.** Ids are bucketed by their event's `ts` (the first send's time,
   which a retry carries over; capped at the record's time), and a bucket is
   dropped once the partition's watermark (the newest record time it saw) is a
@@ -40,7 +41,7 @@ import xxhash
 BUCKETS = 8  # buckets per horizon: memory holds at most (1 + 1/BUCKETS) horizons of ids
 BYTES_PER_ID = 12  # committed, in memory and in the changelog (96-bit hash)
 BLOOM_BITS_PER_ID = 10
-BLOOM_PROBES = 7
+BLOOM_PROBES = 5  # bits set per id, all in one 64-bit word
 MIN_BLOOM_BITS = 1 << 16
 CHANGELOG_MAGIC = b"D1"
 _BUCKET_HEAD = struct.Struct(">qI")  # bucket start (ms), ids in it
@@ -93,29 +94,46 @@ def _merge(a: _Segment, b: _Segment) -> _Segment:
 
 
 class _Bloom:
+    """A register-blocked Bloom filter: each id sets BLOOM_PROBES bits of one 64-bit word.
+
+    One word per id makes an insert or a lookup one vectorised gather (a classic filter
+    touches BLOOM_PROBES words); the price is a somewhat higher false-positive rate, which
+    only costs an exact search of the sorted columns.
+    """
+
     def __init__(self, capacity: int) -> None:
         bits = MIN_BLOOM_BITS
         while bits < capacity * BLOOM_BITS_PER_ID:
             bits <<= 1
         self.capacity = bits // BLOOM_BITS_PER_ID
-        self.mask = np.uint64(bits - 1)
         self.words = np.zeros(bits // 64, dtype=np.uint64)
-        self._steps = np.arange(BLOOM_PROBES, dtype=np.uint64)
+        self._index_mask = np.uint64(len(self.words) - 1)
 
-    def _positions(self, hi: np.ndarray) -> np.ndarray:
-        h1 = hi & np.uint64(0xFFFFFFFF)
-        h2 = (hi >> np.uint64(32)) | np.uint64(1)
-        return (h1[:, None] + self._steps[None, :] * h2[:, None]) & self.mask
+    def _where(self, hi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(word index, bit mask) of each id: the index from hi's top half, the bits from its bottom."""
+        index = (hi >> np.uint64(32)) & self._index_mask
+        low = hi & np.uint64(0xFFFFFFFF)
+        mask = np.zeros(len(hi), dtype=np.uint64)
+        one, six, sixty_three = np.uint64(1), np.uint64(6), np.uint64(63)
+        for _ in range(BLOOM_PROBES):
+            mask |= one << (low & sixty_three)
+            low = (low >> six) | (low << np.uint64(26)) & np.uint64(0xFFFFFFFF)  # rotate the 32 bits
+        return index, mask
 
     def add(self, hi: np.ndarray) -> None:
-        if len(hi):
-            pos = self._positions(hi).ravel()
-            np.bitwise_or.at(self.words, pos >> np.uint64(6), np.uint64(1) << (pos & np.uint64(63)))
+        if not len(hi):
+            return
+        index, mask = self._where(hi)
+        words = self.words
+        # a fancy |= keeps one of several writes to the same word: repeat for those that lost bits
+        while len(index):
+            words[index] |= mask
+            lost = (words[index] & mask) != mask
+            index, mask = index[lost], mask[lost]
 
     def may_hold(self, hi: np.ndarray) -> np.ndarray:
-        pos = self._positions(hi)
-        bits = (self.words[pos >> np.uint64(6)] >> (pos & np.uint64(63))) & np.uint64(1)
-        return np.asarray(bits.all(axis=1))
+        index, mask = self._where(hi)
+        return np.asarray((self.words[index] & mask) == mask)
 
 
 class PartitionIds:
@@ -129,6 +147,7 @@ class PartitionIds:
         self.watermark_ms = 0
         self.next_offset = -1  # offset after the last committed window (-1: unknown, rebuild to use)
         self.pending: dict[bytes, int] = {}  # digest -> event time (ms), in arrival order
+        self._grouped: list[tuple[int, np.ndarray, np.ndarray]] | None = None  # pending, by bucket
         self._buckets: dict[int, list[_Segment]] = {}
         self._committed = 0
         self._bloom = _Bloom(0)
@@ -151,6 +170,7 @@ class PartitionIds:
         far in the future must not expire every id at once.
         """
         pending = self.pending
+        self._grouped = None
         verdict = [False] * len(digests)
         fresh: list[int]
         if pending.keys().isdisjoint(digests) and len(set(digests)) == len(digests):
@@ -203,7 +223,13 @@ class PartitionIds:
         records.append(b"".join(out))
         return records
 
-    def _pending_by_bucket(self) -> Iterable[tuple[int, np.ndarray, np.ndarray]]:
+    def _pending_by_bucket(self) -> list[tuple[int, np.ndarray, np.ndarray]]:
+        """The pending ids as columns per bucket (computed once per window: changelog, then commit)."""
+        if self._grouped is None:
+            self._grouped = list(self._group_pending())
+        return self._grouped
+
+    def _group_pending(self) -> Iterable[tuple[int, np.ndarray, np.ndarray]]:
         hi, lo = _columns(b"".join(self.pending))
         ts = np.fromiter(self.pending.values(), dtype=np.int64, count=len(self.pending))
         starts = ts - ts % self.bucket_ms
@@ -218,11 +244,13 @@ class PartitionIds:
             for start, hi, lo in self._pending_by_bucket():
                 self._add(start, hi, lo)
             self.pending = {}
+            self._grouped = None
         self._expire()
 
     def abort(self) -> None:
         """The window's transaction aborted: its events will be read, and their ids seen, again."""
         self.pending = {}
+        self._grouped = None
 
     def load(self, record: bytes) -> int:
         """Take back a changelog record of a committed window; returns the ids it held."""

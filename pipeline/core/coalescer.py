@@ -179,11 +179,11 @@ class Coalescer:
         types = self._types
         loads = orjson.loads
         dedup = self._horizon_ms > 0
-        # events with an id, folded once the batch's verdicts are in: (fields, raw, watermark at the
-        # event), or (None, (metric indexes, channel, key), 0) for the shortcut's
-        with_id: list[tuple[EventFields | None, Any, int]] = []
+        # events with an id, in offset order: the shortcut's are counted at once (their decoded
+        # object is kept, to take a duplicate back out); the others, (fields, raw, watermark at
+        # the event), are folded once the batch's verdicts are in
+        with_id: list[Any] = []
         digests: list[bytes] = []
-        id_ts: list[int] = []
         newest = 0
         feed_types = self._feed_types
         shortcut = self._shortcut
@@ -254,15 +254,19 @@ class Coalescer:
                         and (sub is None or (type(sub) is int and 0 <= sub < MAX_SUBKEYS))
                     ):
                         rts = record.timestamp
-                        if ets is None:
-                            ets = rts
-                        if tracks_time and ets > wm:
-                            wm = ets
+                        if tracks_time:
+                            ets = rts if ets is None else ets
+                            if ets > wm:
+                                wm = ets
                         if rts > newest:
                             newest = rts
-                        with_id.append((None, (indexes, channel or "", key), 0))
+                        with_id.append(obj)
                         digests.append(digest(eid.encode()))
-                        id_ts.append(ets if ets < rts else rts)
+                        quick += 1
+                        channel = channel or ""
+                        for index in indexes:
+                            cell = (index, channel, key, TOTAL)
+                            cells[cell] = count(cell, 0) + 1
                         continue
                 fields = check_event(obj, types, record.timestamp)
             except InvalidEvent as exc:
@@ -281,26 +285,32 @@ class Coalescer:
                     newest = rts
                 with_id.append((fields, raw, wm))
                 digests.append(digest(fields[6].encode()))
-                id_ts.append(fields[3] if fields[3] < rts else rts)
                 continue
             accepted.append((fields, wm))
             if feed_types and fields[0] in feed_types:
                 self._feed.append((fields[2], raw))
         if with_id:
-            verdicts = self.ids(partition).seen(digests, id_ts, newest)
-            for (checked, extra, at), counted_before in zip(with_id, verdicts, strict=True):
-                if counted_before:
+            verdicts = self.ids(partition).seen(digests, newest)
+            for event, counted_before in zip(with_id, verdicts, strict=True):
+                if type(event) is dict:  # counted by the shortcut: take a duplicate back out
+                    if counted_before:
+                        part.duplicates += 1
+                        quick -= 1
+                        channel = event.get("channel") or ""
+                        for index in shortcut[event["type"]]:
+                            cell = (index, channel, event["key"], TOTAL)
+                            left = cells[cell] - 1
+                            if left:
+                                cells[cell] = left
+                            else:  # no event of the window left in it
+                                del cells[cell]
+                elif counted_before:
                     part.duplicates += 1
-                elif checked is None:  # a shortcut event: (metric indexes, channel, key)
-                    quick += 1
-                    indexes, channel, key = extra
-                    for index in indexes:
-                        cell = (index, channel, key, TOTAL)
-                        cells[cell] = count(cell, 0) + 1
                 else:
+                    checked, raw, at = event
                     accepted.append((checked, at))
                     if feed_types and checked[0] in feed_types:
-                        self._feed.append((checked[2], extra))
+                        self._feed.append((checked[2], raw))
         part.events += quick
         self._size = size + len(cells) - cells_before  # cells the shortcut added
         self._watermark[partition] = wm

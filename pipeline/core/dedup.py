@@ -3,24 +3,26 @@
 Tier 1 asks, for every event that carries an id, whether the partition already
 counted that id within the horizon. The answer costs no remote call:
 
-- **Pending ids** (the open window's) sit in a dict, digest -> event time.
-  They become committed when the window's transaction commits (`commit`), and
-  vanish when it aborts (`abort`): exactly like the window's counts.
-- **Committed ids** are kept per time bucket (event time, `horizon / BUCKETS`
-  wide) as sorted arrays of 96-bit hashes: a `uint64` and a `uint32` column,
-  12 bytes per id. A blocked Bloom filter over all of them (10 to 20 bits per
-  id, 5 bits in one 64-bit word: a few % false positives) answers most lookups
-  with one vectorised gather; only its positives are searched in the sorted
-  arrays.
-- **Expiry.** Ids are bucketed by their event's `ts` (the first send's time,
-  which a retry carries over; capped at the record's time), and a bucket is
-  dropped once the partition's watermark (the newest record time it saw) is a
-  whole horizon past the bucket's end. So an id is remembered until the
-  partition receives records sent a horizon after the id's first send.
+- **Pending ids** (the open window's) sit in a set of digests, and as hash
+  columns per fetched batch. They become committed when the window's
+  transaction commits (`commit`), and vanish when it aborts (`abort`):
+  exactly like the window's counts.
+- **Committed ids** are kept per time bucket (`horizon / BUCKETS` wide) as
+  sorted arrays of 96-bit hashes: a `uint64` and a `uint32` column, 12 bytes
+  per id. A blocked Bloom filter over all of them (10 to 20 bits per id, 5
+  bits in one 64-bit word: well under 1 % false positives) answers most
+  lookups with one vectorised gather; only its positives are searched in the
+  sorted arrays.
+- **Expiry by record time.** A batch's ids go to the bucket of the batch's
+  newest record time (when the broker received them), and a bucket is dropped
+  once the partition's watermark (the newest record time it saw) is a whole
+  horizon past the bucket's end. So an id is remembered until the partition
+  receives records written a horizon after the original arrived: a retry sent
+  within the horizon of its original's first send always meets it.
 - **Durable.** `changelog()` encodes the pending ids (bucket, then packed
   hashes: 12 bytes per id) for the window's transaction; `next_offset` says
-  which committed window the state ends with; `load()` takes such
-  records back when a worker rebuilds a partition it was assigned.
+  which committed window the state ends with; `load()` takes such records
+  back when a worker rebuilds a partition it was assigned.
 
 The hash is xxh3-128 of the scoped id, truncated to 96 bits: with n ids in
 the horizon of one partition the chance that two different ids collide
@@ -32,7 +34,7 @@ Sans-I/O: no Kafka, no Redis; numpy and xxhash only.
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterable
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -146,8 +148,9 @@ class PartitionIds:
         self.bucket_ms = max(1, -(-horizon_ms // BUCKETS))
         self.watermark_ms = 0
         self.next_offset = -1  # offset after the last committed window (-1: unknown, rebuild to use)
-        self.pending: dict[bytes, int] = {}  # digest -> event time (ms), in arrival order
-        self._grouped: list[tuple[int, np.ndarray, np.ndarray]] | None = None  # pending, by bucket
+        self.pending: set[bytes] = set()  # digests of the open window's ids
+        # the same ids as columns, per batch: (bucket start, hi, lo)
+        self._pending_columns: list[tuple[int, np.ndarray, np.ndarray]] = []
         self._buckets: dict[int, list[_Segment]] = {}
         self._committed = 0
         self._bloom = _Bloom(0)
@@ -162,39 +165,44 @@ class PartitionIds:
         columns = sum(s.hi.nbytes + s.lo.nbytes for segs in self._buckets.values() for s in segs)
         return columns + self._bloom.words.nbytes
 
-    def seen(self, digests: list[bytes], ts_ms: list[int], now_ms: int) -> list[bool]:
+    def seen(self, digests: list[bytes], now_ms: int) -> list[bool]:
         """For each id (by digest, in offset order): counted before? New ones become pending.
 
-        `ts_ms` places each id in its bucket (the event's first-send time); `now_ms` is the newest
-        record time of the batch and moves the watermark. Not an event's own `ts`: a writer's clock
-        far in the future must not expire every id at once.
+        `now_ms` is the newest record time of the batch: it moves the watermark and places the
+        batch's new ids in their bucket. Record time, set when the broker got the record, not an
+        event's own `ts`: a writer's clock far in the future must not expire every id at once.
         """
+        if now_ms > self.watermark_ms:
+            self.watermark_ms = now_ms
         pending = self.pending
-        self._grouped = None
         verdict = [False] * len(digests)
-        fresh: list[int]
-        if pending.keys().isdisjoint(digests) and len(set(digests)) == len(digests):
-            pending.update(zip(digests, ts_ms, strict=True))  # the common case: all new to the window
-            fresh = list(range(len(digests)))
+        if pending.isdisjoint(digests) and len(batch := set(digests)) == len(digests):
+            pending |= batch  # the common case: all new to the window
+            fresh = digests
+            where: Sequence[int] = range(len(digests))
         else:
-            fresh = []
+            fresh, where = [], []
             for i, d in enumerate(digests):
                 if d in pending:
                     verdict[i] = True
                 else:
-                    pending[d] = ts_ms[i]
-                    fresh.append(i)
-        if fresh and self._committed:
-            hi, lo = _columns(
-                b"".join(digests) if len(fresh) == len(digests) else b"".join(digests[i] for i in fresh)
-            )
-            for j in np.flatnonzero(self._bloom.may_hold(hi)).tolist():
-                if self._holds(int(hi[j]), int(lo[j])):
-                    i = fresh[j]
-                    verdict[i] = True
-                    del pending[digests[i]]
-        if now_ms > self.watermark_ms:
-            self.watermark_ms = now_ms
+                    pending.add(d)
+                    fresh.append(d)
+                    where.append(i)
+        if not fresh:
+            return verdict
+        hi, lo = _columns(b"".join(fresh))
+        if self._committed:
+            hits = np.flatnonzero(self._bloom.may_hold(hi)).tolist()
+            held = [j for j in hits if self._holds(int(hi[j]), int(lo[j]))]
+            if held:
+                for j in held:
+                    verdict[where[j]] = True
+                    pending.discard(fresh[j])
+                keep = np.ones(len(hi), dtype=bool)
+                keep[held] = False
+                hi, lo = hi[keep], lo[keep]
+        self._pending_columns.append((now_ms - now_ms % self.bucket_ms, hi, lo))
         return verdict
 
     def _holds(self, hi: int, lo: int) -> bool:
@@ -224,18 +232,20 @@ class PartitionIds:
         return records
 
     def _pending_by_bucket(self) -> list[tuple[int, np.ndarray, np.ndarray]]:
-        """The pending ids as columns per bucket (computed once per window: changelog, then commit)."""
-        if self._grouped is None:
-            self._grouped = list(self._group_pending())
-        return self._grouped
-
-    def _group_pending(self) -> Iterable[tuple[int, np.ndarray, np.ndarray]]:
-        hi, lo = _columns(b"".join(self.pending))
-        ts = np.fromiter(self.pending.values(), dtype=np.int64, count=len(self.pending))
-        starts = ts - ts % self.bucket_ms
-        for start in np.unique(starts).tolist():
-            rows = starts == start
-            yield int(start), hi[rows], lo[rows]
+        """The pending columns merged per bucket (a window's batches mostly share one)."""
+        parts = self._pending_columns
+        starts = sorted({start for start, _, _ in parts})
+        if len(parts) > 1:
+            parts = [
+                (
+                    start,
+                    np.concatenate([h for s, h, _ in parts if s == start]),
+                    np.concatenate([low for s, _, low in parts if s == start]),
+                )
+                for start in starts
+            ]
+            self._pending_columns = parts
+        return [p for p in parts if len(p[1])]
 
     def commit(self, next_offset: int) -> None:
         """The window's transaction committed (resuming at `next_offset`): its ids are counted for good."""
@@ -243,14 +253,13 @@ class PartitionIds:
         if self.pending:
             for start, hi, lo in self._pending_by_bucket():
                 self._add(start, hi, lo)
-            self.pending = {}
-            self._grouped = None
+        self.abort()
         self._expire()
 
     def abort(self) -> None:
         """The window's transaction aborted: its events will be read, and their ids seen, again."""
-        self.pending = {}
-        self._grouped = None
+        self.pending = set()
+        self._pending_columns = []
 
     def load(self, record: bytes) -> int:
         """Take back a changelog record of a committed window; returns the ids it held."""

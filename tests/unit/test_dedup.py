@@ -1,4 +1,4 @@
-"""The dedup state of one source partition: exact verdicts, expiry in event time, changelog, memory."""
+"""The dedup state of one source partition: exact verdicts, expiry by record time, changelog, memory."""
 
 from __future__ import annotations
 
@@ -17,52 +17,55 @@ def ids(*names: str) -> list[bytes]:
 
 def test_pending_ids_become_committed_only_when_the_window_commits() -> None:
     p = PartitionIds(HORIZON_MS)
-    assert p.seen(ids("a", "b", "a"), [1, 1, 1], 1) == [False, False, True]
+    assert p.seen(ids("a", "b", "a"), 1) == [False, False, True]
     p.abort()
-    assert p.seen(ids("a"), [1], 1) == [False]
+    assert p.seen(ids("a"), 1) == [False]
     p.commit(next_offset=7)
-    assert (p.committed, p.next_offset, p.pending) == (1, 7, {})
-    assert p.seen(ids("a", "c"), [2, 2], 2) == [True, False]
+    assert (p.committed, p.next_offset, p.pending) == (1, 7, set())
+    assert p.seen(ids("a", "c"), 2) == [True, False]
 
 
-def test_an_id_is_remembered_for_a_horizon_of_record_time_after_its_first_send() -> None:
+def test_an_id_is_remembered_until_records_a_horizon_younger_arrive() -> None:
     p = PartitionIds(HORIZON_MS)
-    first_send = 1_000_000
-    p.seen(ids("old"), [first_send], first_send)
+    arrived = 1_000_000
+    p.seen(ids("old"), arrived)
     p.commit(1)
     # a retry while the partition's newest record is less than a horizon later: a duplicate
-    still = first_send + HORIZON_MS - 1
-    assert p.seen(ids("old"), [first_send], still) == [True]
+    assert p.seen(ids("old"), arrived + HORIZON_MS - 1) == [True]
     p.commit(2)
     # once records a horizon and a bucket later arrived, the bucket is gone
-    later = first_send + HORIZON_MS + p.bucket_ms
-    p.seen(ids("other"), [later], later)
+    later = arrived + HORIZON_MS + p.bucket_ms
+    p.seen(ids("other"), later)
     p.commit(3)
     assert p.committed == 1
-    assert p.seen(ids("old"), [first_send], later) == [False]
+    assert p.seen(ids("old"), later) == [False]
 
 
-def test_a_clock_far_in_the_future_does_not_expire_the_ids() -> None:
+def test_a_retry_within_the_horizon_of_its_original_is_never_expired_first() -> None:
+    """Expiry runs at commit with the watermark of the batches so far: never past a retry's own time."""
     p = PartitionIds(HORIZON_MS)
-    p.seen(ids("a"), [1_000], 1_000)
-    p.commit(1)
-    # the event claims year 2200; its record was written now: the watermark follows the record
-    p.seen(ids("b"), [7_258_118_400_000], 2_000)
-    p.commit(2)
-    assert p.seen(ids("a"), [1_000], 2_000) == [True]
+    step = 6_000  # a record every 6 s; each one's id retried exactly a horizon later
+    for t in range(0, 3 * HORIZON_MS, step):
+        assert p.seen(ids(f"at{t}"), t) == [False]
+        if t >= HORIZON_MS:
+            original = t - HORIZON_MS
+            assert p.seen(ids(f"at{original}"), t) == [True], t
+        p.commit(t)
+    assert p.committed < (HORIZON_MS + 2 * p.bucket_ms) // step  # and the old ones are gone
 
 
 def test_changelog_records_rebuild_the_same_state_and_respect_their_size() -> None:
     p = PartitionIds(HORIZON_MS)
     names = [f"id{i}" for i in range(1000)]
-    p.seen(ids(*names), [600_000 + i * 400 for i in range(1000)], 1_000_000)  # over several buckets
+    for i in range(10):  # batches over several buckets
+        p.seen(ids(*names[i * 100 : (i + 1) * 100]), 600_000 + i * 40_000)
     records = p.changelog(max_bytes=4096)
     assert len(records) > 1 and all(len(r) <= 4096 for r in records)
     assert sum(len(r) for r in records) < 1000 * (BYTES_PER_ID + 1)
     p.commit(1000)
     q = PartitionIds(HORIZON_MS)
     assert sum(q.load(r) for r in records) == 1000
-    assert q.seen(ids(*names[:10], "new"), [0] * 11, 1_000_000) == [True] * 10 + [False]
+    assert q.seen(ids(*names[:10], "new"), 1_000_000) == [True] * 10 + [False]
     with pytest.raises(ValueError):
         q.load(b"nope")
 
@@ -70,20 +73,21 @@ def test_changelog_records_rebuild_the_same_state_and_respect_their_size() -> No
 @settings(max_examples=40, deadline=None)
 @given(
     windows=st.lists(
-        st.tuples(st.lists(st.integers(0, 300), max_size=40), st.booleans()),  # (ids, commits?)
+        st.tuples(st.lists(st.lists(st.integers(0, 300), max_size=20), max_size=3), st.booleans()),
         max_size=12,
-    )
+    )  # windows of batches of ids, and whether each window commits
 )
-def test_verdicts_match_a_set_of_committed_ids(windows: list[tuple[list[int], bool]]) -> None:
+def test_verdicts_match_a_set_of_committed_ids(windows: list[tuple[list[list[int]], bool]]) -> None:
     p = PartitionIds(HORIZON_MS)
     committed: set[int] = set()
-    for names, commits in windows:
+    for batches, commits in windows:
         pending: set[int] = set()
-        expected = []
-        for n in names:
-            expected.append(n in committed or n in pending)
-            pending.add(n)
-        assert p.seen(ids(*map(str, names)), [5] * len(names), 5) == expected
+        for names in batches:
+            expected = []
+            for n in names:
+                expected.append(n in committed or n in pending)
+                pending.add(n)
+            assert p.seen(ids(*map(str, names)), 5) == expected
         if commits:
             p.commit(0)
             committed |= pending
@@ -96,7 +100,7 @@ def test_memory_per_id_is_the_stated_bound() -> None:
     p = PartitionIds(HORIZON_MS)
     n = 200_000
     for start in range(0, n, 10_000):
-        p.seen(ids(*(f"u{i}" for i in range(start, start + 10_000))), [start] * 10_000, start)
+        p.seen(ids(*(f"u{i}" for i in range(start, start + 10_000))), start)
         p.commit(start)
     assert p.committed == n
     # the Bloom filter rounds up to a power of two: at most twice its share

@@ -10,6 +10,7 @@ from __future__ import annotations
 import zlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from operator import attrgetter
 from typing import Any, Protocol
 
 import orjson
@@ -32,6 +33,8 @@ from pipeline.core.topology import Topology
 from pipeline.core.windows import TOTAL, FlushClock, Rollup
 
 COUNT = Kind.COUNT
+_ID_SHAPE = frozenset(("type", "key", "id", "channel", "ts", "sub"))  # of an event the id shortcut takes
+_timestamp = attrgetter("timestamp")
 
 
 class Record(Protocol):
@@ -179,12 +182,13 @@ class Coalescer:
         types = self._types
         loads = orjson.loads
         dedup = self._horizon_ms > 0
-        # events with an id, in offset order: the shortcut's are counted at once (their decoded
-        # object is kept, to take a duplicate back out); the others, (fields, raw, watermark at
-        # the event), are folded once the batch's verdicts are in
+        # events with an id, in offset order: the shortcut's are counted at once (their raw bytes
+        # are kept, to take a duplicate back out: holding no new object keeps the garbage
+        # collector out of the hot loop); the others, (fields, raw, watermark at the event), are
+        # folded once the batch's verdicts are in
         with_id: list[Any] = []
         digests: list[bytes] = []
-        newest = 0
+        held = 0  # events with an id that wait for their verdict to be folded
         feed_types = self._feed_types
         shortcut = self._shortcut
         tracks_time = self._tracks_time
@@ -233,14 +237,14 @@ class Coalescer:
                                 cell = (index, channel, key, TOTAL)
                                 cells[cell] = count(cell, 0) + 1
                             continue
-                elif dedup and 3 <= size_of <= 6:
+                elif dedup and 3 <= size_of <= 6 and obj.keys() <= _ID_SHAPE:
                     # {"type", "key", "id"} and any of "channel", "ts", "sub": what the writers send
                     etype = obj.get("type")
                     key = obj.get("key")
                     eid = obj.get("id")
-                    channel = obj.get("channel")
-                    ets = obj.get("ts")
-                    sub = obj.get("sub")
+                    channel = obj.get("channel", "")
+                    ets = obj.get("ts", 0)
+                    sub = obj.get("sub", 0)
                     indexes = shortcut.get(etype) if type(etype) is str else None
                     if (
                         indexes is not None
@@ -248,22 +252,19 @@ class Coalescer:
                         and 0 < len(key) <= MAX_KEY_CHARS
                         and type(eid) is str
                         and 0 < len(eid) <= MAX_ID_CHARS
-                        and size_of == 3 + (channel is not None) + (ets is not None) + (sub is not None)
-                        and (channel is None or (type(channel) is str and len(channel) <= MAX_KEY_CHARS))
-                        and (ets is None or (type(ets) is int and 0 <= ets < MAX_TS))
-                        and (sub is None or (type(sub) is int and 0 <= sub < MAX_SUBKEYS))
+                        and type(channel) is str
+                        and len(channel) <= MAX_KEY_CHARS
+                        and type(ets) is int
+                        and 0 <= ets < MAX_TS
+                        and type(sub) is int
+                        and 0 <= sub < MAX_SUBKEYS
                     ):
-                        rts = record.timestamp
                         if tracks_time:
-                            ets = rts if ets is None else ets
+                            ets = ets if "ts" in obj else record.timestamp
                             if ets > wm:
                                 wm = ets
-                        if rts > newest:
-                            newest = rts
-                        with_id.append(obj)
+                        with_id.append(raw)
                         digests.append(digest(eid.encode()))
-                        quick += 1
-                        channel = channel or ""
                         for index in indexes:
                             cell = (index, channel, key, TOTAL)
                             cells[cell] = count(cell, 0) + 1
@@ -280,9 +281,7 @@ class Coalescer:
             if fields[3] > wm:
                 wm = fields[3]
             if dedup and fields[6] is not None:
-                rts = record.timestamp
-                if rts > newest:
-                    newest = rts
+                held += 1
                 with_id.append((fields, raw, wm))
                 digests.append(digest(fields[6].encode()))
                 continue
@@ -290,15 +289,18 @@ class Coalescer:
             if feed_types and fields[0] in feed_types:
                 self._feed.append((fields[2], raw))
         if with_id:
+            quick += len(with_id) - held  # the shortcut's, counted in place above
+            newest = max(map(_timestamp, records))  # the batch's ids belong to its newest record's time
             verdicts = self.ids(partition).seen(digests, newest)
             for event, counted_before in zip(with_id, verdicts, strict=True):
-                if type(event) is dict:  # counted by the shortcut: take a duplicate back out
+                if type(event) is bytes:  # counted by the shortcut: take a duplicate back out
                     if counted_before:
                         part.duplicates += 1
                         quick -= 1
-                        channel = event.get("channel") or ""
-                        for index in shortcut[event["type"]]:
-                            cell = (index, channel, event["key"], TOTAL)
+                        obj = loads(event)
+                        channel = obj.get("channel") or ""
+                        for index in shortcut[obj["type"]]:
+                            cell = (index, channel, obj["key"], TOTAL)
                             left = cells[cell] - 1
                             if left:
                                 cells[cell] = left

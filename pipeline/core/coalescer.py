@@ -33,7 +33,6 @@ from pipeline.core.topology import Topology
 from pipeline.core.windows import TOTAL, FlushClock, Rollup
 
 COUNT = Kind.COUNT
-_ID_SHAPE = frozenset(("type", "key", "id", "channel", "ts", "sub"))  # of an event the id shortcut takes
 _timestamp = attrgetter("timestamp")
 
 
@@ -237,30 +236,31 @@ class Coalescer:
                                 cell = (index, channel, key, TOTAL)
                                 cells[cell] = count(cell, 0) + 1
                             continue
-                elif dedup and 3 <= size_of <= 6 and obj.keys() <= _ID_SHAPE:
+                elif dedup and 3 <= size_of <= 6:
                     # {"type", "key", "id"} and any of "channel", "ts", "sub": what the writers send
                     etype = obj.get("type")
                     key = obj.get("key")
                     eid = obj.get("id")
-                    channel = obj.get("channel", "")
-                    ets = obj.get("ts", 0)
-                    sub = obj.get("sub", 0)
+                    channel = obj.get("channel")
+                    ets = obj.get("ts")
+                    sub = obj.get("sub")
                     indexes = shortcut.get(etype) if type(etype) is str else None
                     if (
                         indexes is not None
+                        # no other field (a key per field seen; a null value takes the full path)
+                        and size_of == 3 + (channel is not None) + (ets is not None) + (sub is not None)
                         and type(key) is str
                         and 0 < len(key) <= MAX_KEY_CHARS
                         and type(eid) is str
                         and 0 < len(eid) <= MAX_ID_CHARS
-                        and type(channel) is str
-                        and len(channel) <= MAX_KEY_CHARS
-                        and type(ets) is int
-                        and 0 <= ets < MAX_TS
-                        and type(sub) is int
-                        and 0 <= sub < MAX_SUBKEYS
+                        and (channel is None or (type(channel) is str and len(channel) <= MAX_KEY_CHARS))
+                        and (ets is None or (type(ets) is int and 0 <= ets < MAX_TS))
+                        and (sub is None or (type(sub) is int and 0 <= sub < MAX_SUBKEYS))
                     ):
+                        if channel is None:
+                            channel = ""
                         if tracks_time:
-                            ets = ets if "ts" in obj else record.timestamp
+                            ets = record.timestamp if ets is None else ets
                             if ets > wm:
                                 wm = ets
                         with_id.append(raw)

@@ -284,8 +284,9 @@ class PartitionIds:
             return
         segs = self._buckets.setdefault(start, [])
         segs.append(_segment(hi, lo))
-        # size-tiered: merge while the newest is at least half its elder, so a bucket holds O(log n)
-        while len(segs) > 1 and 2 * len(segs[-1]) >= len(segs[-2]):
+        # size-tiered, like a binary counter: merge while the newest is at least as large as its elder,
+        # so a bucket holds O(log n) segments and each id is merged O(log n) times
+        while len(segs) > 1 and len(segs[-1]) >= len(segs[-2]):
             b = segs.pop()
             segs[-1] = _merge(segs[-1], b)
         self._committed += len(hi)

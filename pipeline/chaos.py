@@ -267,53 +267,12 @@ class Writer:
                 await asyncio.sleep(0.5)
 
     async def _send_one(self, new: bool = True) -> bool:
-        # due retries of the other writer's events go out first, in one send, beside the load
-        due = self.echoes and (self.echoes[0][0] <= time.monotonic() or not new)
-        if due and not await self._send_echoes(time.monotonic() if new else float("inf")):
-            return False
         resend = bool(self.retry)
-        if not resend and not new:
+        # due retries of the other writer's events ride in the same send, after the batch
+        copies = self._due_echoes(time.monotonic() if new else float("inf"))
+        if not resend and not new and not copies:
             return True
-        batch = self.retry.pop(0) if resend else self.workload.batch(self.cfg.batch)
-        self.sending = True
-        try:
-            client = await self._client()
-            results = await client.send_many(batch)
-        except BrokerUnavailable as exc:
-            self.failures += 1
-            if len(exc.results) == len(batch):  # resent with the ts and sub of the first send: same partition
-                batch = [
-                    {**event, "ts": r.ts, "sub": r.sub} if r.ts else event
-                    for event, r in zip(batch, exc.results, strict=True)
-                ]
-            self.retry.insert(0, batch)
-            await self._after_failure()
-            return False
-        finally:
-            self.sending = False
-        self.resent += len(batch) if resend else 0
-        copies: list[dict[str, Any]] = []
-        for event, result in zip(batch, results, strict=True):
-            if result.accepted:
-                self.ledger[(event["channel"], event["key"])] += 1
-                self.accepted += 1
-                self.on_subkeys += result.sub != 0
-                if self.workload.rng.random() < self.cfg.retry_share:
-                    # the caller's retry: same id and ts; half also echo the sub, half rely on the ts
-                    copy = {**event, "id": result.id, "ts": result.ts}
-                    if len(copies) % 2:
-                        copy["sub"] = result.sub
-                    copies.append(copy)
-            else:
-                self.rejected += 1
-        if copies:
-            self.peer.echoes.append((time.monotonic() + self.cfg.retry_delay_s, copies))
-        return True
-
-    async def _send_echoes(self, now_s: float) -> bool:
-        """Send the due copies of another writer's events (a client's retries): none may count."""
-        due = [e for e in self.echoes if e[0] <= now_s]
-        copies = [c for _, batch in due for c in batch]
+        batch = self.retry.pop(0) if resend else self.workload.batch(self.cfg.batch) if new else []
         self.sending = True
         try:
             client = await self._client()
@@ -322,17 +281,52 @@ class Writer:
             forced = sum(
                 router.k_at(e["key"], e["ts"]) != router.k_at(e["key"], now) for e in copies if "sub" not in e
             )
-            results = await client.send_many(copies)
-        except BrokerUnavailable:
+            results = await client.send_many(batch + copies)
+        except BrokerUnavailable as exc:
             self.failures += 1
+            if len(exc.results) == len(batch) + len(copies):
+                # resent with the ts and sub of the first send: same partition
+                batch = [
+                    {**event, "ts": r.ts, "sub": r.sub} if r.ts else event
+                    for event, r in zip(batch, exc.results, strict=False)
+                ]
+            if batch:
+                self.retry.insert(0, batch)
+            if copies:  # sent again later: they carry their id and ts (and sub), so they route alike
+                self.echoes.insert(0, (0.0, copies))
             await self._after_failure()
-            return False  # sent again later: they carry their id, ts (and sub), so they route alike
+            return False
         finally:
             self.sending = False
-        del self.echoes[: len(due)]
-        self.retries_sent += sum(r.accepted for r in results)
+        self.resent += len(batch) if resend else 0
+        self.retries_sent += sum(r.accepted for r in results[len(batch) :])
         self.retries_forced += forced
+        echoes: list[dict[str, Any]] = []
+        for event, result in zip(batch, results, strict=False):
+            if result.accepted:
+                self.ledger[(event["channel"], event["key"])] += 1
+                self.accepted += 1
+                self.on_subkeys += result.sub != 0
+                if self.workload.rng.random() < self.cfg.retry_share:
+                    # the caller's retry: same id and ts; half also echo the sub, half rely on the ts
+                    echo = {**event, "id": result.id, "ts": result.ts}
+                    if len(echoes) % 2:
+                        echo["sub"] = result.sub
+                    echoes.append(echo)
+            else:
+                self.rejected += 1
+        if echoes:
+            self.peer.echoes.append((time.monotonic() + self.cfg.retry_delay_s, echoes))
         return True
+
+    def _due_echoes(self, now_s: float) -> list[dict[str, Any]]:
+        """Take the copies of another writer's events due by now (a client's retries): none may count."""
+        due = 0
+        while due < len(self.echoes) and self.echoes[due][0] <= now_s:
+            due += 1
+        taken = [c for _, copies in self.echoes[:due] for c in copies]
+        del self.echoes[:due]
+        return taken
 
     async def _after_failure(self) -> None:
         if self.cfg.reopen_after_failure or self.failures % 5 == 0:

@@ -274,7 +274,10 @@ class CoalesceWorker:
             self.drop_dead_letters(tp.partition for tp in lost)
             gone = sorted(tp.partition for tp in lost)
             self.log.warning("partitions claimed by another worker", partitions=gone)
-        await self._seek_to_committed(reading - lost)
+        # A commit that failed on our side may still have committed on the broker (its answer lost
+        # with a broker): then its ids are in the changelog though no longer in memory. The offsets
+        # say so (they moved past what this worker last saw commit), and the ids are read back.
+        await self._restore_ids(await self._seek_to_committed(reading - lost))
 
     async def _seek_to_committed(self, partitions: Iterable[TopicPartition]) -> dict[int, int]:
         """Seek each partition to its committed offset; returns them (-1: none committed yet)."""

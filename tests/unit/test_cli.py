@@ -32,3 +32,14 @@ def test_unknown_topology_is_a_clear_error() -> None:
 def test_missing_config_file_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["run", "live_likes", "--tier", "merge", "--config", "/nonexistent.toml"]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_replay_quarantine_is_a_command(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main(["replay-quarantine", "--help"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    for flag in ("--list", "--release", "--partition", "--name"):
+        assert flag in out
+    with pytest.raises(SystemExit, match="no topology 'nope'"):
+        main(["replay-quarantine", "nope", "--list"])

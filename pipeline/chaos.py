@@ -309,8 +309,9 @@ class Writer:
                 self.on_subkeys += result.sub != 0
                 if self.workload.rng.random() < self.cfg.retry_share:
                     # the caller's retry: same id and ts; half also echo the sub, half rely on the ts
+                    # (all do when the writer could not read the split history: the SDK says so)
                     echo = {**event, "id": result.id, "ts": result.ts}
-                    if len(echoes) % 2:
+                    if len(echoes) % 2 or not result.settled:
                         echo["sub"] = result.sub
                     echoes.append(echo)
             else:

@@ -46,7 +46,7 @@ from aiokafka.errors import KafkaError
 from aiokafka.partitioner import DefaultPartitioner
 
 from pipeline.core.hotkeys import HotKeySplitter, SplitPolicy, SubKeyRouter
-from pipeline.core.model import MAX_ID_CHARS, EventFields, InvalidEvent, check_event, message_key
+from pipeline.core.model import MAX_ID_CHARS, MAX_TS, EventFields, InvalidEvent, check_event, message_key
 from pipeline.core.split_history import reconcile
 from pipeline.core.topology import Topology
 from pipeline.io.kafka import KafkaConnection, check_access
@@ -94,6 +94,9 @@ class SendResult:
     shed: bool = False  # refused on purpose under overload (by the gateway), not invalid
     unknown: bool = False  # sent, not acknowledged: resend with the same id, ts, sub (BrokerUnavailable)
     ts: int = 0  # the event's ts as sent (ms since the epoch; stamped by the SDK when absent)
+    # False when this writer could not read the shared split history lately: the route may differ
+    # from the one other writers give the same id and ts, so a retry must carry this `sub`
+    settled: bool = True
 
 
 # Per event type: a reason to refuse it now (load shedding), or None to send it.
@@ -145,6 +148,9 @@ class PipelineClient:
         self._trimmed_at = 0.0
         self._history_failing = False
         self.history_read_at = 0.0  # time.monotonic() of the last read of the shared split history
+        # routes are settled for events whose ts is before this (ms since the epoch): every split
+        # change in force before it was proposed before the last read of the history
+        self._settled_before_ms = 0
         self._senders: dict[int, _PartitionSender] = {}
         self._in_flight = asyncio.Semaphore(MAX_SENDS_IN_FLIGHT)
         self._pending: list[tuple[Any, asyncio.Future[SendResult]]] = []
@@ -324,6 +330,8 @@ class PipelineClient:
         partition_of = self._partition_of
         router = self._router
         route = router.sub_for if router.active else None
+        # without a shared history every route is this writer's own: nothing to agree with
+        settled_before = self._settled_before_ms if self._store is not None else MAX_TS
         for i, (etype, key, channel, ts, value, user, _, sub), event_id, text, given_sub in ready:
             if route is not None and not given_sub:
                 sub = route(key, event_id, ts)  # by the key's split factor at the event's ts
@@ -337,7 +345,9 @@ class PipelineClient:
                 indexes[partition] = []
             batch.append((mkey, value_json))
             indexes[partition].append(i)
-            results[i] = SendResult(i, event_id, True, sub=sub, ts=ts)
+            results[i] = SendResult(
+                i, event_id, True, sub=sub, ts=ts, settled=given_sub or ts < settled_before
+            )
         if by_partition:
             try:
                 await self._produce(producer, by_partition)
@@ -432,8 +442,10 @@ class PipelineClient:
         history = self._router.history
         async with self._sync_lock:
             try:
+                read_ms = int(time.time() * 1000)
                 await store.load(history)
                 self.history_read_at = time.monotonic()
+                self._settled_before_ms = read_ms + store.guard_ms
                 if self.splitter is not None:
                     for change in reconcile(self.splitter.splits, history, self._mine):
                         if await store.propose(history, change):

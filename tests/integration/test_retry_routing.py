@@ -365,3 +365,35 @@ async def test_the_pipeline_counts_a_retry_once_though_the_key_was_split_or_merg
     finally:
         await client.stop()
         pipe.stop()
+
+
+async def test_a_writer_cut_off_from_the_history_says_its_routes_are_not_settled(
+    servers: Endpoints, unique_name: str, tmp_path: Path
+) -> None:
+    """While the split history cannot be read, another writer may have split a key meanwhile: the
+    SDK marks such routes unsettled, so the caller knows a retry must carry the sub."""
+    from pipeline.local_servers import RedisServer
+
+    topology = await topology_for(servers, unique_name)
+    redis = RedisServer(tmp_path / "redis")
+    redis.start()
+    client = PipelineClient(topology, servers.kafka_bootstrap, redis_url=redis.url, source="app")
+    await client.start()
+    try:
+        first = await client.send_many([like("before")])
+        assert first[0].accepted and first[0].settled
+        redis.stop()
+        # a change proposed now would take effect after half the lead at the earliest; past that,
+        # this writer cannot know
+        await asyncio.sleep(POLICY.lead_s / 2 + 2 * POLICY.refresh_s)
+        cut_off = await client.send_many([like("during"), like("echoed", sub=0)])
+        assert cut_off[0].accepted and not cut_off[0].settled
+        assert cut_off[1].accepted and cut_off[1].settled  # a sub the caller gives is its own route
+        redis.start()
+        deadline = time.monotonic() + WAIT_S
+        while not (await client.send_many([like(f"after-{time.monotonic()}")]))[0].settled:
+            assert time.monotonic() < deadline, "routes never settled again after the history came back"
+            await asyncio.sleep(0.2)
+    finally:
+        await client.stop()
+        redis.stop()

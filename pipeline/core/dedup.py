@@ -36,6 +36,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import xxhash
@@ -86,13 +87,14 @@ class _Segment:
         return False
 
 
-def _segment(hi: np.ndarray, lo: np.ndarray) -> _Segment:
-    order = np.argsort(hi, kind="stable")
+def _segment(hi: np.ndarray, lo: np.ndarray, kind: Literal["quicksort", "stable"] = "quicksort") -> _Segment:
+    order = np.argsort(hi, kind=kind)
     return _Segment(hi[order], lo[order])
 
 
 def _merge(a: _Segment, b: _Segment) -> _Segment:
-    return _segment(np.concatenate((a.hi, b.hi)), np.concatenate((a.lo, b.lo)))
+    # two sorted runs: timsort ("stable") merges them in one linear pass
+    return _segment(np.concatenate((a.hi, b.hi)), np.concatenate((a.lo, b.lo)), "stable")
 
 
 class _Bloom:

@@ -1,3 +1,85 @@
-"""Hierarchical aggregation pipeline for write-heavy counters."""
+"""Hierarchical aggregation pipeline for write-heavy counters.
+
+The public API, importable from `pipeline` itself:
+
+- declaring a topology (topologies/): `topology`, `count`, `sum_of`, `minimum`, `maximum`,
+  `distinct_users`, `every`, `total`, and the types they build (`Topology`, `Metric`, `Partitions`,
+  `Rollup`, `Kind`);
+- writing events: `PipelineClient` (the producer SDK), its per-event answer `SendResult`, its errors
+  `BrokerUnavailable` and `AccessRefused`, and `KafkaConnection` for a secured broker.
+
+The topology names load at once (plain Python). The SDK's load on first use, so that importing a
+topology, or anything under `pipeline.core`, does not pull in the Kafka and Redis clients.
+
+`pipeline.topology` is the function; topologies import from the module as before
+(`from pipeline.topology import count, topology`).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from pipeline.topology import (
+    Kind,
+    Metric,
+    Partitions,
+    Rollup,
+    Topology,
+    count,
+    distinct_users,
+    every,
+    maximum,
+    minimum,
+    sum_of,
+    topology,
+    total,
+)
+
+if TYPE_CHECKING:
+    from pipeline.client import BrokerUnavailable, PipelineClient, SendResult
+    from pipeline.io.kafka import AccessRefused, KafkaConnection
 
 __version__ = "0.1.0"
+
+_LAZY = {
+    "PipelineClient": "pipeline.client",
+    "SendResult": "pipeline.client",
+    "BrokerUnavailable": "pipeline.client",
+    "AccessRefused": "pipeline.io.kafka",
+    "KafkaConnection": "pipeline.io.kafka",
+}
+
+__all__ = [
+    "AccessRefused",
+    "BrokerUnavailable",
+    "KafkaConnection",
+    "Kind",
+    "Metric",
+    "Partitions",
+    "PipelineClient",
+    "Rollup",
+    "SendResult",
+    "Topology",
+    "count",
+    "distinct_users",
+    "every",
+    "maximum",
+    "minimum",
+    "sum_of",
+    "topology",
+    "total",
+]
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'pipeline' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # once loaded, a plain attribute
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

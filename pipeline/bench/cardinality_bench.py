@@ -38,16 +38,16 @@ import redis.asyncio as aioredis
 from aiokafka import AIOKafkaProducer, TopicPartition
 from aiokafka.partitioner import DefaultPartitioner
 
-from pipeline import observability as obs
 from pipeline.bench import redis_baseline
 from pipeline.bench.coalesce_bench import BenchError, machine, say
 from pipeline.bench.workload import send_in_batches
 from pipeline.core.model import Partial
 from pipeline.core.topology import Topology
+from pipeline.harness.local_servers import servers_or_local
+from pipeline.harness.supervisor import WorkerProcess
 from pipeline.io import kafka, redis_query
 from pipeline.io.partition_owners import owners_key
-from pipeline.local_servers import servers_or_local
-from pipeline.supervisor import WorkerProcess
+from pipeline.runtime import observability as obs
 
 RATIOS = (1, 2, 10, 100)
 CHANNELS = 50
@@ -290,7 +290,7 @@ def plot(points: list[Point], out_dir: Path) -> Path:
 
 
 def main(args: argparse.Namespace) -> int:
-    """Entry point of `pipeline bench cardinality` (flags in pipeline/cli.py)."""
+    """Entry point of `pipeline bench cardinality` (flags in pipeline/cli/)."""
     try:
         ratios = tuple(int(r) for r in args.ratios.split(","))
     except ValueError:

@@ -17,7 +17,6 @@ import argparse
 import asyncio
 import contextlib
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -31,14 +30,15 @@ from typing import Any
 
 import orjson
 
-from pipeline import observability as obs
-from pipeline import settings as settings_mod
 from pipeline.bench import faust_app
 from pipeline.bench.workload import preload
 from pipeline.core.topology import Topology
+from pipeline.harness.local_servers import resolve_broker, servers_or_local
+from pipeline.harness.machine import machine
 from pipeline.io import kafka
-from pipeline.local_servers import resolve_broker, servers_or_local
-from pipeline.settings import Settings
+from pipeline.runtime import observability as obs
+from pipeline.runtime import settings as settings_mod
+from pipeline.runtime.settings import Settings
 
 TARGET_VS_CEILING = 0.75
 TARGET_VS_FAUST = 50.0
@@ -192,17 +192,6 @@ class Results:
             machine=machine(),
         )
         return out
-
-
-def machine() -> dict[str, Any]:
-    """What the figures were measured on (they mean little without it)."""
-    cpu = platform.processor() or "unknown"
-    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    return {"nproc": os.cpu_count(), "cpu": cpu, "python": platform.python_version()}
 
 
 def say(text: str) -> None:
@@ -540,7 +529,7 @@ def _kind(broker: str | None) -> str:
 
 
 def main(args: argparse.Namespace) -> int:
-    """Entry point of `pipeline bench coalesce` (flags are defined in pipeline/cli.py)."""
+    """Entry point of `pipeline bench coalesce` (flags are defined in pipeline/cli/)."""
     if args.events <= 0 or args.faust_events < 0 or args.keys <= 0:
         print("pipeline bench coalesce: --events and --keys must be positive", file=sys.stderr)
         return 2

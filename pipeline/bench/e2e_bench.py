@@ -2,7 +2,7 @@
 
 The live_likes pipeline as the demo runs it (2 tier-1 workers, 1 root merger,
 1 broadcast node, each a process) on a fresh topology name, loaded by paced
-writer processes (`pipeline.loadgen.produce`: Zipf keys, s = 1.1, plus 20 % of
+writer processes (`pipeline.harness.loadgen.produce`: Zipf keys, s = 1.1, plus 20 % of
 the events on one viral key, over `--channels` videos) at `--rate` events/s.
 
 Measured over the load minus its first seconds (start-up is not the steady state):
@@ -44,7 +44,6 @@ import aiohttp
 import orjson
 from prometheus_client.parser import text_string_to_metric_families
 
-from pipeline import observability as obs
 from pipeline.bench.coalesce_bench import machine
 from pipeline.bench.fanout_bench import (
     raise_fd_limit,
@@ -56,11 +55,12 @@ from pipeline.bench.fanout_bench import (
 from pipeline.bench.probes import Probe, Prober, percentiles, warm_up
 from pipeline.core import planner, tokens
 from pipeline.core.topology import Topology
+from pipeline.harness.loadgen import LoadResult, Workload, produce
+from pipeline.harness.local_servers import free_port, servers_or_local
+from pipeline.harness.supervisor import WorkerProcess
 from pipeline.io import kafka
-from pipeline.loadgen import LoadResult, Workload, produce
-from pipeline.local_servers import free_port, servers_or_local
-from pipeline.supervisor import WorkerProcess
-from pipeline.tiers.worker import load_topology
+from pipeline.runtime import observability as obs
+from pipeline.runtime.worker import load_topology
 
 TIER1_WORKERS = 2
 ZIPF_S = Workload.zipf_s  # the load generator's workload, which the planner is given too
@@ -487,7 +487,7 @@ def table(r: dict[str, Any]) -> str:
 
 
 def main(args: argparse.Namespace) -> int:
-    """Entry point of `pipeline bench e2e` (flags are defined in pipeline/cli.py)."""
+    """Entry point of `pipeline bench e2e` (flags are defined in pipeline/cli/)."""
     obs.configure_logging("warning")
     try:
         with servers_or_local(args.kafka, args.redis, say=say, broker=args.broker) as (kafka_url, redis_url):

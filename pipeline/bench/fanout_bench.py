@@ -40,15 +40,15 @@ import aiohttp
 import orjson
 import redis.asyncio as aioredis
 
-from pipeline import observability as obs
 from pipeline.core import tokens
 from pipeline.core.model import ChannelUpdate
 from pipeline.core.redis_layout import agg_key, seq_key
 from pipeline.core.windows import TOTAL
+from pipeline.harness.local_servers import free_port
+from pipeline.harness.supervisor import WorkerProcess, rss_kb
 from pipeline.io import kafka
-from pipeline.local_servers import free_port
-from pipeline.supervisor import WorkerProcess, rss_kb
-from pipeline.tiers.worker import load_topology
+from pipeline.runtime import observability as obs
+from pipeline.runtime.worker import load_topology
 
 HIST_MS = 60_000  # staleness histogram: 1 ms buckets up to a minute
 CONNECTS_IN_FLIGHT = 100  # handshakes in flight per viewer process
@@ -516,7 +516,7 @@ def table(r: dict[str, Any]) -> str:
 
 
 def main(args: argparse.Namespace) -> int:
-    """Entry point of `pipeline bench fanout` (flags are defined in pipeline/cli.py)."""
+    """Entry point of `pipeline bench fanout` (flags are defined in pipeline/cli/)."""
     if args.viewers <= 0 or args.procs <= 0 or args.channels <= 0 or args.update_rate <= 0:
         print(
             "pipeline bench fanout: --viewers, --procs, --channels and --update-rate must be positive",
@@ -530,7 +530,7 @@ def main(args: argparse.Namespace) -> int:
         if args.kafka and args.redis:
             result = asyncio.run(measure(args, args.kafka, args.redis, workdir))
         else:
-            from pipeline.local_servers import LocalServers
+            from pipeline.harness.local_servers import LocalServers
 
             say("starting a local broker and Redis")
             with LocalServers(workdir / "servers", broker=args.broker) as servers:

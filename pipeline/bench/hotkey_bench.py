@@ -41,17 +41,17 @@ from typing import Any
 import orjson
 import redis.asyncio as aioredis
 
-from pipeline import observability as obs
 from pipeline.bench.coalesce_bench import machine
 from pipeline.bench.probes import Prober, percentiles, warm_up
 from pipeline.client import BrokerUnavailable, PipelineClient
 from pipeline.core.hotkeys import HotKeySplitter, SplitPolicy
 from pipeline.core.topology import Topology
-from pipeline.core.zipf import Zipf
+from pipeline.harness.local_servers import servers_or_local
+from pipeline.harness.supervisor import WorkerProcess
+from pipeline.harness.zipf import Zipf
 from pipeline.io import kafka, redis_query
 from pipeline.io.lag import Tier1Lag
-from pipeline.local_servers import servers_or_local
-from pipeline.supervisor import WorkerProcess
+from pipeline.runtime import observability as obs
 
 TIER1_WORKERS = 3
 WRITER_ACK_TIMEOUT_MS = 30_000
@@ -356,7 +356,7 @@ def _line(r: ModeResult) -> str:
 
 
 def main(args: argparse.Namespace) -> int:
-    """Entry point of `pipeline bench hotkey` (flags are defined in pipeline/cli.py)."""
+    """Entry point of `pipeline bench hotkey` (flags are defined in pipeline/cli/)."""
     if args.duration <= 0 or args.writers <= 0 or not 0 <= args.viral_share <= 1 or args.keys <= 0:
         print("pipeline bench hotkey: bad parameters", file=sys.stderr)
         return 2

@@ -35,13 +35,13 @@ from typing import Any
 import aiohttp
 import orjson
 
-from pipeline import observability as obs
 from pipeline.bench.coalesce_bench import machine
 from pipeline.client import PipelineClient
 from pipeline.core.topology import Topology
+from pipeline.harness.local_servers import free_port, servers_or_local
+from pipeline.harness.supervisor import WorkerProcess
 from pipeline.io import kafka
-from pipeline.local_servers import free_port, servers_or_local
-from pipeline.supervisor import WorkerProcess
+from pipeline.runtime import observability as obs
 
 API_KEY = "bench-key"
 KEYS = 10_000
@@ -200,7 +200,7 @@ def run(bootstrap: str, redis_url: str, args: argparse.Namespace) -> dict[str, A
 
 
 def main(args: argparse.Namespace) -> int:
-    """Entry point of `pipeline bench ingest` (flags are defined in pipeline/cli.py)."""
+    """Entry point of `pipeline bench ingest` (flags are defined in pipeline/cli/)."""
     if args.duration <= 0 or args.batch <= 0 or args.concurrency <= 0:
         print(
             "pipeline bench ingest: --duration, --batch and --concurrency must be positive", file=sys.stderr

@@ -30,13 +30,13 @@ from typing import Any
 import orjson
 import redis.asyncio as aioredis
 
-from pipeline import observability as obs
 from pipeline.bench.coalesce_bench import MAX_RECORDS, BenchError, _Progress, _Stopwatch, machine, say
 from pipeline.bench.workload import preload
 from pipeline.core.redis_layout import agg_key
 from pipeline.core.windows import TOTAL
+from pipeline.harness.local_servers import servers_or_local
 from pipeline.io import kafka
-from pipeline.local_servers import servers_or_local
+from pipeline.runtime import observability as obs
 
 MODES = ("hincrby_roundtrip", "hincrby_pipelined", "incr_pipelined", "incr_roundtrip")
 DEFAULT_MODES = ("hincrby_roundtrip", "hincrby_pipelined", "incr_pipelined")
@@ -173,7 +173,7 @@ def run(
 
 
 def main(args: argparse.Namespace) -> int:
-    """Entry point of `pipeline bench redis-baseline` (flags are defined in pipeline/cli.py)."""
+    """Entry point of `pipeline bench redis-baseline` (flags are defined in pipeline/cli/)."""
     modes = tuple(m.strip() for m in args.modes.split(",") if m.strip())
     bad = [m for m in modes if m not in MODES]
     if args.events <= 0 or args.keys <= 0 or not modes or bad:

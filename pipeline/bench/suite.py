@@ -34,9 +34,9 @@ from urllib.parse import urlsplit
 
 import orjson
 
-from pipeline import observability as obs
 from pipeline.bench.coalesce_bench import machine, say
-from pipeline.local_servers import servers_or_local
+from pipeline.harness.local_servers import servers_or_local
+from pipeline.runtime import observability as obs
 
 BENCHMARKS = ("coalesce", "redis_baseline", "ingest", "hotkey", "fanout", "e2e")
 
@@ -529,7 +529,7 @@ def table(doc: dict[str, Any]) -> str:
 
 
 def main(args: argparse.Namespace) -> int:
-    """Entry point of `pipeline bench all` (flags are defined in pipeline/cli.py)."""
+    """Entry point of `pipeline bench all` (flags are defined in pipeline/cli/)."""
     mode = "quick" if args.quick else "full"
     runs = args.runs if args.runs is not None else (2 if args.quick else 3)
     only = tuple(b.strip() for b in (args.only or ",".join(BENCHMARKS)).split(",") if b.strip())

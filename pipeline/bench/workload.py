@@ -21,7 +21,7 @@ import orjson
 from aiokafka import AIOKafkaProducer
 from aiokafka.partitioner import DefaultPartitioner
 
-from pipeline.core.zipf import Zipf
+from pipeline.harness.zipf import Zipf
 
 ZIPF_S = 1.0
 CHANNELS = 50

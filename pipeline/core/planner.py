@@ -12,12 +12,21 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from pipeline.core import dedup, zipf
+from pipeline.core import dedup
 
 # Capacities measured on the 2-core reference machine (docs/BENCHMARKS.md), halved for headroom.
 TIER1_EVENTS_PER_WORKER = 75_000.0
 MERGE_CELLS_PER_WORKER = 50_000.0
 
+
+
+def zipf_weights(n: int, s: float) -> list[float]:
+    """The Zipf law of key popularity: rank i (0 = hottest) has weight 1 / (i + 1)^s.
+
+    One place: the workloads draw their keys with it (pipeline/harness/zipf.py), and the planner
+    predicts with it, so a benchmark's keys and the model of them cannot drift apart.
+    """
+    return [1.0 / (i + 1) ** s for i in range(n)]
 
 @dataclass(frozen=True)
 class Workload:
@@ -67,7 +76,7 @@ class Plan:
 
 def _key_rates(w: Workload) -> list[float]:
     """Events/s of every key: the Zipf background, then the viral key (if any) last."""
-    weights = zipf.weights(w.keys, w.zipf_s)
+    weights = zipf_weights(w.keys, w.zipf_s)
     total = sum(weights)
     background = w.events_per_s * (1 - w.hot_share)
     rates = [background * x / total for x in weights]

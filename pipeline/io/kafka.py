@@ -26,7 +26,7 @@ from aiokafka.protocol.group import LeaveGroupRequest
 from pipeline.core import dedup
 from pipeline.core.topology import Topology
 from pipeline.io.server_wait import retry_while_unavailable
-from pipeline.settings import Settings
+from pipeline.runtime.settings import Settings
 
 # A worker may start while the broker restarts, or while the broker it asks is one of a cluster that
 # just died (NodeNotReady until the metadata moves on): wait for it rather than exit.

@@ -7,7 +7,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import redis.asyncio as aioredis
 
-from pipeline.settings import Settings
+from pipeline.runtime.settings import Settings
 
 
 def options(settings: Settings) -> dict[str, Any]:

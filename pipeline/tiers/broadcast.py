@@ -28,7 +28,6 @@ from aiolimiter import AsyncLimiter
 from prometheus_client import Counter, Gauge
 from redis.exceptions import RedisError
 
-from pipeline import observability as obs
 from pipeline.core import tokens
 from pipeline.core.fanout import (
     Fanout,
@@ -49,7 +48,8 @@ from pipeline.io import kafka, redis_client
 from pipeline.io.channel_snapshot import leaderboard_metric, read_snapshot
 from pipeline.io.node_registry import NodeRegistry, Ring
 from pipeline.io.redis_retry import retrying
-from pipeline.settings import Settings
+from pipeline.runtime import observability as obs
+from pipeline.runtime.settings import Settings
 
 LABELS = obs.LABELS
 VIEWERS = Gauge("pipeline_broadcast_viewers", "Viewers connected", (*LABELS, "transport"))

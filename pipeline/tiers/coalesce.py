@@ -22,12 +22,12 @@ from collections.abc import Iterable
 from aiokafka import AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import KafkaError
 
-from pipeline import observability as obs
 from pipeline.core.coalescer import Coalescer, DeadLetter
 from pipeline.core.topology import Topology
 from pipeline.io import incarnation, kafka, redis_client
 from pipeline.io.partition_owners import PartitionOwners
-from pipeline.settings import Settings
+from pipeline.runtime import observability as obs
+from pipeline.runtime.settings import Settings
 
 LAG_EVERY_S = 2.0
 PROGRESS_EVERY_S = 10.0

@@ -51,7 +51,6 @@ import prometheus_client
 from aiohttp import web
 from prometheus_client import Counter, Gauge, Histogram
 
-from pipeline import observability as obs
 from pipeline.client import BrokerUnavailable, PipelineClient, SendResult
 from pipeline.core.hotkeys import HotKeySplitter, SplitPolicy
 from pipeline.core.model import MAX_SUBKEYS
@@ -59,7 +58,8 @@ from pipeline.core.shedding import NORMAL, DrainRate, LoadLimits, LoadShedder, O
 from pipeline.core.topology import Topology
 from pipeline.io import kafka, redis_client, redis_query
 from pipeline.io.lag import Tier1Lag
-from pipeline.settings import Settings
+from pipeline.runtime import observability as obs
+from pipeline.runtime.settings import Settings
 
 LABELS = obs.LABELS
 REQUESTS = Counter(

@@ -23,14 +23,14 @@ from dataclasses import dataclass
 from aiokafka import ConsumerRebalanceListener, ConsumerRecord, TopicPartition
 from aiokafka.errors import KafkaError
 
-from pipeline import observability as obs
 from pipeline.core.merger import NOTHING_APPLIED, UNKNOWN, MergedBatch, Merger
 from pipeline.core.topology import Topology
 from pipeline.io import kafka, quarantine, redis_client
 from pipeline.io.quarantine import Quarantined, QuarantineState
 from pipeline.io.redis_retry import retrying
 from pipeline.io.redis_sink import ApplyResult, RedisSink, Refusal
-from pipeline.settings import Settings
+from pipeline.runtime import observability as obs
+from pipeline.runtime.settings import Settings
 
 LAG_EVERY_S = 2.0
 PROGRESS_EVERY_S = 10.0

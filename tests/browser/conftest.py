@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from pipeline.local_servers import Endpoints
+from pipeline.harness.local_servers import Endpoints
 from tests.browser.live_pipeline import LivePipeline
 
 CHROMIUM = Path("/usr/bin/chromium")

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import aiohttp
 
-from pipeline.local_servers import Endpoints, free_port
-from pipeline.supervisor import WorkerProcess
+from pipeline.harness.local_servers import Endpoints, free_port
+from pipeline.harness.supervisor import WorkerProcess
 from tests.integration.pipeline_harness import LedgerKey, Pipeline, send_events
 from topologies.live_likes import TOPOLOGY
 

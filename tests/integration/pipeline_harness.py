@@ -15,9 +15,9 @@ from aiokafka import AIOKafkaProducer
 
 from pipeline.core.model import message_key
 from pipeline.core.topology import Topology
+from pipeline.harness.local_servers import Endpoints
+from pipeline.harness.supervisor import WorkerProcess
 from pipeline.io import kafka, redis_query
-from pipeline.local_servers import Endpoints
-from pipeline.supervisor import WorkerProcess
 
 LedgerKey = tuple[str, str]  # (channel, key)
 

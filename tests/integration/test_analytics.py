@@ -10,8 +10,8 @@ import pytest
 import redis.asyncio as aioredis
 
 from pipeline.core.redis_layout import agg_key, uniq_key
+from pipeline.harness.local_servers import Endpoints
 from pipeline.io import redis_query
-from pipeline.local_servers import Endpoints
 from tests.integration.pipeline_harness import LedgerKey, Pipeline, send_events, wait_for_totals
 from topologies.analytics import TOPOLOGY
 

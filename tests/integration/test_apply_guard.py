@@ -16,8 +16,8 @@ import redis.asyncio as aioredis
 
 from pipeline.core.redis_layout import agg_key
 from pipeline.core.windows import TOTAL
+from pipeline.harness.local_servers import Endpoints
 from pipeline.io import redis_query
-from pipeline.local_servers import Endpoints
 from pipeline.topology import count, distinct_users, every, maximum, minimum, sum_of, topology, total
 from tests.integration.pipeline_harness import LedgerKey, Pipeline, send_events, wait_for_totals
 from topologies.live_likes import TOPOLOGY

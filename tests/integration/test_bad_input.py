@@ -11,8 +11,8 @@ import pytest
 import redis.asyncio as aioredis
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
+from pipeline.harness.local_servers import Endpoints
 from pipeline.io import redis_query
-from pipeline.local_servers import Endpoints
 from tests.integration.pipeline_harness import LedgerKey, Pipeline, wait_for_totals
 from topologies.live_likes import TOPOLOGY
 

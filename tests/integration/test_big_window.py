@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.harness.local_servers import Endpoints
 from pipeline.io import kafka
-from pipeline.local_servers import Endpoints
-from pipeline.settings import Settings
+from pipeline.runtime.settings import Settings
 from pipeline.tiers.coalesce import CoalesceWorker
 from tests.integration.pipeline_harness import LedgerKey, Pipeline, send_events, wait_for_totals
 from topologies.live_likes import TOPOLOGY

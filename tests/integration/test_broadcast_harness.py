@@ -19,9 +19,9 @@ from pipeline.core.model import ChannelUpdate
 from pipeline.core.redis_layout import agg_key, seq_key
 from pipeline.core.topology import Topology
 from pipeline.core.windows import TOTAL
+from pipeline.harness.local_servers import Endpoints, free_port
+from pipeline.harness.supervisor import WorkerProcess
 from pipeline.io import kafka
-from pipeline.local_servers import Endpoints, free_port
-from pipeline.supervisor import WorkerProcess
 
 SECRET = "integration-test-secret"
 

@@ -10,7 +10,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from pipeline.local_servers import Endpoints
+from pipeline.harness.local_servers import Endpoints
 from tests.integration.pipeline_harness import LedgerKey, Pipeline, send_events, wait_for_totals
 from tests.integration.test_broadcast_harness import (
     Node,

@@ -11,8 +11,8 @@ import aiohttp
 import pytest
 import redis.asyncio as aioredis
 
+from pipeline.harness.local_servers import Endpoints
 from pipeline.io.node_registry import NodeRegistry, Ring
-from pipeline.local_servers import Endpoints
 from tests.integration.test_broadcast_harness import Node, RootStandIn, next_message, sse_messages, token
 from topologies.live_likes import TOPOLOGY as LIVE
 

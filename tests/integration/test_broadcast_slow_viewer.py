@@ -12,7 +12,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from pipeline.local_servers import Endpoints
+from pipeline.harness.local_servers import Endpoints
 from tests.integration.test_broadcast_harness import Node, RootStandIn, ViewerState, next_message, token
 from topologies.live_likes import TOPOLOGY as LIVE
 

@@ -12,7 +12,7 @@ import aiohttp
 import pytest
 
 from pipeline.core.topology import Topology
-from pipeline.local_servers import Endpoints
+from pipeline.harness.local_servers import Endpoints
 from tests.integration.test_broadcast_harness import (
     Node,
     RootStandIn,

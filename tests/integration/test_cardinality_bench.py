@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from pipeline.bench import cardinality_bench
-from pipeline.local_servers import Endpoints
+from pipeline.harness.local_servers import Endpoints
 
 pytestmark = pytest.mark.integration
 

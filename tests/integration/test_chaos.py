@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.chaos import ChaosConfig, run_chaos
-from pipeline.core.fault_plan import Fault, FaultKind
-from pipeline.local_servers import Endpoints
+from pipeline.harness.chaos import ChaosConfig, run_chaos
+from pipeline.harness.fault_plan import Fault, FaultKind
+from pipeline.harness.local_servers import Endpoints
 
 pytestmark = pytest.mark.integration
 

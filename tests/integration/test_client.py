@@ -18,8 +18,8 @@ from aiokafka import AIOKafkaConsumer
 from pipeline.client import BrokerUnavailable, PipelineClient
 from pipeline.core.hotkeys import HotKeySplitter, SplitPolicy
 from pipeline.core.model import parse_message_key
+from pipeline.harness.local_servers import Endpoints, free_port
 from pipeline.io import kafka, redis_query
-from pipeline.local_servers import Endpoints, free_port
 from tests.integration.pipeline_harness import LedgerKey, Pipeline, wait_for_totals
 from topologies.live_likes import TOPOLOGY
 

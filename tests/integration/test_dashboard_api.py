@@ -23,8 +23,8 @@ from pipeline.core.coalescer import Coalescer
 from pipeline.core.merger import Merger
 from pipeline.core.redis_layout import splits_key
 from pipeline.core.topology import Topology
+from pipeline.harness.local_servers import Endpoints
 from pipeline.io.redis_sink import RedisSink
-from pipeline.local_servers import Endpoints
 from pipeline.web import dashboard
 from topologies.analytics import TOPOLOGY as ANALYTICS
 from topologies.live_likes import TOPOLOGY as LIVE_LIKES

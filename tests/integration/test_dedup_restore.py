@@ -14,9 +14,9 @@ import redis.asyncio as aioredis
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaTimeoutError
 
+from pipeline.harness.local_servers import Endpoints
 from pipeline.io import kafka, redis_query
-from pipeline.local_servers import Endpoints
-from pipeline.settings import Settings
+from pipeline.runtime.settings import Settings
 from pipeline.tiers.coalesce import CoalesceWorker
 from tests.integration.pipeline_harness import LedgerKey, Pipeline, send_events, wait_for_totals
 from topologies.live_likes import TOPOLOGY

@@ -7,7 +7,7 @@ import argparse
 import pytest
 
 from pipeline.bench import e2e_bench
-from pipeline.local_servers import Endpoints
+from pipeline.harness.local_servers import Endpoints
 
 pytestmark = pytest.mark.integration
 

@@ -27,8 +27,8 @@ import redis.asyncio as aioredis
 
 from pipeline.client import PipelineClient, SendResult
 from pipeline.core.hotkeys import HotKeySplitter, SplitPolicy
+from pipeline.harness.local_servers import Endpoints
 from pipeline.io import redis_query
-from pipeline.local_servers import Endpoints
 from tests.integration.pipeline_harness import LedgerKey, Pipeline, wait_for_totals
 from topologies.live_likes import TOPOLOGY
 

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import redis.asyncio as aioredis
 
+from pipeline.harness.local_servers import Endpoints
 from pipeline.io.partition_owners import owners_key
-from pipeline.local_servers import Endpoints
 from tests.integration.pipeline_harness import LedgerKey, Pipeline, send_events, wait_for_totals
 from topologies.live_likes import TOPOLOGY
 

@@ -11,8 +11,8 @@ import pytest
 import redis.asyncio as aioredis
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
+from pipeline.harness.local_servers import Endpoints
 from pipeline.io import incarnation, kafka
-from pipeline.local_servers import Endpoints
 
 pytestmark = pytest.mark.integration
 

@@ -14,8 +14,8 @@ from typing import Any
 import orjson
 import pytest
 
-from pipeline.local_servers import Endpoints, free_port
-from pipeline.supervisor import WorkerProcess
+from pipeline.harness.local_servers import Endpoints, free_port
+from pipeline.harness.supervisor import WorkerProcess
 from tests.integration.pipeline_harness import LedgerKey, Pipeline, send_events
 from tests.integration.test_ingest_gateway import Gateway, start_gateway
 from topologies.live_likes import TOPOLOGY

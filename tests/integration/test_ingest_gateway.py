@@ -21,9 +21,9 @@ import redis.asyncio as aioredis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from pipeline.harness.local_servers import Endpoints, free_port
+from pipeline.harness.supervisor import WorkerProcess
 from pipeline.io import redis_query
-from pipeline.local_servers import Endpoints, free_port
-from pipeline.supervisor import WorkerProcess
 from tests.integration.pipeline_harness import LedgerKey, Pipeline
 from topologies.live_likes import TOPOLOGY
 

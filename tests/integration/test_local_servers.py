@@ -10,8 +10,8 @@ import redis.asyncio as aioredis
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
+from pipeline.harness.local_servers import Endpoints
 from pipeline.io import kafka
-from pipeline.local_servers import Endpoints
 
 pytestmark = pytest.mark.integration
 

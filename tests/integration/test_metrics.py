@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.local_servers import Endpoints, free_port
-from pipeline.supervisor import WorkerProcess
+from pipeline.harness.local_servers import Endpoints, free_port
+from pipeline.harness.supervisor import WorkerProcess
 from tests.integration.pipeline_harness import LedgerKey, send_events, wait_for_totals
 from topologies.live_likes import TOPOLOGY
 

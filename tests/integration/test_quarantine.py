@@ -25,9 +25,9 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from pipeline.core.coalescer import root_partition
 from pipeline.core.redis_layout import agg_key, quarantine_key
 from pipeline.core.windows import TOTAL
+from pipeline.harness.local_servers import Endpoints, free_port
+from pipeline.harness.supervisor import WorkerProcess
 from pipeline.io import quarantine, redis_query
-from pipeline.local_servers import Endpoints, free_port
-from pipeline.supervisor import WorkerProcess
 from tests.integration.pipeline_harness import LedgerKey, Pipeline, send_events, wait_for_totals
 from topologies.live_likes import TOPOLOGY
 

@@ -15,7 +15,7 @@ from pipeline import cli
 from pipeline.bench.redis_baseline import METRIC, incr_key
 from pipeline.core.redis_layout import agg_key
 from pipeline.core.windows import TOTAL
-from pipeline.local_servers import Endpoints
+from pipeline.harness.local_servers import Endpoints
 
 pytestmark = pytest.mark.integration
 

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from pipeline.client import BrokerUnavailable, PipelineClient
-from pipeline.local_servers import Endpoints
+from pipeline.harness.local_servers import Endpoints
 from tests.integration.pipeline_harness import LedgerKey, Pipeline, wait_for_totals
 from topologies.live_likes import TOPOLOGY
 

@@ -29,9 +29,9 @@ from pipeline.client import PipelineClient, SendResult, scoped_id
 from pipeline.core.hotkeys import HotKeySplitter, SplitPolicy
 from pipeline.core.split_history import decode
 from pipeline.core.topology import Topology
+from pipeline.harness.local_servers import Endpoints
 from pipeline.io import kafka
 from pipeline.io.splits import split_history_key
-from pipeline.local_servers import Endpoints
 from pipeline.tiers.ingest import key_source
 from tests.integration.pipeline_harness import LedgerKey, Pipeline, wait_for_totals
 from tests.integration.test_ingest_gateway import API_KEY, Gateway, start_gateway
@@ -372,7 +372,7 @@ async def test_a_writer_cut_off_from_the_history_says_its_routes_are_not_settled
 ) -> None:
     """While the split history cannot be read, another writer may have split a key meanwhile: the
     SDK marks such routes unsettled, so the caller knows a retry must carry the sub."""
-    from pipeline.local_servers import RedisServer
+    from pipeline.harness.local_servers import RedisServer
 
     topology = await topology_for(servers, unique_name)
     redis = RedisServer(tmp_path / "redis")

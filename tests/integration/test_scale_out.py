@@ -16,7 +16,7 @@ import aiohttp
 import orjson
 import pytest
 
-from pipeline.local_servers import Endpoints
+from pipeline.harness.local_servers import Endpoints
 from tests.integration.pipeline_harness import LedgerKey, Pipeline, send_events, wait_for_totals
 from tests.integration.test_broadcast_harness import Node, token
 from topologies.live_likes import TOPOLOGY as LIVE

@@ -20,11 +20,11 @@ import pytest
 import redis.asyncio as aioredis
 
 from pipeline.client import PipelineClient
+from pipeline.harness.local_kafka import KafkaNode, KafkaSecurity, apache_kafka_available, new_cluster_id
+from pipeline.harness.local_servers import Endpoints, RedisServer
+from pipeline.harness.supervisor import WorkerProcess
 from pipeline.io import kafka, redis_query
-from pipeline.local_kafka import KafkaNode, KafkaSecurity, apache_kafka_available, new_cluster_id
-from pipeline.local_servers import Endpoints, RedisServer
-from pipeline.supervisor import WorkerProcess
-from pipeline.tiers.worker import EXIT_REFUSED
+from pipeline.runtime.worker import EXIT_REFUSED
 from tests.integration.pipeline_harness import LedgerKey, Pipeline, wait_for_totals
 from tests.integration.test_ingest_gateway import start_gateway
 from topologies.live_likes import TOPOLOGY

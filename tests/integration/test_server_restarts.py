@@ -11,7 +11,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from pipeline.core.topology import Topology
-from pipeline.local_servers import Endpoints
+from pipeline.harness.local_servers import Endpoints
 from tests.integration.pipeline_harness import LedgerKey, Pipeline, send_events, wait_for_totals
 from topologies.live_likes import TOPOLOGY
 

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from pipeline.bench import suite
-from pipeline.local_servers import free_port
+from pipeline.harness.local_servers import free_port
 
 
 def _coalesce(tier1: float, faust: float | None) -> dict[str, Any]:

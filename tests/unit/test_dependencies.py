@@ -20,12 +20,6 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGE = ROOT / "pipeline"
 NOT_RUNTIME = {"harness", "bench"}  # pipeline/harness, pipeline/bench: tooling, with the extras
-NOT_RUNTIME |= {  # the harness modules, until they move into pipeline/harness
-    f"{m}.py"
-    for m in (
-        "demo", "chaos", "soak", "loadgen", "local_servers", "local_kafka", "server_process", "supervisor",
-    )
-}
 
 # What only the extras may bring: a clean `pip install .` must not install any of these.
 EXTRA_ONLY = {

@@ -7,8 +7,9 @@ from collections import Counter
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pipeline.chaos import Workload, compare_counts
-from pipeline.core.fault_plan import (
+from pipeline.core.model import check_event
+from pipeline.harness.chaos import Workload, compare_counts
+from pipeline.harness.fault_plan import (
     CLUSTER_REQUIRED,
     CLUSTER_WEIGHTS,
     DEFAULT_WEIGHTS,
@@ -16,7 +17,6 @@ from pipeline.core.fault_plan import (
     breakdown,
     plan_faults,
 )
-from pipeline.core.model import check_event
 
 
 @given(st.integers(0, 2**32), st.integers(0, 60), st.floats(1, 600))

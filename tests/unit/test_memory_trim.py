@@ -7,8 +7,8 @@ import os
 
 import pytest
 
-from pipeline import memory_trim
-from pipeline.supervisor import rss_kb
+from pipeline.harness.supervisor import rss_kb
+from pipeline.runtime import memory_trim
 
 
 @pytest.mark.skipif(not memory_trim.available(), reason="malloc_trim exists only in glibc")

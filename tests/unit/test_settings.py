@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import settings
+from pipeline.runtime import settings
 
 
 def test_file_then_environment_then_flags(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -9,7 +9,7 @@ from collections import Counter
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pipeline.core.zipf import Zipf, weights
+from pipeline.harness.zipf import Zipf, weights
 
 
 @given(st.integers(1, 500), st.floats(0.5, 2.0))

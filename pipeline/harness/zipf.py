@@ -1,7 +1,8 @@
-"""Zipf key popularity: the law every workload here draws keys from, and the planner predicts with.
+"""Zipf key popularity: the sampler every workload here draws its keys with.
 
-Rank i (0 = hottest) has weight 1 / (i + 1)^s. One place, so that a benchmark's
-keys and the planner's model of them cannot drift apart.
+The law itself (rank i, 0 = hottest, has weight 1 / (i + 1)^s) is the planner's
+(`pipeline.core.planner.zipf_weights`): one place, so that a benchmark's keys and the planner's
+model of them cannot drift apart.
 """
 
 from __future__ import annotations
@@ -11,11 +12,11 @@ import random
 from collections.abc import Sequence
 from typing import TypeVar
 
+from pipeline.core.planner import zipf_weights as weights
+
+__all__ = ["Zipf", "weights"]
+
 T = TypeVar("T")
-
-
-def weights(n: int, s: float) -> list[float]:
-    return [1.0 / (i + 1) ** s for i in range(n)]
 
 
 class Zipf:

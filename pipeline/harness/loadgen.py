@@ -20,7 +20,7 @@ from aiokafka.partitioner import DefaultPartitioner
 
 from pipeline.client import BrokerUnavailable, PipelineClient
 from pipeline.core.model import message_key
-from pipeline.core.zipf import Zipf
+from pipeline.harness.zipf import Zipf
 
 
 @dataclass

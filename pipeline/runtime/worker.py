@@ -9,11 +9,11 @@ from typing import Protocol
 
 from redis.exceptions import AuthenticationError as RedisAuthenticationError
 
-from pipeline import memory_trim
-from pipeline import observability as obs
 from pipeline.core.topology import Topology
 from pipeline.io import kafka, redis_client
-from pipeline.settings import Settings
+from pipeline.runtime import memory_trim
+from pipeline.runtime import observability as obs
+from pipeline.runtime.settings import Settings
 
 EXIT_REFUSED = 3  # a server refused the credentials or the certificate
 

@@ -1,4 +1,4 @@
-"""`pipeline plan`: print the capacity plan of a workload."""
+"""`pipeline plan`: what a workload costs each tier (the closed-form model in core/planner.py)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,35 @@ import dataclasses
 
 import orjson
 
+from pipeline.cli.common import Subparsers
 from pipeline.core.planner import Workload, plan
+
+
+def register(sub: Subparsers) -> None:
+    p = sub.add_parser(
+        "plan",
+        help="predict what a workload costs each tier (partials/s, Redis commands/s, hot keys, workers)",
+        description="A closed-form model of the reduction: Zipf keys, Poisson arrivals per key. "
+        "Checked against measured runs in docs/BENCHMARKS.md.",
+    )
+    p.add_argument("--rate", type=float, required=True, help="events per second")
+    p.add_argument("--keys", type=int, default=10_000, help="distinct keys (default 10,000)")
+    p.add_argument("--skew", type=float, default=1.1, help="Zipf exponent of key popularity (default 1.1)")
+    p.add_argument("--hot-share", type=float, default=0.0, help="share of events on one viral key")
+    p.add_argument("--channels", type=int, default=20)
+    p.add_argument("--window-ms", type=float, default=250.0, help="tier-1 flush interval (default 250)")
+    p.add_argument("--partitions", type=int, default=6, help="events topic partitions")
+    p.add_argument("--root-partitions", type=int, default=3, help="partials topic partitions")
+    p.add_argument("--tier1-workers", type=int, help="default: as many as the rate needs")
+    p.add_argument("--split-threshold", type=float, default=20_000.0, help="events/s that makes a key hot")
+    p.add_argument(
+        "--dedup-horizon", type=float, default=600.0, help="seconds an event id is remembered (default 600)"
+    )
+    p.add_argument(
+        "--id-share", type=float, default=1.0, help="share of events that carry an id (default 1: the SDK's)"
+    )
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=main)
 
 
 def main(args: argparse.Namespace) -> int:

@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.server_process import ServerProcess, free_port, probe_metadata
+from pipeline.harness.server_process import ServerProcess, free_port, probe_metadata
 
 __all__ = [
     "KafkaCluster",

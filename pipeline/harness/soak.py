@@ -43,15 +43,15 @@ from typing import Any
 import orjson
 import redis.asyncio as aioredis
 
-from pipeline.bench.coalesce_bench import machine
 from pipeline.core.model import message_key
 from pipeline.core.topology import Topology
+from pipeline.harness.loadgen import LoadResult, Workload, produce
+from pipeline.harness.local_servers import LocalServers, free_port
+from pipeline.harness.machine import machine
+from pipeline.harness.supervisor import WorkerProcess, rss_kb
 from pipeline.io import kafka, redis_query
 from pipeline.io.lag import LagSample, Tier1Lag
-from pipeline.loadgen import LoadResult, Workload, produce
-from pipeline.local_servers import LocalServers, free_port
-from pipeline.supervisor import WorkerProcess, rss_kb
-from pipeline.tiers.worker import load_topology
+from pipeline.runtime.worker import load_topology
 
 BASE_TOPOLOGY = "live_likes"
 METRIC = "likes"
@@ -557,7 +557,7 @@ def _print(report: dict[str, Any], as_json: bool) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    """`pipeline soak` (flags in pipeline/cli.py): embedded servers unless --kafka and --redis."""
+    """`pipeline soak` (flags in pipeline/cli/): embedded servers unless --kafka and --redis."""
     if args.minutes <= 0 or args.rate < 0 or args.capacity_seconds <= 0:
         print("pipeline soak: --minutes and --capacity-seconds must be > 0, --rate >= 0", file=sys.stderr)
         return 2

@@ -25,8 +25,8 @@ from pathlib import Path
 from types import FrameType, TracebackType
 from typing import Any, Protocol
 
+from pipeline.harness.server_process import ServerProcess, free_port, probe_metadata
 from pipeline.runtime import extras
-from pipeline.server_process import ServerProcess, free_port, probe_metadata
 
 __all__ = ["Broker", "Endpoints", "LocalServers", "RedisServer", "free_port"]
 
@@ -194,7 +194,7 @@ BROKER_CHOICES = ("auto", "kafka", "embedded")
 
 def resolve_broker(choice: str | None) -> str:
     """'kafka' or 'embedded'; auto (the default, or $PIPELINE_LOCAL_BROKER) picks Apache Kafka if it runs."""
-    from pipeline.local_kafka import apache_kafka_available
+    from pipeline.harness.local_kafka import apache_kafka_available
 
     choice = (choice or os.environ.get(BROKER_ENV) or "auto").lower()
     if choice not in BROKER_CHOICES:
@@ -251,7 +251,7 @@ class LocalServers:
         self.broker_kind = resolve_broker(broker)
         self.broker: BrokerHandle
         if self.broker_kind == "kafka":
-            from pipeline.local_kafka import KafkaCluster
+            from pipeline.harness.local_kafka import KafkaCluster
 
             ports = [kafka_port] if kafka_port is not None and brokers == 1 else None
             self.broker = KafkaCluster(self.root / "kafka", brokers, ports=ports)

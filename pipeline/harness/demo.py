@@ -22,16 +22,16 @@ import aiohttp
 import orjson
 import redis.asyncio as aioredis
 
-from pipeline import settings as settings_mod
 from pipeline.client import PipelineClient
 from pipeline.core.hotkeys import HotKeySplitter, SplitPolicy
 from pipeline.core.model import message_key
 from pipeline.core.topology import Topology
+from pipeline.harness.loadgen import LoadResult, Workload, produce_via_sdk
+from pipeline.harness.local_servers import free_port, servers_or_local
+from pipeline.harness.supervisor import WorkerProcess
 from pipeline.io import kafka, redis_query
-from pipeline.loadgen import LoadResult, Workload, produce_via_sdk
-from pipeline.local_servers import free_port, servers_or_local
-from pipeline.supervisor import WorkerProcess
-from pipeline.tiers.worker import load_topology
+from pipeline.runtime import settings as settings_mod
+from pipeline.runtime.worker import load_topology
 
 DRAIN_TIMEOUT_S = 90.0
 NODE_START_TIMEOUT_S = 30.0

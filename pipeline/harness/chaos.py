@@ -41,7 +41,9 @@ from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError
 
 from pipeline.client import BrokerUnavailable, PipelineClient
-from pipeline.core.fault_plan import (
+from pipeline.core.hotkeys import HotKeySplitter, SplitPolicy
+from pipeline.core.topology import Topology
+from pipeline.harness.fault_plan import (
     ADDS,
     CLUSTER_REQUIRED,
     CLUSTER_WEIGHTS,
@@ -54,16 +56,14 @@ from pipeline.core.fault_plan import (
     breakdown,
     plan_faults,
 )
-from pipeline.core.hotkeys import HotKeySplitter, SplitPolicy
-from pipeline.core.topology import Topology
-from pipeline.core.zipf import Zipf
+from pipeline.harness.local_kafka import KafkaCluster, KafkaNode
+from pipeline.harness.local_servers import Endpoints, LocalServers, free_port
+from pipeline.harness.supervisor import WorkerProcess
+from pipeline.harness.zipf import Zipf
 from pipeline.io import incarnation, kafka, redis_query
 from pipeline.io.lag import Tier1Lag
 from pipeline.io.partition_owners import owners_key
-from pipeline.local_kafka import KafkaCluster, KafkaNode
-from pipeline.local_servers import Endpoints, LocalServers, free_port
-from pipeline.supervisor import WorkerProcess
-from pipeline.tiers.worker import load_topology
+from pipeline.runtime.worker import load_topology
 
 LedgerKey = tuple[str, str]  # (channel, key)
 

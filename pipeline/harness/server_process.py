@@ -1,6 +1,6 @@
 """One local server process: started in its own session, probed until usable, stopped or killed.
 
-The base of the local servers (pipeline.local_servers, pipeline.local_kafka): a
+The base of the local servers (pipeline.harness.local_servers, pipeline.harness.local_kafka): a
 log file per server, restart on the same port and data directory.
 """
 

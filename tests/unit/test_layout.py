@@ -1,0 +1,133 @@
+"""The layout by role: the tree matches the table in docs/ARCHITECTURE.md, and imports point down.
+
+Read with `ast`, every import counts, including those inside functions (a lazy import is still a
+dependency). Strings given to importlib (the worker runner's tier table, the CLI's lazy handlers) are
+not imports, on purpose: that is how the CLI reaches the harness without the runtime depending on it.
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+PACKAGE = ROOT / "pipeline"
+
+PUBLIC_API = {"__init__.py", "__main__.py", "client.py", "topology.py"}
+RUNTIME = {"core", "io", "tiers", "web", "runtime"}  # with PUBLIC_API: what `pip install .` runs
+TOOLING = ("pipeline.harness", "pipeline.bench", "pipeline.cli", "tests")
+
+
+def _imports(path: Path) -> set[str]:
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            # `from pipeline import x` may import the module pipeline.x
+            found.add(node.module)
+            found.update(f"{node.module}.{alias.name}" for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            raise AssertionError(f"{path.relative_to(ROOT)}: a relative import (this project's are absolute)")
+    return found
+
+
+def _modules(folder: str) -> list[Path]:
+    return sorted((PACKAGE / folder).rglob("*.py"))
+
+
+def _under(module: str, *prefixes: str) -> bool:
+    return any(module == p or module.startswith(p + ".") for p in prefixes)
+
+
+def _project_modules(path: Path) -> set[str]:
+    """The modules of this project `path` imports (a `from pipeline import x` names a real module)."""
+    out = set()
+    for m in _imports(path):
+        if not _under(m, "pipeline", "topologies", "tests"):
+            continue
+        if (ROOT / (m.replace(".", "/") + ".py")).exists() or (ROOT / m.replace(".", "/")).is_dir():
+            out.add(m)
+    return out
+
+
+def _violations(paths: list[Path], forbidden: tuple[str, ...]) -> list[str]:
+    return [
+        f"{p.relative_to(ROOT)} imports {m}"
+        for p in paths
+        for m in sorted(_project_modules(p))
+        if _under(m, *forbidden)
+    ]
+
+
+def test_the_top_of_pipeline_holds_the_public_api_only() -> None:
+    top = {p.name for p in PACKAGE.glob("*.py")}
+    assert top == PUBLIC_API, f"move {sorted(top - PUBLIC_API)} into the folder of its role"
+
+
+def test_the_tree_matches_the_table_in_architecture() -> None:
+    doc = (ROOT / "docs" / "ARCHITECTURE.md").read_text()
+    section = doc[doc.index("## Layout") :]
+    section = section[: section.index("\n## ", 1)]
+    rows = re.findall(r"^\| `(pipeline/[\w/]*)` \| (.+) \|$", section, re.M)
+    listed = {folder for folder, _job in rows}
+    packages = {"pipeline/"} | {
+        f"{p.parent.relative_to(ROOT)}/" for p in PACKAGE.glob("*/__init__.py")
+    }
+    assert listed == packages, (
+        f"folders without a row: {sorted(packages - listed)}; "
+        f"rows without a folder: {sorted(listed - packages)}"
+    )
+    assert all(job.strip() for _folder, job in rows)
+
+
+def test_nothing_the_runtime_runs_imports_the_harness_the_benchmarks_or_the_cli() -> None:
+    paths = [PACKAGE / name for name in sorted(PUBLIC_API - {"__main__.py"})]
+    for folder in sorted(RUNTIME):
+        paths += _modules(folder)
+    assert not _violations(paths, TOOLING)
+
+
+def test_the_core_imports_only_the_core() -> None:
+    outside = [
+        f"{p.relative_to(ROOT)} imports {m}"
+        for p in _modules("core")
+        for m in sorted(_project_modules(p))
+        if not _under(m, "pipeline.core")
+    ]
+    assert not outside
+
+
+def test_io_imports_no_tier_and_nothing_above() -> None:
+    above = ("pipeline.tiers", "pipeline.web", "pipeline.client", "pipeline.runtime.worker", *TOOLING)
+    assert not _violations(_modules("io"), above)
+
+
+def test_the_harness_imports_no_benchmark_and_no_cli() -> None:
+    assert not _violations(_modules("harness"), ("pipeline.bench", "pipeline.cli", "tests"))
+
+
+def test_the_benchmarks_import_no_cli() -> None:
+    assert not _violations(_modules("bench"), ("pipeline.cli", "tests"))
+
+
+def test_cli_commands_dispatch_through_set_defaults() -> None:
+    from pipeline.cli import build_parser
+
+    parser = build_parser()
+    for argv in (
+        ["run", "live_likes", "--tier", "merge"],
+        ["demo"],
+        ["bench", "fanout"],
+        ["bench", "all"],
+        ["plan", "--rate", "1000"],
+        ["token", "--viewer", "v", "--channels", "c"],
+        ["chaos"],
+        ["soak"],
+        ["replay-quarantine", "live_likes"],
+        ["servers"],
+    ):
+        assert callable(parser.parse_args(argv).func), argv
+    source = (PACKAGE / "cli" / "__init__.py").read_text()
+    assert "args.command ==" not in source, "dispatch through set_defaults(func=...), not an if-chain"

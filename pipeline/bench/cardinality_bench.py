@@ -42,6 +42,7 @@ from pipeline.bench import redis_baseline
 from pipeline.bench.coalesce_bench import BenchError, machine, say
 from pipeline.bench.workload import send_in_batches
 from pipeline.core.model import Partial
+from pipeline.core.planner import Drain, drain
 from pipeline.core.topology import Topology
 from pipeline.harness.local_servers import servers_or_local
 from pipeline.harness.supervisor import WorkerProcess
@@ -67,6 +68,7 @@ class Point:
     max_partial_bytes: int
     partial_messages: int
     tier1_peak_rss_mb: float
+    plan: Drain | None = None  # the planner's prediction for this backlog
 
     @property
     def ratio(self) -> float:
@@ -86,6 +88,19 @@ class Point:
             "max_partial_bytes": self.max_partial_bytes,
             "partial_messages": self.partial_messages,
             "tier1_peak_rss_mb": round(self.tier1_peak_rss_mb, 1),
+            **self._plan_dict(),
+        }
+
+    def _plan_dict(self) -> dict[str, Any]:
+        """The planner's prediction and its error against this run: (predicted - measured) / measured."""
+        if self.plan is None or not self.cells:
+            return {}
+        measured_cpc = self.redis_commands / self.cells
+        return {
+            "plan_eps": round(self.plan.events_per_s),
+            "plan_eps_error_pct": round((self.plan.events_per_s / self.pipeline_eps - 1) * 100, 1),
+            "plan_redis_commands_per_cell": round(self.plan.redis_commands_per_cell, 3),
+            "plan_commands_error_pct": round((self.plan.redis_commands_per_cell / measured_cpc - 1) * 100, 1),
         }
 
 
@@ -248,11 +263,21 @@ def run(bootstrap: str, redis_url: str, keys: int, max_events: int, ratios: tupl
             largest,
             messages,
             rss_mb,
+            drain(
+                n_keys,
+                per_key,
+                channels=CHANNELS,
+                flush_interval_s=topology.flush_interval_ms / 1000,
+                max_cells=topology.max_cells,
+                partials_partitions=topology.partitions.partials,
+                leaderboard=any(m.leaderboard for m in topology.metrics),
+            ),
         )
         d = point.as_dict()
         say(
             f"{per_key}/key: pipeline {d['pipeline_eps']:,}, baseline {d['baseline_eps']:,} events/s, "
-            f"ratio {d['ratio']:.2f}; {d['redis_commands_per_cell']} Redis commands per cell"
+            f"ratio {d['ratio']:.2f}; {d['redis_commands_per_cell']} Redis commands per cell; planner "
+            f"{d.get('plan_eps_error_pct')} % on events/s, {d.get('plan_commands_error_pct')} % on commands"
         )
         points.append(point)
     return points
@@ -318,6 +343,8 @@ def main(args: argparse.Namespace) -> int:
         ("cmds/cell", "redis_commands_per_cell"),
         ("max partial B", "max_partial_bytes"),
         ("tier1 MB", "tier1_peak_rss_mb"),
+        ("plan err %", "plan_eps_error_pct"),
+        ("plan cmds %", "plan_commands_error_pct"),
     ]
     print("  ".join(f"{title:>13}" for title, _ in columns))
     for p in points:

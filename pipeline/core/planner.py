@@ -17,6 +17,10 @@ from pipeline.core import dedup
 # Capacities measured on the 2-core reference machine (docs/BENCHMARKS.md), halved for headroom.
 TIER1_EVENTS_PER_WORKER = 75_000.0
 MERGE_CELLS_PER_WORKER = 50_000.0
+# Draining a backlog on the 2-core reference machine, tier 1 + root + broker + Redis together
+# (`pipeline bench cardinality`, docs/BENCHMARKS.md): a cost per event and one per cell.
+DRAIN_US_PER_EVENT = 4.5
+DRAIN_US_PER_CELL = 24.5
 
 
 
@@ -96,6 +100,56 @@ def split_factor(rate: float, w: Workload) -> int:
     return min(w.events_partitions, math.ceil(rate / w.partition_budget_eps))
 
 
+def apply_commands(cells: float, channels: int, ranges: float, leaderboard: bool) -> float:
+    """Redis commands of one root apply of `cells` cells over `channels` channels."""
+    channels_per_apply = channels * -math.expm1(-cells / channels)
+    per_cell = 1  # HINCRBY; a leaderboard is one ZADD (per 1,000 members) and a ZCARD per channel
+    # a leaderboard per channel: a ZCARD, and a ZADD per 1,000 of its members
+    boards = (2 * channels_per_apply + cells / 1000) if leaderboard else 0.0
+    # what the apply will change, read before its first write: an HMGET of each channel's hash (and
+    # the TYPE of its board), an HMGET of the sequence numbers and one of the counters
+    types = channels_per_apply * (2 if leaderboard else 1) + 2
+    overhead = 2 * ranges + channels_per_apply + boards + types + 7  # positions, seqs, counters
+    return cells * per_cell + overhead
+
+
+@dataclass(frozen=True)
+class Drain:
+    """A backlog of `per_key` events for each of `keys` keys, each key's events together."""
+
+    events_per_s: float  # what one tier-1 worker and one root drain, end to end
+    cells: float
+    applies: float
+    redis_commands_per_cell: float
+
+
+def drain(
+    keys: int,
+    per_key: int,
+    *,
+    channels: int = 20,
+    flush_interval_s: float = 0.25,
+    max_cells: int = 200_000,
+    partials_partitions: int = 3,
+    leaderboard: bool = True,
+) -> Drain:
+    """The high-cardinality case: how fast a backlog drains, and what each cell costs Redis.
+
+    Every process (tier 1, the root, the broker, Redis) shares the reference machine's 2 cores,
+    so their costs add up: DRAIN_US_PER_EVENT for each event (fetching, parsing, folding it) and
+    DRAIN_US_PER_CELL for each cell (a partial's entry, the root's merge and apply, Redis's
+    command). A window holds what arrives in the flush interval (at most `max_cells` cells); the
+    root applies each window on its own when it keeps up.
+    """
+    per_event_us = DRAIN_US_PER_EVENT + DRAIN_US_PER_CELL / per_key
+    eps = 1e6 / per_event_us
+    cells = float(keys)  # a key's events are together: one cell each (rarely two, cut by a window)
+    cells_per_apply = min(float(max_cells), eps * flush_interval_s / per_key, cells)
+    applies = cells / cells_per_apply
+    commands = applies * apply_commands(cells_per_apply, channels, partials_partitions, leaderboard)
+    return Drain(eps, cells, applies, commands / cells)
+
+
 def plan(w: Workload) -> Plan:
     rates = _key_rates(w)
     # hot keys are spread over k sub-keys, each landing on its own source partition
@@ -122,16 +176,8 @@ def plan(w: Workload) -> Plan:
     applies_per_s = min(partials_per_s, tier1 / window) if partials_per_s else 0.0
     if applies_per_s:
         cells_per_apply = _distinct(rates, window) / tier1
-        channels_per_apply = w.channels * -math.expm1(-cells_per_apply / w.channels)
-        per_cell = 1  # HINCRBY; a leaderboard is one ZADD (per 1,000 members) and a ZCARD per channel
         ranges = min(roots, partials_per_s / applies_per_s)
-        # a leaderboard per channel: a ZCARD, and a ZADD per 1,000 of its members
-        boards = (2 * channels_per_apply + cells_per_apply / 1000) if w.leaderboard else 0.0
-        # what the apply will change, read before its first write: an HMGET of each channel's hash (and
-        # the TYPE of its board), an HMGET of the sequence numbers and one of the counters
-        types = channels_per_apply * (2 if w.leaderboard else 1) + 2
-        overhead = 2 * ranges + channels_per_apply + boards + types + 7  # positions, seqs, counters
-        commands_per_s = applies_per_s * (cells_per_apply * per_cell + overhead)
+        commands_per_s = applies_per_s * apply_commands(cells_per_apply, w.channels, ranges, w.leaderboard)
     else:
         commands_per_s = 0.0
     merge_workers = max(1, min(roots, math.ceil(commands_per_s / MERGE_CELLS_PER_WORKER)))

@@ -70,3 +70,13 @@ def test_plan_command_reports_dedup_memory(capsys: pytest.CaptureFixture[str]) -
     assert main(["plan", "--rate", "100000"]) == 0
     out = capsys.readouterr().out
     assert "dedup memory (tier 1)" in out and "67,500,000 ids in the horizon" in out
+
+
+def test_a_backlog_drains_faster_the_more_events_share_a_cell() -> None:
+    from pipeline.core.planner import drain
+
+    points = [drain(100_000, per_key, channels=50) for per_key in (1, 2, 10, 100)]
+    assert [p.events_per_s for p in points] == sorted(p.events_per_s for p in points)
+    assert all(p.redis_commands_per_cell >= 1 for p in points)
+    # one event per key: about one command per cell; few cells per apply: the fixed costs show
+    assert points[0].redis_commands_per_cell < 1.1 < drain(10_000, 100, channels=50).redis_commands_per_cell

@@ -255,15 +255,7 @@ class SubKeyRouter:
             k = last[1] if ts_ms >= last[0] else k_at(history, ts_ms)
             if k <= 1:
                 k = self.static_k
-        if k <= 1:
-            return 0
-        if event_id is None:
-            self._round_robin += 1
-            slot = self._round_robin % k
-        else:
-            slot = zlib.crc32(event_id.encode()) % k
-        subs = self._subs.get((key, k))  # inline: this runs for every event of a split key
-        return (subs if subs is not None else self.subs(key, k))[slot]
+        return self.sub_of(key, event_id, k)
 
     def sub_of(self, key: str, event_id: str | None, k: int) -> int:
         """The sub-key of an event when `key` is split `k` ways."""
@@ -274,7 +266,8 @@ class SubKeyRouter:
             slot = self._round_robin % k
         else:
             slot = zlib.crc32(event_id.encode()) % k
-        return self.subs(key, k)[slot]
+        subs = self._subs.get((key, k))  # inline: this runs for every event of a split key
+        return (subs if subs is not None else self.subs(key, k))[slot]
 
     def subs(self, key: str, k: int) -> tuple[int, ...]:
         """The k sub-key numbers of a key; with a known partitioner, on k distinct partitions."""

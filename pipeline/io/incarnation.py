@@ -28,8 +28,18 @@ def key(group: str, instance: str) -> str:
 
 async def begin(client: aioredis.Redis, bootstrap: kafka.KafkaTarget, group: str, instance: str) -> str:
     """Record and return this start's transactional id, after fencing the previous start's."""
+    new_id, _ = await start(client, bootstrap, group, instance)
+    return new_id
+
+
+async def start(
+    client: aioredis.Redis, bootstrap: kafka.KafkaTarget, group: str, instance: str
+) -> tuple[str, str | None]:
+    """Like `begin`; also returns the previous start's id, which it fenced (None: first start)."""
     new_id = f"{group}.{instance}.{time.time_ns():x}"
     previous = await retrying(lambda: client.getset(key(group, instance), new_id))
-    if previous:
-        await kafka.fence(bootstrap, previous.decode() if isinstance(previous, bytes) else str(previous))
-    return new_id
+    if not previous:
+        return new_id, None
+    fenced = previous.decode() if isinstance(previous, bytes) else str(previous)
+    await kafka.fence(bootstrap, fenced)
+    return new_id, fenced

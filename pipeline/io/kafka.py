@@ -425,6 +425,29 @@ def producer(bootstrap: KafkaTarget, client_id: str, *, linger_ms: int = 5) -> A
     )
 
 
+async def committed_offsets(
+    consumer: AIOKafkaConsumer, partitions: Iterable[TopicPartition]
+) -> dict[TopicPartition, int | None]:
+    """The group's committed offset of each partition (None: none yet), in one OffsetFetch request.
+
+    aiokafka's `committed()` asks about one partition per request; its group coordinator asks
+    about any number at once (and retries what is retriable, as `committed()` does).
+    """
+    tps = list(partitions)
+    if not tps:
+        return {}
+    fetch = getattr(getattr(consumer, "_coordinator", None), "fetch_committed_offsets", None)
+    if fetch is None:  # an aiokafka without it: one request per partition, all at once
+        answers = await asyncio.gather(*(consumer.committed(tp) for tp in tps))
+        return dict(zip(tps, answers, strict=True))
+    got = await fetch(tps)
+    out: dict[TopicPartition, int | None] = {}
+    for tp in tps:
+        meta = got.get(tp)
+        out[tp] = None if meta is None or meta.offset < 0 else int(meta.offset)
+    return out
+
+
 async def lag(consumer: AIOKafkaConsumer) -> dict[int, int]:
     """Records behind the end of each assigned partition (for the lag gauge)."""
     out: dict[int, int] = {}

@@ -10,18 +10,22 @@ window was never visible to the root (it reads read_committed).
 Only the worker that last claimed a partition (pipeline/io/partition_owners)
 can commit its offsets: a newly assigned partition is read only after its
 previous holders are fenced, and a worker whose transaction fails hands its
-partitions to a new producer only where nobody has claimed them since.
+partitions to a new producer only where nobody has claimed them since. Those
+decisions are made by the sans-I/O state machine in pipeline/core/ownership.py;
+this module only carries out its actions and reports their results.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 from aiokafka import AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import KafkaError
+from redis.exceptions import RedisError
 
+from pipeline.core import ownership as own
 from pipeline.core.coalescer import Coalescer, DeadLetter
 from pipeline.core.topology import Topology
 from pipeline.io import incarnation, kafka, redis_client
@@ -69,10 +73,9 @@ class CoalesceWorker:
         )
         self.redis = redis_client.connect(settings)
         self.owners = PartitionOwners(self.redis, self.group)
-        # assigned partitions not read: waiting for their claim, or claimed by another worker since
+        self.ownership = own.Ownership(self.coalescer.ids_current if topology.dedup_horizon_s else None)
+        # assigned partitions not read (ownership.held), for the poller never to resume them
         self._held: set[TopicPartition] = set()
-        self._to_claim: set[TopicPartition] = set()
-        self._producer_claimed = False  # the current producer holds claims (renew it for new ones)
         self.feed_topic = topology.topic("feed")
         self.dedup_topic = topology.topic("dedup")
         self.events_in = 0
@@ -110,13 +113,16 @@ class CoalesceWorker:
             consumer, self.settings.max_poll_records, self.settings.idle_backoff_ms / 1000, self._held
         )
         while not stop.is_set():
-            if self._to_claim and not await self._claim():
+            if self.ownership.pending and not await self._proceed():
                 await asyncio.sleep(RETRY_EVERY_S)
                 continue
             # an idle pause never outlasts the open window: it closes on time with no new events
             batch = await poller.poll(c.clock.remaining(time.monotonic()))
             if batch:
+                reading = self.ownership.reading
                 for tp, records in batch.items():
+                    if tp.partition not in reading:  # fetched before it was paused: read again later
+                        continue
                     dead = c.add_batch(tp.partition, records)
                     records_in.inc(len(records))
                     self.records_in += len(records)
@@ -137,51 +143,53 @@ class CoalesceWorker:
     async def flush(self) -> None:
         """Close the window and commit its partials, dead letters and offsets in one transaction."""
         async with self._lock:
-            result = self.coalescer.flush(time.monotonic())
-            dead, self._dead = self._dead, []
-            if not result.next_offsets:
-                return
-            offsets = {TopicPartition(self.events_topic, p): o for p, o in result.next_offsets.items()}
-            try:
-                async with self.producer.transaction():
-                    sent = []
-                    for partial in result.partials:
-                        for message in partial.encode(self.max_partial_bytes):
-                            sent.append(
-                                await self.producer.send(
-                                    self.partials_topic, message, partition=partial.root_partition
-                                )
-                            )
-                            self.partial_messages += 1
-                            self.max_partial_bytes_sent = max(self.max_partial_bytes_sent, len(message))
-                    for channel, raw in result.feed:
-                        sent.append(await self.producer.send(self.feed_topic, raw, key=channel.encode()))
-                    for d in dead:
+            await self._flush()
+
+    async def _flush(self) -> None:
+        """`flush`, the lock held."""
+        result = self.coalescer.flush(time.monotonic())
+        dead, self._dead = self._dead, []
+        if not result.next_offsets:
+            return
+        offsets = {TopicPartition(self.events_topic, p): o for p, o in result.next_offsets.items()}
+        try:
+            async with self.producer.transaction():
+                sent = []
+                for partial in result.partials:
+                    for message in partial.encode(self.max_partial_bytes):
                         sent.append(
-                            await self.producer.send(self.dead_topic, d.raw, headers=_dead_headers(self, d))
-                        )
-                    # the ids this window counted: a new owner of the partition rebuilds from these
-                    for partition, records in result.changelog.items():
-                        for record in records:
-                            sent.append(
-                                await self.producer.send(self.dedup_topic, record, partition=partition)
+                            await self.producer.send(
+                                self.partials_topic, message, partition=partial.root_partition
                             )
-                    # aiokafka commits a transaction even if a record in it failed (e.g.
-                    # OutOfOrderSequenceNumber after a broker restart): wait for every delivery
-                    # so that a failure aborts the window instead of committing its offsets alone
-                    await asyncio.gather(*sent)
-                    await self.producer.send_offsets_to_transaction(offsets, self.group)
-            except KafkaError as exc:
-                # Nothing of the window is visible; read it again from the committed offsets, with
-                # a new producer: the old one may be fenced (a newer owner of some partition) or
-                # forgotten by a restarted broker (OutOfOrderSequenceNumber on every later send).
-                obs.TX_ABORTS.labels(*self.labels).inc()
-                self.log.warning("transaction aborted; rewinding", error=repr(exc), window=result.window)
-                self.coalescer.aborted()
-                await self._after_abort()
-                return
-            self.coalescer.committed(result)
-            self._count(result.events, len(result.partials), result.cells, dead)
+                        )
+                        self.partial_messages += 1
+                        self.max_partial_bytes_sent = max(self.max_partial_bytes_sent, len(message))
+                for channel, raw in result.feed:
+                    sent.append(await self.producer.send(self.feed_topic, raw, key=channel.encode()))
+                for d in dead:
+                    sent.append(
+                        await self.producer.send(self.dead_topic, d.raw, headers=_dead_headers(self, d))
+                    )
+                # the ids this window counted: a new owner of the partition rebuilds from these
+                for partition, records in result.changelog.items():
+                    for record in records:
+                        sent.append(await self.producer.send(self.dedup_topic, record, partition=partition))
+                # aiokafka commits a transaction even if a record in it failed (e.g.
+                # OutOfOrderSequenceNumber after a broker restart): wait for every delivery
+                # so that a failure aborts the window instead of committing its offsets alone
+                await asyncio.gather(*sent)
+                await self.producer.send_offsets_to_transaction(offsets, self.group)
+        except KafkaError as exc:
+            # Nothing of the window is visible; read it again from the committed offsets, with
+            # a new producer: the old one may be fenced (a newer owner of some partition) or
+            # forgotten by a restarted broker (OutOfOrderSequenceNumber on every later send).
+            obs.TX_ABORTS.labels(*self.labels).inc()
+            self.log.warning("transaction aborted; rewinding", error=repr(exc), window=result.window)
+            self.coalescer.aborted()
+            await self._carry_out(self.ownership.handle(own.Aborted()))
+            return
+        self.coalescer.committed(result)
+        self._count(result.events, len(result.partials), result.cells, dead)
 
     def drop_dead_letters(self, partitions: Iterable[int]) -> None:
         gone = set(partitions)
@@ -204,106 +212,158 @@ class CoalesceWorker:
 
     async def _new_producer(self) -> None:
         """A fresh transactional id (fencing this worker's previous one) and its producer."""
-        self.transactional_id = await incarnation.begin(
+        await self._carry_out(self.ownership.handle(await self._start_producer()))
+
+    async def _start_producer(self) -> own.ProducerRenewed:
+        transactional_id, fenced = await incarnation.start(
             self.redis, self.kafka, self.group, self.settings.instance
         )
-        self.producer = kafka.transactional_producer(self.kafka, self.transactional_id)
-        await kafka.start(self.producer)
-        self._producer_claimed = False
+        producer = kafka.transactional_producer(self.kafka, transactional_id)
+        await kafka.start(producer)
+        self.producer, self.transactional_id = producer, transactional_id
+        return own.ProducerRenewed(transactional_id, fenced)
 
-    async def _renew_producer(self) -> None:
+    async def _renew_producer(self) -> own.ProducerRenewed:
         old = self.producer
         try:
             await asyncio.wait_for(old.stop(), 10)
         except Exception as exc:  # it is being replaced: nothing of it is needed any more
             self.log.warning("stopping the old producer failed", error=repr(exc))
-        while True:
-            try:
-                await self._new_producer()
-                break
-            except (KafkaError, OSError) as exc:  # the broker is away: no window can commit anyway
-                self.log.warning("cannot start a producer yet; retrying", error=repr(exc))
-                await asyncio.sleep(RETRY_EVERY_S)
-        self.log.info("producer renewed", transactional_id=self.transactional_id)
+        renewed = await self._start_producer()
+        self.log.info("producer renewed", transactional_id=self.transactional_id, fenced=renewed.fenced)
+        return renewed
 
-    def _reading(self) -> set[TopicPartition]:
-        return self.consumer.assignment() - self._held
+    # --- ownership: the state machine decides, this carries it out ---
 
-    async def _claim(self) -> bool:
-        """Claim newly assigned partitions, fence their previous holders, then read from the commits."""
+    def assigned(self, assigned: Iterable[TopicPartition]) -> None:
+        """A new generation: hold every assigned partition until it is claimed (local actions only)."""
+        for action in self.ownership.handle(own.Assigned(frozenset(tp.partition for tp in assigned))):
+            self._local(action)
+
+    async def revoked(self, revoked: Iterable[TopicPartition]) -> None:
+        """Flush the window before partitions move, so their next owner starts exactly there."""
+        partitions = frozenset(tp.partition for tp in revoked)
         async with self._lock:
-            claiming = self._to_claim & self.consumer.assignment()
+            await self._carry_out(self.ownership.handle(own.Revoked(partitions)))
+
+    async def _proceed(self) -> bool:
+        """Carry out pending ownership work (claims, fences, rewinds); False if a step failed."""
+        async with self._lock:
+            await self._carry_out(self.ownership.handle(own.Proceed()))
+        return not self.ownership.pending
+
+    async def _carry_out(self, actions: list[own.Action]) -> None:
+        """Carry out actions in order, feeding each answer back (the lock is held)."""
+        for action in actions:
+            answer = await self._do(action)
+            if answer is not None:
+                await self._carry_out(self.ownership.handle(answer))
+        self._sync_held()
+
+    async def _do(self, action: own.Action) -> own.Event | None:
+        if isinstance(action, own.Flush):
             try:
-                if self._producer_claimed:
-                    # a new producer per assignment: the new owners of partitions this worker had
-                    # fence its previous id, and must not abort the windows of the ones it keeps
-                    await self._renew_producer()
-                partitions = sorted(tp.partition for tp in claiming)
-                for previous in await self.owners.claim(partitions, self.transactional_id):
-                    # bounded: a broker that never settles an old transaction must not hold the
-                    # lock (and a rebalance waiting for it) for ever; the claim is simply retried
-                    await asyncio.wait_for(kafka.fence(self.kafka, previous), FENCE_TIMEOUT_S)
-                self._producer_claimed = True
+                await self._flush()
+            except Exception:
+                # The new owner starts from the committed offsets: never flush this state later.
+                self.log.exception("flush before revocation failed; dropping uncommitted state")
+                await self._carry_out(self.ownership.handle(own.FlushFailed(action.partitions)))
+                raise
+            return own.WindowFlushed(action.partitions)
+        if isinstance(action, own.RecordFenced):
+            try:
+                await self.owners.record_fenced(action.ids)
+            except (RedisError, OSError) as exc:  # only saves the other workers a fence
+                self.log.warning("recording fenced ids failed", error=repr(exc))
+            return None
+        if not isinstance(action, own.Asking):
+            self._local(action)
+            return None
+        try:
+            return await self._ask(action)
+        except (KafkaError, RedisError, OSError, TimeoutError) as exc:
+            self.log.warning("ownership step failed; retrying", step=type(action).__name__, error=repr(exc))
+            return own.Failed(action, repr(exc))
+
+    async def _ask(self, action: own.Asking) -> own.Event:
+        match action:
+            case own.RenewProducer():
+                return await self._renew_producer()
+            case own.Claim(partitions, producer_id):
+                previous = await self.owners.claim(sorted(partitions), producer_id)
+                return own.Claimed(action, frozenset(previous))
+            case own.Fence(ids):
+                return own.Fenced(action, await self._fence(ids))
+            case own.HandOver(partitions, old_id, new_id):
+                kept = await self.owners.hand_over(sorted(partitions), old_id, new_id)
+                return own.HandedOver(action, frozenset(kept))
+            case own.FetchCommitted(partitions):
+                committed = await kafka.committed_offsets(self.consumer, self._tps(partitions))
+                offsets = {tp.partition: own.NO_OFFSET if o is None else o for tp, o in committed.items()}
+                return own.CommittedRead(action, offsets)
+            case own.Seek(offsets):
+                start = self._tps(p for p, o in offsets.items() if o == own.NO_OFFSET)
+                for p, o in offsets.items():
+                    if o != own.NO_OFFSET:
+                        self.consumer.seek(TopicPartition(self.events_topic, p), o)
+                if start:
+                    await self.consumer.seek_to_beginning(*start)
+                return own.Sought(action)
+            case own.RestoreIds(offsets):
+                await self._restore_ids(offsets)
+                return own.IdsRestored(action)
+        raise TypeError(f"not an asking action: {action!r}")
+
+    def _local(self, action: own.Action) -> None:
+        match action:
+            case own.Pause(partitions):
+                self._sync_held()
+                self.consumer.pause(*self._tps(partitions))
+            case own.Resume(partitions):
+                self._sync_held()
+                self.consumer.resume(*self._tps(partitions))
+                self.log.info(
+                    "reading", partitions=sorted(partitions), transactional_id=self.transactional_id
+                )
+            case own.DropIdsExcept(partitions):
+                self.coalescer.drop_ids(set(self.coalescer.ids_held()) - partitions)
+            case own.DropState(partitions, ids, reason):
                 self.coalescer.forget(partitions)
+                if ids:
+                    self.coalescer.drop_ids(partitions)
                 self.drop_dead_letters(partitions)
-                await self._restore_ids(await self._seek_to_committed(claiming))
-            except (KafkaError, OSError, TimeoutError) as exc:
-                self.log.warning("claiming partitions failed; retrying", error=repr(exc))
-                return False
-            self._to_claim.clear()
-            self._held.difference_update(claiming)
-            self.consumer.resume(*claiming)
-            self.log.info("claimed", partitions=partitions, transactional_id=self.transactional_id)
-            return True
+                if reason == "taken":
+                    self.log.warning("partitions claimed by another worker", partitions=sorted(partitions))
+            case _:
+                raise TypeError(f"not a local action: {action!r}")
 
-    async def _after_abort(self) -> None:
-        """Renew the producer; keep reading only the partitions nobody claimed meanwhile."""
-        old_id = self.transactional_id
-        await self._renew_producer()
-        reading = self._reading()
-        partitions = sorted(tp.partition for tp in reading)
-        kept = await self.owners.hand_over(partitions, old_id, self.transactional_id)
-        self._producer_claimed = True
-        lost = {tp for tp in reading if tp.partition not in kept}
-        if lost:
-            # another worker claimed them: hold them until the group hands out partitions again
-            self.consumer.pause(*lost)
-            self._held.update(lost)
-            self.coalescer.forget(tp.partition for tp in lost)
-            self.coalescer.drop_ids(tp.partition for tp in lost)
-            self.drop_dead_letters(tp.partition for tp in lost)
-            gone = sorted(tp.partition for tp in lost)
-            self.log.warning("partitions claimed by another worker", partitions=gone)
-        # A commit that failed on our side may still have committed on the broker (its answer lost
-        # with a broker): then its ids are in the changelog though no longer in memory. The offsets
-        # say so (they moved past what this worker last saw commit), and the ids are read back.
-        await self._restore_ids(await self._seek_to_committed(reading - lost))
+    def _sync_held(self) -> None:
+        self._held.clear()
+        self._held.update(self._tps(self.ownership.held))
 
-    async def _seek_to_committed(self, partitions: Iterable[TopicPartition]) -> dict[int, int]:
-        """Seek each partition to its committed offset; returns them (-1: none committed yet)."""
-        out: dict[int, int] = {}
-        for tp in partitions:
-            committed = await self.consumer.committed(tp)
-            if committed is None:
-                await self.consumer.seek_to_beginning(tp)
-            else:
-                self.consumer.seek(tp, committed)
-            out[tp.partition] = -1 if committed is None else committed
-        return out
+    def _tps(self, partitions: Iterable[int]) -> list[TopicPartition]:
+        return [TopicPartition(self.events_topic, p) for p in sorted(partitions)]
 
-    async def _restore_ids(self, committed: dict[int, int]) -> None:
-        """Rebuild the dedup state of claimed partitions from their changelog, unless it is current.
+    async def _fence(self, ids: Iterable[str]) -> frozenset[str]:
+        """Fence ids at once; returns those fenced (the others are retried)."""
+        ids = sorted(ids)
 
-        It is current when this worker committed the partition's last window itself (it kept the
-        partition, or got it back with nothing committed meanwhile). Read after the fence: exactly
-        the ids of committed windows.
-        """
-        if not self.topology.dedup_horizon_s:
-            return
+        async def fence(transactional_id: str) -> None:
+            # bounded: a broker that never settles an old transaction must not hold the lock (and
+            # a rebalance waiting for it) for ever; the fence is simply retried
+            await asyncio.wait_for(kafka.fence(self.kafka, transactional_id), FENCE_TIMEOUT_S)
+
+        results = await asyncio.gather(*(fence(i) for i in ids), return_exceptions=True)
+        failed = {i: r for i, r in zip(ids, results, strict=True) if isinstance(r, BaseException)}
+        for transactional_id, error in failed.items():
+            self.log.warning("fencing failed; retrying", fenced=transactional_id, error=repr(error))
+        return frozenset(ids) - set(failed)
+
+    async def _restore_ids(self, committed: Mapping[int, int]) -> None:
+        """Rebuild the dedup state of partitions from their changelog (read after the fence:
+        exactly the ids of committed windows)."""
         c = self.coalescer
-        stale = sorted(p for p, offset in committed.items() if not c.ids_current(p, offset))
-        if not stale:
-            return
+        stale = sorted(committed)
         started = time.monotonic()
         logs = await kafka.read_to_end(self.kafka, self.dedup_topic, stale)
         ids = sum(c.restore_ids(p, logs[p], committed[p]) for p in stale)
@@ -314,15 +374,6 @@ class CoalesceWorker:
             records=sum(len(r) for r in logs.values()),
             seconds=round(time.monotonic() - started, 2),
         )
-
-    def assigned(self, assigned: Iterable[TopicPartition]) -> None:
-        """A new generation: hold every assigned partition until it is claimed."""
-        partitions = set(assigned)
-        self.coalescer.drop_ids(set(self.coalescer.ids_held()) - {tp.partition for tp in partitions})
-        self.consumer.pause(*partitions)
-        self._held.clear()
-        self._held.update(partitions)
-        self._to_claim = set(partitions)
 
     async def _report_lag(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
@@ -347,17 +398,7 @@ class _FlushOnRevoke(ConsumerRebalanceListener):
         self.worker = worker
 
     async def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
-        if not revoked:
-            return
-        try:
-            await self.worker.flush()
-        except Exception:
-            # The new owner starts from the committed offsets: never flush this state later.
-            self.worker.log.exception("flush before revocation failed; dropping uncommitted state")
-            self.worker.coalescer.forget(tp.partition for tp in revoked)
-            self.worker.coalescer.drop_ids(tp.partition for tp in revoked)
-            self.worker.drop_dead_letters(tp.partition for tp in revoked)
-            raise
+        await self.worker.revoked(revoked)
 
     async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
         self.worker.log.info("assigned", partitions=sorted(tp.partition for tp in assigned))

@@ -60,7 +60,7 @@ logger.request.level = WARN
 def kafka_libs() -> Path | None:
     """The folder holding the broker's jars, or None if they were not fetched."""
     env = os.environ.get(LIBS_ENV)
-    folder = Path(env) if env else Path(__file__).resolve().parents[1] / ".kafka" / "lib"
+    folder = Path(env) if env else Path(__file__).resolve().parents[2] / ".kafka" / "lib"  # the checkout's
     return folder if any(folder.glob("kafka_2.13-*.jar")) else None
 
 

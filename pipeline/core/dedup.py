@@ -44,7 +44,7 @@ import xxhash
 BUCKETS = 8  # buckets per horizon: memory holds at most (1 + 1/BUCKETS) horizons of ids
 BYTES_PER_ID = 12  # committed, in memory and in the changelog (96-bit hash)
 BLOOM_BITS_PER_ID = 10
-BLOOM_PROBES = 5  # bits set per id, all in one 64-bit word
+BLOOM_PROBES = 5  # bits set per id, all in one 64-bit word (6 hash bits each: at most 5 in 32)
 MIN_BLOOM_BITS = 1 << 16
 CHANGELOG_MAGIC = b"D1"
 _BUCKET_HEAD = struct.Struct(">qI")  # bucket start (ms), ids in it
@@ -121,7 +121,7 @@ class _Bloom:
         one, six, sixty_three = np.uint64(1), np.uint64(6), np.uint64(63)
         for _ in range(BLOOM_PROBES):
             mask |= one << (low & sixty_three)
-            low = (low >> six) | (low << np.uint64(26)) & np.uint64(0xFFFFFFFF)  # rotate the 32 bits
+            low >>= six  # BLOOM_PROBES x 6 bits: within the 32 taken
         return index, mask
 
     def add(self, hi: np.ndarray) -> None:

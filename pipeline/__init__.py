@@ -5,11 +5,14 @@ The public API, importable from `pipeline` itself:
 - declaring a topology (topologies/): `topology`, `count`, `sum_of`, `minimum`, `maximum`,
   `distinct_users`, `every`, `total`, and the types they build (`Topology`, `Metric`, `Partitions`,
   `Rollup`, `Kind`);
-- writing events: `PipelineClient` (the producer SDK), its per-event answer `SendResult`, its errors
-  `BrokerUnavailable` and `AccessRefused`, and `KafkaConnection` for a secured broker.
+- writing events: `PipelineClient` (the producer SDK, asyncio), `SyncPipelineClient` (the same for
+  synchronous code: thread-safe and fork-safe), their per-event answer `SendResult`, their errors
+  `BrokerUnavailable` and `AccessRefused`, and `KafkaConnection` for a secured broker;
+- reading aggregates: `Reader` (asyncio) and `SyncReader` — totals, top N, series, distinct users,
+  stats — with `Top` and `QueryError` (pipeline/read.py).
 
-The topology names load at once (plain Python). The SDK's load on first use, so that importing a
-topology, or anything under `pipeline.core`, does not pull in the Kafka and Redis clients.
+The topology names load at once (plain Python). The SDK's and the reader's load on first use, so that
+importing a topology, or anything under `pipeline.core`, does not pull in the Kafka and Redis clients.
 
 `pipeline.topology` is the function; topologies import from the module as before
 (`from pipeline.topology import count, topology`).
@@ -39,6 +42,8 @@ from pipeline.topology import (
 if TYPE_CHECKING:
     from pipeline.client import BrokerUnavailable, PipelineClient, SendResult
     from pipeline.io.kafka import AccessRefused, KafkaConnection
+    from pipeline.read import QueryError, Reader, SyncReader, Top
+    from pipeline.sync_client import SyncPipelineClient
 
 __version__ = "0.1.0"
 
@@ -48,6 +53,11 @@ _LAZY = {
     "BrokerUnavailable": "pipeline.client",
     "AccessRefused": "pipeline.io.kafka",
     "KafkaConnection": "pipeline.io.kafka",
+    "SyncPipelineClient": "pipeline.sync_client",
+    "Reader": "pipeline.read",
+    "SyncReader": "pipeline.read",
+    "Top": "pipeline.read",
+    "QueryError": "pipeline.read",
 }
 
 __all__ = [
@@ -58,8 +68,13 @@ __all__ = [
     "Metric",
     "Partitions",
     "PipelineClient",
+    "QueryError",
+    "Reader",
     "Rollup",
     "SendResult",
+    "SyncPipelineClient",
+    "SyncReader",
+    "Top",
     "Topology",
     "count",
     "distinct_users",

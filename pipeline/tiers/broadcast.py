@@ -45,9 +45,9 @@ from pipeline.core.frames import http_chunk, sse_comment, sse_event, text_frame
 from pipeline.core.model import ChannelUpdate
 from pipeline.core.topology import Topology
 from pipeline.io import kafka, redis_client
-from pipeline.io.channel_snapshot import leaderboard_metric, read_snapshot
 from pipeline.io.node_registry import NodeRegistry, Ring
 from pipeline.io.redis_retry import retrying
+from pipeline.read import Reader, leaderboard_metric
 from pipeline.runtime import observability as obs
 from pipeline.runtime.settings import Settings
 
@@ -168,6 +168,7 @@ class BroadcastNode:
         )
         self.max_lag = settings.broadcast_max_lag_bytes
         self.redis = redis_client.connect(settings)
+        self.reader = Reader(topology, self.redis)  # snapshots (and the dashboard) read through it
         self.url = settings.broadcast_public_url
         self.registry: NodeRegistry | None = None
         self.ring = Ring({})
@@ -631,7 +632,7 @@ class BroadcastNode:
 
     async def _read_snapshot(self, request: SnapshotRequest) -> None:
         try:
-            snapshot = await read_snapshot(self.redis, self.topology, request.channel)
+            snapshot = await self.reader.snapshot(request.channel)
         except (RedisError, OSError) as exc:
             self.log.warning("snapshot read failed; retrying", channel=request.channel, error=repr(exc))
             await asyncio.sleep(SNAPSHOT_RETRY_S)

@@ -1,7 +1,7 @@
 """The dashboard page and its JSON query API (`/api/...`), mounted on the broadcast node.
 
 Read-only and stateless: every answer is read from Redis when it is asked for
-(through pipeline/io/redis_query.py), so any node can serve it and a reload
+(through the reader API, pipeline/read.py), so any node can serve it and a reload
 always shows what Redis holds. A bad parameter gets HTTP 400 with a JSON
 `error` that says what is wrong.
 
@@ -29,9 +29,8 @@ import redis.asyncio as aioredis
 from aiohttp import web
 
 from pipeline.core.aggregates import Kind
-from pipeline.core.redis_layout import seq_key
 from pipeline.core.topology import Metric, Topology
-from pipeline.io import redis_query
+from pipeline.read import QueryError, Reader, fold
 
 STATIC_DIR = Path(__file__).parent / "static"
 MAX_TOP = 1000
@@ -41,27 +40,9 @@ MAX_CHANNELS = 1000
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-class BadQuery(ValueError):
-    """A query parameter that is missing, malformed or names something that does not exist."""
-
-
-def series_starts(size_s: int, points: int, end_s: int) -> list[int]:
-    """Bucket starts (epoch seconds), oldest first: `points` buckets ending with the one holding `end_s`."""
-    last = end_s // size_s * size_s
-    return [last - (points - 1 - i) * size_s for i in range(points)]
-
-
-def fold(kind: Kind, values: list[float]) -> float | None:
-    """One number for many keys' values of a metric: their sum, or their min or max."""
-    if kind is Kind.DISTINCT:
-        return None  # distinct users of different keys overlap: they do not add up
-    if not values:
-        return 0
-    if kind is Kind.MIN:
-        return min(values)
-    if kind is Kind.MAX:
-        return max(values)
-    return sum(values)
+# A query parameter that is missing, malformed or names something that does not exist; the reader's
+# QueryError (a question the topology cannot answer) is one too: both are answered 400.
+BadQuery = QueryError
 
 
 def describe(topology: Topology) -> dict[str, Any]:
@@ -90,6 +71,7 @@ class DashboardApi:
     def __init__(self, topology: Topology, client: aioredis.Redis) -> None:
         self.topology = topology
         self.client = client
+        self.reader = Reader(topology, client)
         self.metrics = {m.name: m for m in topology.metrics}
 
     # -- query parameters -----------------------------------------------------------------------------
@@ -129,25 +111,19 @@ class DashboardApi:
     async def channels(self, request: web.Request) -> dict[str, Any]:
         """Channels the root has written to, the busiest (most updates) first."""
         limit = self._int(request, "limit", 200, 1, MAX_CHANNELS)
-        seqs = await redis_query.channel_seqs(self.client, self.topology.name)
+        seqs = await self.reader.channels()
         ranked = sorted(seqs.items(), key=lambda item: (-item[1], item[0]))[:limit]
         return {"channels": [{"channel": c, "seq": s} for c, s in ranked], "count": len(seqs)}
 
     async def totals(self, request: web.Request) -> dict[str, Any]:
         metric = self._metric(request)
-        name, client = self.topology.name, self.client
         channel = request.query.get("channel")
         if channel is None:
             if metric.kind is Kind.DISTINCT:
                 raise BadQuery(f"totals of the distinct metric {metric.name!r} need a 'channel'")
-            sums = await redis_query.channel_sums(client, name, metric.name)
-            per_channel = {c: fold(metric.kind, v) for c, v in sorted(sums.items())}
+            per_channel = await self.reader.totals(metric.name)
             return {"metric": metric.name, "kind": metric.kind.value, "channels": per_channel}
-        values: dict[str, float] | dict[str, int]
-        if metric.kind is Kind.DISTINCT:
-            values = await redis_query.channel_distinct(client, name, metric.name, channel)
-        else:
-            values = await redis_query.channel_totals(client, name, metric.name, channel)
+        values = await self.reader.values(metric.name, channel)
         return {
             "metric": metric.name,
             "kind": metric.kind.value,
@@ -161,70 +137,43 @@ class DashboardApi:
         metric = self._metric(request)
         channel = self._channel(request)
         n = self._int(request, "n", 10, 1, MAX_TOP)
-        name, client = self.topology.name, self.client
         if metric.leaderboard:
             n = min(n, metric.leaderboard)
-            top = await redis_query.top_keys(client, name, metric.name, channel, n)
-            source = "leaderboard"
-        else:
-            values: dict[str, float] | dict[str, int]
-            if metric.kind is Kind.DISTINCT:
-                values = await redis_query.channel_distinct(client, name, metric.name, channel)
-            else:
-                values = await redis_query.channel_totals(client, name, metric.name, channel)
-            reverse = metric.kind is not Kind.MIN
-            ranked = sorted(values.items(), key=lambda kv: (-kv[1] if reverse else kv[1], kv[0]))
-            top = ranked[:n]
-            source = "scan"
+        top = await self.reader.top(metric.name, channel, n)
         return {
             "metric": metric.name,
             "channel": channel,
             "n": n,
-            "source": source,
-            "top": [[k, v] for k, v in top],
+            "source": top.source,
+            "top": [[k, v] for k, v in top.items],
         }
 
     async def series(self, request: web.Request) -> dict[str, Any]:
         """Per-minute or per-hour values of one key (or, for a count or sum, of the whole channel)."""
         metric = self._metric(request)
         channel = self._channel(request)
-        sizes = [r.size_s for r in metric.rollups if r.size_s]
-        if not sizes:
-            raise BadQuery(f"metric {metric.name!r} keeps only all-time totals, no series")
-        size = self._int(request, "size", min(sizes), 1, 10**9)
-        if size not in sizes:
-            raise BadQuery(f"metric {metric.name!r} has buckets of {sizes} seconds, not {size}")
+        rollup = self.reader.rollup(metric, self._int(request, "size", 0, 1, 10**9) or None)
         points = self._int(request, "points", 60, 1, MAX_POINTS)
         end = self._int(request, "end", int(time.time()), 0, 2**40)
         key = request.query.get("key") or None
-        starts = series_starts(size, points, end)
-        buckets = [f"{size}:{s}" for s in starts]
-        name, client = self.topology.name, self.client
-        values: list[float] | list[int]
-        if metric.kind is Kind.DISTINCT:
-            if key is None:
-                raise BadQuery(f"a series of the distinct metric {metric.name!r} needs a 'key'")
-            values = await redis_query.bucket_distinct(client, name, metric.name, channel, key, buckets)
-        else:
-            if key is None and metric.kind is not Kind.COUNT and metric.kind is not Kind.SUM:
-                raise BadQuery(f"a series of the {metric.kind.value} metric {metric.name!r} needs a 'key'")
-            values = await redis_query.bucket_values(client, name, metric.name, channel, key, buckets)
+        values = await self.reader.series(
+            metric.name, channel, key, size_s=rollup.size_s, points=points, end_s=end
+        )
         return {
             "metric": metric.name,
             "channel": channel,
             "key": key,
-            "size": size,
-            "points": [[s, v] for s, v in zip(starts, values, strict=True)],
+            "size": rollup.size_s,
+            "points": [[s, v] for s, v in values],
         }
 
     async def splits(self, request: web.Request) -> dict[str, Any]:
-        return {"splits": dict(sorted((await redis_query.splits(self.client, self.topology.name)).items()))}
+        return {"splits": dict(sorted((await self.reader.splits()).items()))}
 
     async def stats(self, request: web.Request) -> dict[str, Any]:
-        name = self.topology.name
-        counters = await redis_query.stats(self.client, name)
-        channels = await self.client.hlen(seq_key(name))
-        return {"topology": name, "stats": dict(sorted(counters.items())), "channels": channels}
+        counters = await self.reader.stats()
+        channels = await self.reader.channel_count()
+        return {"topology": self.topology.name, "stats": dict(sorted(counters.items())), "channels": channels}
 
 
 def _json(handler: Callable[[web.Request], Awaitable[dict[str, Any]]]) -> Handler:

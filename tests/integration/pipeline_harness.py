@@ -10,14 +10,14 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import orjson
-import redis.asyncio as aioredis
 from aiokafka import AIOKafkaProducer
 
 from pipeline.core.model import message_key
 from pipeline.core.topology import Topology
 from pipeline.harness.local_servers import Endpoints
 from pipeline.harness.supervisor import WorkerProcess
-from pipeline.io import kafka, redis_query
+from pipeline.io import kafka
+from pipeline.read import Reader
 
 LedgerKey = tuple[str, str]  # (channel, key)
 
@@ -54,19 +54,35 @@ async def wait_for_totals(
     redis_url: str, topology: Topology, metric: str, expected: Counter[LedgerKey], timeout_s: float
 ) -> dict[LedgerKey, float]:
     """Poll until every key's total equals the ledger (or time runs out); return what Redis holds."""
-    client = aioredis.Redis.from_url(redis_url)
     want = sum(expected.values())
     deadline = time.monotonic() + timeout_s
-    try:
+    async with Reader.from_url(topology, redis_url) as reader:
         while True:
-            got = await redis_query.key_totals(client, topology.name, metric)
+            got = await reader.key_totals(metric)
             if sum(got.values()) >= want and got == dict(expected):
                 return got
             if time.monotonic() > deadline:
                 return got
             await asyncio.sleep(0.5)
-    finally:
-        await client.aclose()
+
+
+async def settled_totals(
+    redis_url: str, topology: Topology, metric: str, at_least: float, timeout_s: float, quiet_s: float = 3.0
+) -> dict[LedgerKey, float]:
+    """What Redis holds once it has settled: at least `at_least` counted in all, then no value changed
+    for `quiet_s` (so a late double count would show), or what it holds when time runs out."""
+    deadline = time.monotonic() + timeout_s
+    async with Reader.from_url(topology, redis_url) as reader:
+        last = await reader.key_totals(metric)
+        quiet_since = time.monotonic()
+        while time.monotonic() < deadline:
+            await asyncio.sleep(0.5)
+            got = await reader.key_totals(metric)
+            if got != last:
+                last, quiet_since = got, time.monotonic()
+            elif sum(got.values()) >= at_least and time.monotonic() - quiet_since >= quiet_s:
+                break
+        return last
 
 
 class Pipeline:

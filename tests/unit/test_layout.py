@@ -14,7 +14,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGE = ROOT / "pipeline"
 
-PUBLIC_API = {"__init__.py", "__main__.py", "client.py", "topology.py"}
+PUBLIC_API = {"__init__.py", "__main__.py", "client.py", "sync_client.py", "read.py", "topology.py"}
 RUNTIME = {"core", "io", "tiers", "web", "runtime"}  # with PUBLIC_API: what `pip install .` runs
 TOOLING = ("pipeline.harness", "pipeline.bench", "pipeline.cli", "tests")
 

@@ -12,7 +12,7 @@ import redis.asyncio as aioredis
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from pipeline.harness.local_servers import Endpoints
-from pipeline.io import redis_query
+from pipeline.read import Reader
 from tests.integration.pipeline_harness import LedgerKey, Pipeline, wait_for_totals
 from topologies.live_likes import TOPOLOGY
 
@@ -66,7 +66,7 @@ async def test_bad_events_go_to_dead_letters_and_good_ones_count(
             assert want_reason in headers["reason"].decode(), headers
             assert headers["source"].decode().startswith(f"{topology.topic('events')}/0/")
         client = aioredis.Redis.from_url(servers.redis_url)
-        stats = await redis_query.stats(client, topology.name)
+        stats = await Reader(topology, client).stats()
         await client.aclose()
         assert stats["dead_letters"] == 3 * len(BAD)
         assert stats["events"] == 3 * len(BAD)

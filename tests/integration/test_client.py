@@ -19,7 +19,8 @@ from pipeline.client import BrokerUnavailable, PipelineClient
 from pipeline.core.hotkeys import HotKeySplitter, SplitPolicy
 from pipeline.core.model import parse_message_key
 from pipeline.harness.local_servers import Endpoints, free_port
-from pipeline.io import kafka, redis_query
+from pipeline.io import kafka
+from pipeline.read import Reader
 from tests.integration.pipeline_harness import LedgerKey, Pipeline, wait_for_totals
 from topologies.live_likes import TOPOLOGY
 
@@ -113,12 +114,12 @@ async def test_a_hot_key_is_split_over_distinct_partitions_and_announced(
         )
         assert len({r.sub for r in third}) == partitions
         deadline = time.monotonic() + 5
-        while (await redis_query.splits(redis, topology.name)).get("viral") != partitions:
+        while (await Reader(topology, redis).splits()).get("viral") != partitions:
             assert time.monotonic() < deadline, "split never announced in Redis"
             await asyncio.sleep(0.05)
         # the key cools down: unsplit and the announcement removed
         deadline = time.monotonic() + 5
-        while "viral" in await redis_query.splits(redis, topology.name):
+        while "viral" in await Reader(topology, redis).splits():
             assert time.monotonic() < deadline, "split never withdrawn"
             await asyncio.sleep(0.1)
     finally:

@@ -15,7 +15,8 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaTimeoutError
 
 from pipeline.harness.local_servers import Endpoints
-from pipeline.io import kafka, redis_query
+from pipeline.io import kafka
+from pipeline.read import Reader
 from pipeline.runtime.settings import Settings
 from pipeline.tiers.coalesce import CoalesceWorker
 from tests.integration.pipeline_harness import LedgerKey, Pipeline, send_events, wait_for_totals
@@ -66,8 +67,8 @@ async def test_a_commit_whose_answer_was_lost_keeps_its_ids(
         await send_events(servers.kafka_bootstrap, topology.topic("events"), fresh, ledger, retries=events)
         await wait_for_totals(servers.redis_url, topology, "likes", ledger, timeout_s=60)
         await asyncio.sleep(2.0)  # settle: a retry counted late would show now
-        assert await redis_query.key_totals(client, topology.name, "likes") == dict(ledger)
-        stats = await redis_query.stats(client, topology.name)
+        assert await Reader(topology, client).key_totals("likes") == dict(ledger)
+        stats = await Reader(topology, client).stats()
         assert (stats["events"], stats["deduplicated"]) == (2200, 2000)
     finally:
         stop.set()

@@ -28,7 +28,7 @@ import redis.asyncio as aioredis
 from pipeline.client import PipelineClient, SendResult
 from pipeline.core.hotkeys import HotKeySplitter, SplitPolicy
 from pipeline.harness.local_servers import Endpoints
-from pipeline.io import redis_query
+from pipeline.read import Reader
 from tests.integration.pipeline_harness import LedgerKey, Pipeline, wait_for_totals
 from topologies.live_likes import TOPOLOGY
 
@@ -130,8 +130,8 @@ async def test_sigkill_mid_stream_counts_every_event_once(
         got = await wait_for_totals(servers.redis_url, topology, "likes", ledger, timeout_s=120)
         await asyncio.sleep(2.0)  # settle: a retry counted late would show now
         client = aioredis.Redis.from_url(servers.redis_url)
-        got = await redis_query.key_totals(client, topology.name, "likes")
-        stats = await redis_query.stats(client, topology.name)
+        got = await Reader(topology, client).key_totals("likes")
+        stats = await Reader(topology, client).stats()
         await client.aclose()
         wrong = {k: (got.get(k), v) for k, v in ledger.items() if got.get(k) != v}
         extra = set(got) - set(ledger)

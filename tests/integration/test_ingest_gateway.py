@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 
 from pipeline.harness.local_servers import Endpoints, free_port
 from pipeline.harness.supervisor import WorkerProcess
-from pipeline.io import redis_query
+from pipeline.read import Reader
 from tests.integration.pipeline_harness import LedgerKey, Pipeline
 from topologies.live_likes import TOPOLOGY
 
@@ -471,7 +471,7 @@ async def wait_for_channels(
     deadline = time.monotonic() + timeout_s
     try:
         while True:
-            every = await redis_query.key_totals(client, stack.name, metric)
+            every = await Reader(stack.pipe.topology, client).key_totals(metric)
             got = {k: v for k, v in every.items() if k[0].startswith(prefix)}
             if got == dict(want) or time.monotonic() > deadline:
                 return got

@@ -24,10 +24,12 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from pipeline.core.coalescer import root_partition
 from pipeline.core.redis_layout import agg_key, quarantine_key
+from pipeline.core.topology import Topology
 from pipeline.core.windows import TOTAL
 from pipeline.harness.local_servers import Endpoints, free_port
 from pipeline.harness.supervisor import WorkerProcess
-from pipeline.io import quarantine, redis_query
+from pipeline.io import quarantine
+from pipeline.read import Reader
 from tests.integration.pipeline_harness import LedgerKey, Pipeline, send_events, wait_for_totals
 from topologies.live_likes import TOPOLOGY
 
@@ -63,12 +65,13 @@ async def _copies(bootstrap: str, topic: str) -> list[dict[str, str]]:
         await reader.stop()
 
 
-async def _fine_totals(redis: aioredis.Redis, name: str) -> dict[LedgerKey, int]:
+async def _fine_totals(redis: aioredis.Redis, topology: Topology) -> dict[LedgerKey, float]:
     """The totals of the channels without a trap (reading all keys would meet the trap)."""
+    reader = Reader(topology, redis)
     out = {}
     for channel in ("a-fine", "z-fine"):
-        for key, value in (await redis.hgetall(agg_key(name, "likes", TOTAL, channel))).items():
-            out[(channel, key.decode())] = int(value)
+        for key, value in (await reader.values("likes", channel)).items():
+            out[(channel, key)] = value
     return out
 
 
@@ -141,7 +144,7 @@ async def test_a_batch_that_stays_refused_is_quarantined_and_replayed_exactly_on
         # the other partitions went on; the stopped one wrote nothing: no key of it, no half batch
         elsewhere = Counter({k: n for k, n in ledger.items() if root_partition(k[1], roots) != stopped})
         async with asyncio.timeout(60):
-            while await _fine_totals(redis, topology.name) != dict(elsewhere):
+            while await _fine_totals(redis, topology) != dict(elsewhere):
                 await asyncio.sleep(0.5)
         assert await redis.type(trap) == b"string"
 
@@ -165,7 +168,7 @@ async def test_a_batch_that_stays_refused_is_quarantined_and_replayed_exactly_on
         # the key is repaired, but the stop is deliberate: nothing moves until the replay
         await redis.delete(trap)
         await asyncio.sleep(3.0)
-        assert await _fine_totals(redis, topology.name) == dict(elsewhere)
+        assert await _fine_totals(redis, topology) == dict(elsewhere)
         listed = _replay_command(servers, unique_name, "--list")
         assert listed.returncode == 0 and json.loads(listed.stdout)["outcome"] == "quarantined", listed
 
@@ -174,13 +177,13 @@ async def test_a_batch_that_stays_refused_is_quarantined_and_replayed_exactly_on
         assert json.loads(replayed.stdout)["outcome"] == "applied", replayed.stdout
         got = await wait_for_totals(servers.redis_url, topology, "likes", ledger, timeout_s=60)
         assert got == dict(ledger), pipe.logs()
-        assert (await redis_query.stats(redis, topology.name))["events"] == len(events)
+        assert (await Reader(topology, redis).stats())["events"] == len(events)
 
         # the positions guard the replay too: the same batch again is not applied twice
         again = await quarantine.replay(servers.kafka_bootstrap, redis, topology, held)
         assert again.outcome == "already applied", again
         assert _replay_command(servers, unique_name).returncode == 0  # nothing quarantined now
-        assert await redis_query.key_totals(redis, topology.name, "likes") == dict(ledger)
+        assert await Reader(topology, redis).key_totals("likes") == dict(ledger)
 
         # the root resumed the partition: later events, in every partition, keep counting
         async with asyncio.timeout(30):
@@ -194,8 +197,8 @@ async def test_a_batch_that_stays_refused_is_quarantined_and_replayed_exactly_on
         got = await wait_for_totals(servers.redis_url, topology, "likes", ledger, timeout_s=60)
         assert got == dict(ledger), pipe.logs()
         await asyncio.sleep(2.0)  # settle: nothing applied twice
-        assert await redis_query.key_totals(redis, topology.name, "likes") == dict(ledger)
-        assert (await redis_query.stats(redis, topology.name))["events"] == len(events) + len(more)
+        assert await Reader(topology, redis).key_totals("likes") == dict(ledger)
+        assert (await Reader(topology, redis).stats())["events"] == len(events) + len(more)
         assert _metric(port, "pipeline_root_quarantined", topology=unique_name, partition=str(stopped)) == 0
         assert _metric(port, "pipeline_root_blocked", topology=unique_name) == 0
         assert await redis.hlen(quarantine_key(topology.name)) == 0

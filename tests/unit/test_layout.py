@@ -131,3 +131,30 @@ def test_cli_commands_dispatch_through_set_defaults() -> None:
         assert callable(parser.parse_args(argv).func), argv
     source = (PACKAGE / "cli" / "__init__.py").read_text()
     assert "args.command ==" not in source, "dispatch through set_defaults(func=...), not an if-chain"
+
+
+# The keys readers read (docs/CONTRACT.md, "Redis keys"): named in the core, read in one place.
+READ_KEYS = {"agg_key", "uniq_key", "top_key", "seq_key", "stats_key"}
+ONE_READER = PACKAGE / "io" / "redis_reader.py"
+
+
+def test_one_module_of_the_runtime_reads_the_aggregates_from_redis() -> None:
+    """Outside the core, only io/redis_reader.py names the keys of the aggregates, and only the reader
+    API (read.py) and the harness's thin wrappers (io/redis_query.py) use it: the dashboard and the
+    broadcast snapshots read through `pipeline.read`, so a new layout or store is one change."""
+    paths = [PACKAGE / name for name in sorted(PUBLIC_API)]
+    for folder in sorted(RUNTIME - {"core"}):
+        paths += _modules(folder)
+    naming, using = [], []
+    for path in paths:
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if not isinstance(node, ast.ImportFrom):
+                continue
+            names = {alias.name for alias in node.names}
+            if node.module == "pipeline.core.redis_layout" and names & READ_KEYS and path != ONE_READER:
+                naming.append(f"{path.relative_to(ROOT)} imports {sorted(names & READ_KEYS)}")
+            reader = node.module == "pipeline.io" and "redis_reader" in names
+            if node.module == "pipeline.io.redis_reader" or reader:
+                using.append(str(path.relative_to(ROOT)))
+    assert not naming
+    assert sorted(using) == ["pipeline/io/redis_query.py", "pipeline/read.py"]

@@ -45,6 +45,19 @@ if [[ ! -x /usr/bin/chromium ]] && command -v apt-get >/dev/null 2>&1 && [[ "$(i
     >/dev/null 2>&1 || echo "warning: could not install chromium; the browser tests will fail" >&2
 fi
 
+# tests/contracts validates docs/asyncapi.yaml with the AsyncAPI parser (npm): install it once, into
+# ops/asyncapi/node_modules (the version pinned in ops/asyncapi/package.json); Node.js from Debian if missing.
+if ! command -v npm >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [[ "$(id -u)" == 0 ]]; then
+  echo "==> installing nodejs and npm (validate the AsyncAPI document)"
+  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nodejs npm; } >/dev/null 2>&1 \
+    || echo "warning: could not install nodejs; the AsyncAPI validation will fail" >&2
+fi
+if [[ ! -d "$ROOT/ops/asyncapi/node_modules/@asyncapi/parser" ]] && command -v npm >/dev/null 2>&1; then
+  echo "==> installing @asyncapi/parser into ops/asyncapi (validates docs/asyncapi.yaml)"
+  (cd "$ROOT/ops/asyncapi" && npm ci --no-audit --no-fund --silent >/dev/null 2>&1) \
+    || echo "warning: could not install @asyncapi/parser; the AsyncAPI validation will fail" >&2
+fi
+
 # Apache Kafka (KRaft) is the broker of the suite and the demo wherever a JDK 17+ runs: fetch its jars
 # once (ops/kafka/fetch, cached) and insist on it, so a failed fetch fails loudly instead of the suite
 # falling back to the embedded broker. Without a JDK the embedded broker stays the fallback.

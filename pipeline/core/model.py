@@ -26,6 +26,128 @@ MAX_ABS_VALUE = 1e15
 SUBKEY_MARK = b"\xff"
 
 
+@dataclass(frozen=True, slots=True)
+class FieldSpec:
+    """One field of the v1 event: what the validator checks and what the published schemas say.
+
+    `EVENT_FIELDS` is the one table both read: `explain_event` checks each field by it, and
+    `event_json_schema` (the gateway's OpenAPI, docs/asyncapi.yaml) is generated from it, so the
+    validator and the contracts cannot drift (tests/unit/test_event_schema.py holds them equal).
+    `nullable`: JSON null is taken as the field left out. Lengths count characters (code points);
+    `maximum` is inclusive.
+    """
+
+    name: str
+    type: str  # "string", "integer" or "number"
+    description: str
+    required: bool = False
+    nullable: bool = False
+    min_length: int | None = None
+    max_length: int | None = None
+    minimum: float | None = None
+    maximum: float | None = None
+
+    def schema(self) -> dict[str, Any]:
+        """This field as a JSON Schema (OpenAPI 3.0 dialect: `nullable`)."""
+        out: dict[str, Any] = {"type": self.type, "description": self.description}
+        if self.nullable:
+            out["nullable"] = True
+        for key, value in (
+            ("minLength", self.min_length),
+            ("maxLength", self.max_length),
+            ("minimum", self.minimum),
+            ("maximum", self.maximum),
+        ):
+            if value is not None:
+                out[key] = value
+        return out
+
+
+EVENT_FIELDS: tuple[FieldSpec, ...] = (  # in the order they are checked
+    FieldSpec(
+        "type",
+        "string",
+        "event type, one the topology declares",
+        required=True,
+        min_length=1,
+        max_length=MAX_KEY_CHARS,
+    ),
+    FieldSpec("key", "string", "what is counted", required=True, min_length=1, max_length=MAX_KEY_CHARS),
+    FieldSpec(
+        "channel",
+        "string",
+        'what viewers subscribe to; "" if absent',
+        nullable=True,
+        max_length=MAX_KEY_CHARS,
+    ),
+    FieldSpec("user", "string", "for distinct-user metrics", nullable=True, max_length=MAX_KEY_CHARS),
+    FieldSpec(
+        "id",
+        "string",
+        "idempotency id: a repeat within the dedup horizon is counted once; generated if absent",
+        nullable=True,
+        min_length=1,
+        max_length=MAX_ID_CHARS,
+    ),
+    FieldSpec(
+        "text",
+        "string",
+        "comment text, forwarded to viewers for feed types",
+        nullable=True,
+        max_length=MAX_TEXT_CHARS,
+    ),
+    FieldSpec(
+        "ts",
+        "integer",
+        "event time, ms since the epoch; the time of the send if absent. A retry carries its original's ts",
+        nullable=True,
+        minimum=0,
+        maximum=MAX_TS - 1,
+    ),
+    FieldSpec(
+        "value",
+        "number",
+        "for sum, min and max metrics; 1 if absent",
+        minimum=-MAX_ABS_VALUE,
+        maximum=MAX_ABS_VALUE,
+    ),
+    FieldSpec(
+        "sub",
+        "integer",
+        "hot-key sub-key; chosen from the split history at ts if absent. A retry carries its original's sub",
+        minimum=0,
+        maximum=MAX_SUBKEYS - 1,
+    ),
+)
+FIELDS: dict[str, FieldSpec] = {f.name: f for f in EVENT_FIELDS}
+
+
+def event_json_schema(types: frozenset[str] | None = None, *, nullable: str = "openapi") -> dict[str, Any]:
+    """The v1 event as a JSON Schema object, from `EVENT_FIELDS`.
+
+    `nullable="openapi"` marks nullable fields the OpenAPI 3.0 way; `"type-list"` as JSON Schema
+    proper (`"type": ["string", "null"]`, what AsyncAPI 3 uses). Other properties are allowed
+    (ignored by the pipeline: forward compatible).
+    """
+    properties: dict[str, Any] = {}
+    for spec in EVENT_FIELDS:
+        prop = spec.schema()
+        if spec.name == "type" and types is not None:
+            prop["enum"] = sorted(types)
+        if spec.nullable and nullable != "openapi":
+            del prop["nullable"]
+            prop["type"] = [spec.type, "null"]
+            if "enum" in prop:
+                prop["enum"].append(None)
+        properties[spec.name] = prop
+    return {
+        "type": "object",
+        "required": [f.name for f in EVENT_FIELDS if f.required],
+        "properties": properties,
+        "description": f"one event (format v{FORMAT_VERSION}); other fields are ignored",
+    }
+
+
 class InvalidEvent(ValueError):
     """An event that can never be counted; it goes to the dead-letter topic with `reason`."""
 
@@ -86,23 +208,36 @@ def parse_message_key(raw: bytes) -> tuple[str, int]:
 EventFields = tuple[str, str, str, int, float, str | None, str | None, int]
 
 
-def _text(obj: dict[str, Any], name: str, limit: int) -> str | None:
+def _field(obj: dict[str, Any], spec: FieldSpec) -> Any:
+    """The value of one field checked against its spec; None when absent (or null and nullable)."""
+    name = spec.name
     value = obj.get(name)
     if value is None:
-        return None
-    if type(value) is not str:
-        raise InvalidEvent(f"field '{name}' must be a string, got {type(value).__name__}", name)
-    if len(value) > limit:
-        raise InvalidEvent(f"field '{name}' is longer than {limit} characters", name)
-    return value
-
-
-def _required(obj: dict[str, Any], name: str) -> str:
-    value = _text(obj, name, MAX_KEY_CHARS)
-    if value is None:
-        raise InvalidEvent(f"missing field '{name}'", name)
-    if not value:
-        raise InvalidEvent(f"field '{name}' must not be empty", name)
+        if spec.required:
+            raise InvalidEvent(f"missing field '{name}'", name)
+        if spec.nullable or name not in obj:
+            return None
+    kind = spec.type
+    if kind == "string":
+        if type(value) is not str:
+            raise InvalidEvent(f"field '{name}' must be a string, got {type(value).__name__}", name)
+        if spec.min_length and len(value) < spec.min_length:
+            if name == "id":  # "" is no id: taking it for one would count every event that sends it once
+                raise InvalidEvent("field 'id' must not be empty (leave it out to have one generated)", name)
+            raise InvalidEvent(f"field '{name}' must not be empty", name)
+        if spec.max_length is not None and len(value) > spec.max_length:
+            raise InvalidEvent(f"field '{name}' is longer than {spec.max_length} characters", name)
+        return value
+    low, high = spec.minimum, spec.maximum
+    if kind == "integer":
+        if type(value) is not int:
+            raise InvalidEvent(f"field '{name}' must be an integer in [{low:.0f}, {high:.0f}]", name)
+    elif type(value) is not int and type(value) is not float:
+        raise InvalidEvent(f"field '{name}' must be a number", name)
+    if not ((low is None or low <= value) and (high is None or value <= high)):  # also false for NaN
+        if kind == "number":
+            raise InvalidEvent(f"field '{name}' must be finite and within [{low:g}, {high:g}]", name)
+        raise InvalidEvent(f"field '{name}' is out of range [{low:.0f}, {high:.0f}]", name)
     return value
 
 
@@ -159,37 +294,25 @@ def check_event(obj: Any, types: frozenset[str] | None = None, default_ts_ms: in
 
 
 def explain_event(obj: Any, types: frozenset[str] | None = None, default_ts_ms: int = 0) -> EventFields:
-    """The field-by-field check behind `check_event`: slower, and names what is wrong."""
+    """The field-by-field check behind `check_event`, by `EVENT_FIELDS`: slower, and names what is wrong."""
     if type(obj) is not dict:
         raise InvalidEvent(f"event must be a JSON object, got {type(obj).__name__}")
-    etype = _required(obj, "type")
-    if types is not None and etype not in types:
-        raise InvalidEvent(f"unknown event type '{etype[:64]}'", "type")
-    key = _required(obj, "key")
-    channel = _text(obj, "channel", MAX_KEY_CHARS) or ""
-    user = _text(obj, "user", MAX_KEY_CHARS)
-    event_id = _text(obj, "id", MAX_ID_CHARS)
-    if event_id == "":
-        # "" is no id: taking it for one would count every event that sends it once
-        raise InvalidEvent("field 'id' must not be empty (leave it out to have one generated)", "id")
-    _text(obj, "text", MAX_TEXT_CHARS)
-    ts = obj.get("ts")
-    if ts is None:
-        ts = default_ts_ms
-    elif type(ts) is not int:
-        raise InvalidEvent("field 'ts' must be an integer (milliseconds since the epoch)", "ts")
-    elif not 0 <= ts < MAX_TS:
-        raise InvalidEvent("field 'ts' is out of range", "ts")
-    value = obj.get("value", 1)
-    vtype = type(value)
-    if vtype is not int and vtype is not float:
-        raise InvalidEvent("field 'value' must be a number", "value")
-    if not -MAX_ABS_VALUE <= value <= MAX_ABS_VALUE:  # also false for NaN
-        raise InvalidEvent(f"field 'value' must be finite and within ±{MAX_ABS_VALUE:g}", "value")
-    sub = obj.get("sub", 0)
-    if type(sub) is not int or not 0 <= sub < MAX_SUBKEYS:
-        raise InvalidEvent(f"field 'sub' must be an integer in [0, {MAX_SUBKEYS})", "sub")
-    return etype, key, channel, ts, value, user, event_id, sub
+    values = []
+    for spec in EVENT_FIELDS:
+        values.append(_field(obj, spec))
+        if spec.name == "type" and types is not None and values[0] not in types:
+            raise InvalidEvent(f"unknown event type '{values[0][:64]}'", "type")
+    etype, key, channel, user, event_id, _text, ts, value, sub = values
+    return (
+        etype,
+        key,
+        channel or "",
+        default_ts_ms if ts is None else ts,
+        1 if value is None else value,
+        user,
+        event_id,
+        sub or 0,
+    )
 
 
 def validate_event(obj: Any, types: frozenset[str] | None = None, default_ts_ms: int = 0) -> Event:

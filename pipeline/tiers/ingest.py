@@ -53,7 +53,7 @@ from prometheus_client import Counter, Gauge, Histogram
 
 from pipeline.client import BrokerUnavailable, PipelineClient, SendResult
 from pipeline.core.hotkeys import HotKeySplitter, SplitPolicy
-from pipeline.core.model import MAX_SUBKEYS
+from pipeline.core.model import MAX_SUBKEYS, event_json_schema
 from pipeline.core.shedding import NORMAL, DrainRate, LoadLimits, LoadShedder, Overload
 from pipeline.core.topology import Topology
 from pipeline.io import kafka, redis_client, redis_query
@@ -111,6 +111,7 @@ TOP_KEYS = 20  # per-key rate gauges
 MAX_LABEL_CHARS = 64
 UNAVAILABLE_RETRY_S = 5
 STALE_LATENCY_S = 5.0  # an ack latency older than this says nothing about the broker now
+BEARER = 'Bearer realm="ingest"'
 
 
 class IngestWorker:
@@ -413,19 +414,24 @@ class IngestWorker:
         """
         if not self.api_keys:
             return ""
-        given = request.headers.get("X-API-Key")
-        if given is None:
-            auth = request.headers.get("Authorization", "")
-            scheme, _, token = auth.partition(" ")
-            if scheme.lower() == "bearer" and token.strip():
-                given = token.strip()
-        if given is None:
-            return _error(401, "missing API key", headers={"WWW-Authenticate": 'Bearer realm="ingest"'})
-        raw = given.encode("utf-8", "surrogateescape")
-        ok = False
-        for key in self.api_keys:  # every key compared, each in constant time
-            ok |= hmac.compare_digest(raw, key)
-        return key_source(raw) if ok else _error(403, "invalid API key")
+        given = []  # every credential the request carries must be right: a wrong one is never outvoted
+        if "X-API-Key" in request.headers:
+            given.append(request.headers["X-API-Key"])
+        if "Authorization" in request.headers:
+            scheme, _, token = request.headers["Authorization"].partition(" ")
+            if scheme.lower() != "bearer" or not token.strip():
+                return _error(401, "Authorization must be: Bearer KEY", headers={"WWW-Authenticate": BEARER})
+            given.append(token.strip())
+        if not given:
+            return _error(401, "missing API key", headers={"WWW-Authenticate": BEARER})
+        for candidate in given:
+            raw = candidate.encode("utf-8", "surrogateescape")
+            ok = False
+            for key in self.api_keys:  # every key compared, each in constant time
+                ok |= hmac.compare_digest(raw, key)
+            if not ok:
+                return _error(403, "invalid API key")
+        return key_source(given[0].encode("utf-8", "surrogateescape"))
 
     def _shed_rule(self, overload: Overload) -> Callable[[str], str | None] | None:
         if not overload.shed:
@@ -606,6 +612,11 @@ def openapi_document(topology: Topology) -> dict[str, Any]:
         return out
 
     batch = {"$ref": "#/components/schemas/BatchResult"}
+    event = {"$ref": "#/components/schemas/Event"}
+    # a batch (at least one event), or one event alone; each event is checked by the table the
+    # validator reads (pipeline.core.model.EVENT_FIELDS), so the document and the checks agree
+    body = {"oneOf": [{"type": "array", "minItems": 1, "items": event}, event]}
+    batch_or_error = {"anyOf": [batch, error]}
     return {
         "openapi": "3.0.3",
         "info": {
@@ -622,22 +633,23 @@ def openapi_document(topology: Topology) -> dict[str, Any]:
                     "requestBody": {
                         "required": True,
                         "content": {
-                            "application/json": {
-                                "schema": {"type": "array", "items": {"$ref": "#/components/schemas/Event"}}
-                            },
+                            "application/json": {"schema": body},
                             "application/x-ndjson": {
-                                "schema": {"type": "string", "description": "one Event JSON object per line"}
+                                "schema": {**body, "description": "one Event JSON object per line"}
                             },
                         },
                     },
                     "responses": {
                         "202": resp("At least one event accepted; a result per event", batch),
-                        "400": resp("No event accepted: each rejected with field and reason", batch),
+                        "400": resp(
+                            "No event accepted: each rejected with field and reason, or the body is not JSON",
+                            batch_or_error,
+                        ),
                         "401": resp("No API key", error),
                         "403": resp("Invalid API key", error),
                         "413": resp("Body or batch too large", error),
                         "415": resp("Unsupported Content-Type", error),
-                        "429": resp("Overloaded (throttled, or every event shed)", batch, retry),
+                        "429": resp("Overloaded (throttled, or every event shed)", batch_or_error, retry),
                         "503": resp("Broker unreachable; resend with the same id, ts, sub", error, retry),
                     },
                 }
@@ -649,32 +661,7 @@ def openapi_document(topology: Topology) -> dict[str, Any]:
                 "apiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
             },
             "schemas": {
-                "Event": {
-                    "type": "object",
-                    "required": ["type", "key"],
-                    "properties": {
-                        "type": {"type": "string", "enum": sorted(topology.types)},
-                        "key": {"type": "string", "minLength": 1, "maxLength": 256},
-                        "channel": {"type": "string", "maxLength": 256},
-                        "id": {"type": "string", "maxLength": 128, "description": "generated if absent"},
-                        "ts": {
-                            "type": "integer",
-                            "minimum": 0,
-                            "description": "ms since the epoch; the time of acceptance if absent. "
-                            "A retry carries its original's ts",
-                        },
-                        "sub": {
-                            "type": "integer",
-                            "minimum": 0,
-                            "maximum": 1023,
-                            "description": "hot-key sub-key; chosen from the split history at ts if absent. "
-                            "A retry carries its original's sub",
-                        },
-                        "value": {"type": "number"},
-                        "user": {"type": "string", "maxLength": 256},
-                        "text": {"type": "string", "maxLength": 2000},
-                    },
-                },
+                "Event": event_json_schema(topology.types),
                 "EventResult": {
                     "type": "object",
                     "required": ["index", "status"],

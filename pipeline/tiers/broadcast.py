@@ -50,6 +50,7 @@ from pipeline.io.redis_retry import retrying
 from pipeline.read import Reader, leaderboard_metric
 from pipeline.runtime import observability as obs
 from pipeline.runtime.settings import Settings
+from pipeline.web import auth
 
 LABELS = obs.LABELS
 VIEWERS = Gauge("pipeline_broadcast_viewers", "Viewers connected", (*LABELS, "transport"))
@@ -152,6 +153,7 @@ class BroadcastNode:
         self.labels = (topology.name, self.tier, settings.instance)
         self.log = obs.log(topology=topology.name, tier=self.tier, instance=settings.instance)
         self.secret = settings.broadcast_secret.get_secret_value().encode()
+        self.guard = auth.Guard.from_settings(settings)  # the dashboard and /api: operators, or viewers' own
         self.updates_topic = topology.topic("updates")
         self.feed_topic = topology.topic("feed")
         likes = "likes" if any(m.name == "likes" for m in topology.metrics) else None
@@ -267,7 +269,7 @@ class BroadcastNode:
         app.router.add_get("/v1/ws", self._ws)
         app.router.add_get("/v1/sse", self._sse)
         app.router.add_get("/v1/node", self._node)
-        app.router.add_get("/api/dev-token", self._dev_token)
+        app.router.add_get("/api/dev-token", self.guard.operator(self._dev_token))
         self._mount_pages(app)
         runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=2.0)
         await runner.setup()
@@ -284,7 +286,7 @@ class BroadcastNode:
         except ImportError:
             dashboard = None  # type: ignore[assignment]
         if dashboard is not None:
-            dashboard.setup(app, self.topology, self.redis)
+            dashboard.setup(app, self.topology, self.redis, self.guard)
         if not STATIC_DIR.is_dir():
             return
         taken = {r.resource.canonical for r in app.router.routes() if r.resource is not None}
@@ -292,7 +294,9 @@ class BroadcastNode:
         pages.update({f"/{p.name}": p.name for p in STATIC_DIR.iterdir() if p.is_file()})
         for path, name in pages.items():
             if path not in taken and (STATIC_DIR / name).is_file():
-                app.router.add_get(path, _static(STATIC_DIR / name))
+                serve = _static(STATIC_DIR / name)
+                # the viewer page is public (it holds no data); the dashboard's files are for operators
+                app.router.add_get(path, self.guard.page(serve) if name.startswith("dashboard") else serve)
 
     # --- HTTP endpoints ------------------------------------------------------
 

@@ -31,6 +31,7 @@ from aiohttp import web
 from pipeline.core.aggregates import Kind
 from pipeline.core.topology import Metric, Topology
 from pipeline.read import QueryError, Reader, fold
+from pipeline.web import auth
 
 STATIC_DIR = Path(__file__).parent / "static"
 MAX_TOP = 1000
@@ -202,17 +203,23 @@ def _file(name: str) -> Handler:
     return serve
 
 
-def setup(app: web.Application, topology: Topology, redis_client: aioredis.Redis) -> DashboardApi:
-    """Mount `/dashboard` and the JSON query API for `topology` on `app`."""
+def setup(
+    app: web.Application, topology: Topology, redis_client: aioredis.Redis, guard: auth.Guard | None = None
+) -> DashboardApi:
+    """Mount `/dashboard` and the JSON query API for `topology` on `app`, each route behind `guard`
+    by what it reveals (pipeline/web/auth.py). No guard mounts them open: only for an app that
+    authenticates by itself (the broadcast node always passes one)."""
     api = DashboardApi(topology, redis_client)
+    guard = guard or auth.Guard.open()
     routes = app.router
-    routes.add_get("/dashboard", _file("dashboard.html"))
-    routes.add_get("/dashboard.js", _file("dashboard.js"))
-    routes.add_get("/api/topologies", _json(api.topologies))
-    routes.add_get("/api/channels", _json(api.channels))
-    routes.add_get("/api/totals", _json(api.totals))
-    routes.add_get("/api/top", _json(api.top))
-    routes.add_get("/api/series", _json(api.series))
-    routes.add_get("/api/splits", _json(api.splits))
-    routes.add_get("/api/stats", _json(api.stats))
+    routes.add_get("/dashboard", guard.page(_file("dashboard.html")))
+    routes.add_get("/dashboard.js", guard.page(_file("dashboard.js")))
+    routes.add_get("/api/topologies", guard.viewer(_json(api.topologies)))
+    routes.add_get("/api/channels", guard.channel_list(_json(api.channels)))
+    routes.add_get("/api/totals", guard.channel(_json(api.totals)))
+    routes.add_get("/api/top", guard.channel(_json(api.top)))
+    routes.add_get("/api/series", guard.channel(_json(api.series)))
+    routes.add_get("/api/splits", guard.operator(_json(api.splits)))
+    routes.add_get("/api/stats", guard.operator(_json(api.stats)))
+    guard.add_routes(app)
     return api

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import aiohttp
 
+from pipeline.core import tokens
 from pipeline.harness.local_servers import Endpoints, free_port
 from pipeline.harness.supervisor import WorkerProcess
 from tests.integration.pipeline_harness import LedgerKey, Pipeline, send_events
@@ -28,6 +29,8 @@ class LivePipeline:
         self.pipe = Pipeline(servers, self.topology, "live_likes", log_dir)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        self.secret = uuid.uuid4().hex  # signs viewer tokens
+        self.operator_key = "op-" + uuid.uuid4().hex  # opens the dashboard
         self.likes: Counter[LedgerKey] = Counter()  # like events the broker acknowledged
         self.events = 0  # every acknowledged event (likes and comments)
         self.node = WorkerProcess(
@@ -39,8 +42,9 @@ class LivePipeline:
             log_dir,
             extra_env={
                 "PIPELINE_BROADCAST_PORT": str(self.port),
-                "PIPELINE_BROADCAST_SECRET": uuid.uuid4().hex,
+                "PIPELINE_BROADCAST_SECRET": self.secret,
                 "PIPELINE_BROADCAST_DEV_TOKENS": "true",
+                "PIPELINE_OPERATOR_API_KEYS": self.operator_key,
             },
             name=self.topology.name,
         )
@@ -67,6 +71,10 @@ class LivePipeline:
                 if not self.node.running or time.monotonic() > deadline:
                     raise RuntimeError(f"broadcast node did not start\n{self.pipe.logs()}")
                 await asyncio.sleep(0.2)
+
+    def viewer_token(self, *channels: str, viewer: str = "browser-viewer", ttl_s: int = 3600) -> str:
+        """A viewer token for `channels` (or every channel), as the application's backend would mint it."""
+        return tokens.issue(self.secret.encode(), viewer, channels or ["*"], int(time.time()) + ttl_s)
 
     async def restart_node(self) -> None:
         self.node.stop()

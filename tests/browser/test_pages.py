@@ -39,7 +39,8 @@ async def test_viewer_page_shows_comments_and_likes_live(
     from playwright.async_api import expect
 
     errors: list[str] = []
-    page = await open_page(browser, f"{live.url}/?channel=video-1&transport=ws", errors)
+    token = live.viewer_token("video-1")
+    page = await open_page(browser, f"{live.url}/?channel=video-1&transport=ws&token={token}", errors)
     await expect(page.locator("#seq-info")).to_have_attribute("data-synced", "true", timeout=TIMEOUT_MS)
 
     await live.send(
@@ -86,7 +87,7 @@ async def test_sse_viewer_resumes_with_since_after_node_restart(
     page = await browser.new_page(viewport={"width": 1100, "height": 720})
     page.on("pageerror", lambda exc: errors.append(str(exc)))
     page.on("request", lambda request: streams.append(request.url) if "/v1/sse" in request.url else None)
-    await page.goto(f"{live.url}/?channel=video-3&transport=sse")
+    await page.goto(f"{live.url}/?channel=video-3&transport=sse&token={live.viewer_token('video-3')}")
     await expect(page.locator("#seq-info")).to_have_attribute("data-synced", "true", timeout=TIMEOUT_MS)
 
     await live.send([comment("video-3", "comment-30", "carol", "SSE"), *likes("video-3", "comment-30", 2)])
@@ -123,7 +124,10 @@ async def test_dashboard_shows_exact_totals_top_splits_and_counters(
         await client.aclose()
 
     errors: list[str] = []
-    page = await open_page(browser, f"{live.url}/dashboard?metric=likes&channel=video-d&refresh=500", errors)
+    # the operator key in the address's fragment (never sent): the sign-in form submits it and comes back
+    dashboard = f"{live.url}/dashboard?metric=likes&channel=video-d&refresh=500"
+    page = await open_page(browser, f"{dashboard}#operator-key={live.operator_key}", errors)
+    await expect(page).to_have_url(dashboard, timeout=TIMEOUT_MS)
     await expect(page.locator("#topology")).to_have_text(live.topology.name)
 
     per_channel: dict[str, int] = {}

@@ -41,6 +41,7 @@ from aiokafka.partitioner import DefaultPartitioner
 from pipeline.bench import redis_baseline
 from pipeline.bench.coalesce_bench import BenchError, machine, say
 from pipeline.bench.workload import send_in_batches
+from pipeline.core.coalescer import tier1_memory_bound
 from pipeline.core.model import Partial
 from pipeline.core.planner import Drain, drain
 from pipeline.core.topology import Topology
@@ -49,9 +50,11 @@ from pipeline.harness.supervisor import WorkerProcess
 from pipeline.io import kafka, redis_query
 from pipeline.io.partition_owners import owners_key
 from pipeline.runtime import observability as obs
+from topologies.live_likes import TOPOLOGY as LIVE_LIKES
 
 RATIOS = (1, 2, 10, 100)
 CHANNELS = 50
+TIER1_RSS_BOUND_MB = tier1_memory_bound(LIVE_LIKES.max_cells) / 1e6
 READY_TIMEOUT_S = 60.0
 DRAIN_TIMEOUT_S = 600.0
 
@@ -88,6 +91,8 @@ class Point:
             "max_partial_bytes": self.max_partial_bytes,
             "partial_messages": self.partial_messages,
             "tier1_peak_rss_mb": round(self.tier1_peak_rss_mb, 1),
+            # the stated bound at the topology's max_cells (pipeline.core.coalescer, docs/ARCHITECTURE.md)
+            "tier1_rss_bound_mb": round(TIER1_RSS_BOUND_MB, 1),
             **self._plan_dict(),
         }
 
@@ -343,6 +348,7 @@ def main(args: argparse.Namespace) -> int:
         ("cmds/cell", "redis_commands_per_cell"),
         ("max partial B", "max_partial_bytes"),
         ("tier1 MB", "tier1_peak_rss_mb"),
+        ("bound MB", "tier1_rss_bound_mb"),
         ("plan err %", "plan_eps_error_pct"),
         ("plan cmds %", "plan_commands_error_pct"),
     ]

@@ -387,16 +387,23 @@ def run(bootstrap: str, redis_url: str, events: int, faust_events: int, keys: in
     for i in range(rounds):
         # A fresh name per round: fresh topics and consumer groups (CoalesceWorker's group is the topology's).
         topology = TOPOLOGY.renamed(f"{base}_r{i + 1}")
+        with_ids = TOPOLOGY.renamed(f"{base}_r{i + 1}_ids")
         rnd = Round(topology.topic("events"))
         results.rounds.append(rnd)
-        asyncio.run(kafka.ensure_topics(bootstrap, kafka.topology_topics(topology)))
+        topics = kafka.topology_topics(topology) + kafka.topology_topics(with_ids)
+        asyncio.run(kafka.ensure_topics(bootstrap, topics))
         say(f"round {i + 1}/{rounds}: pre-loading {events:,} events on {rnd.topic} ({partitions} partitions)")
         rnd.preload_eps = preload(bootstrap, rnd.topic, partitions, events, keys, processes=LOADER_PROCESSES)
         say(f"pre-loaded at {rnd.preload_eps:,.0f} events/s")
-        phases = [_ceiling_phase, _tier1_phase]
-        for phase in phases if i % 2 == 0 else reversed(phases):
-            phase(rnd, topology, bootstrap, redis_url, events)
-        _tier1_ids_phase(rnd, TOPOLOGY.renamed(f"{base}_r{i + 1}_ids"), bootstrap, redis_url, events, keys)
+        topic_ids = with_ids.topic("events")
+        say(f"pre-loading the same {events:,} events with a uuid id each on {topic_ids}")
+        preload(bootstrap, topic_ids, partitions, events, keys, processes=LOADER_PROCESSES, ids=True)
+        # Both backlogs are loaded before any measurement, and the order alternates by round
+        # (ceiling, tier 1, tier 1 with ids; then the reverse), so no phase always runs first
+        # or always right after a pre-load.
+        phases = [(_ceiling_phase, topology), (_tier1_phase, topology), (_tier1_ids_phase, with_ids)]
+        for phase, on in phases if i % 2 == 0 else reversed(phases):
+            phase(rnd, on, bootstrap, redis_url, events)
 
     if faust_events:
         topic = f"{base}.faust-events"
@@ -432,14 +439,8 @@ def _tier1_phase(rnd: Round, topology: Topology, bootstrap: str, redis_url: str,
     say(f"tier 1: {events / rnd.tier1_s:,.0f} events/s, {rnd.partials_sent:,} partials")
 
 
-def _tier1_ids_phase(
-    rnd: Round, topology: Topology, bootstrap: str, redis_url: str, events: int, keys: int
-) -> None:
+def _tier1_ids_phase(rnd: Round, topology: Topology, bootstrap: str, redis_url: str, events: int) -> None:
     """The same backlog with a uuid id on every event (what the SDK sends), drained by tier 1."""
-    asyncio.run(kafka.ensure_topics(bootstrap, kafka.topology_topics(topology)))
-    topic = topology.topic("events")
-    say(f"pre-loading {events:,} events with ids on {topic}")
-    preload(bootstrap, topic, topology.partitions.events, events, keys, processes=LOADER_PROCESSES, ids=True)
     say("measuring tier 1 on events with ids (deduplication on)")
     settings = settings_mod.load(
         kafka=bootstrap, redis=redis_url, instance="bench", max_poll_records=MAX_RECORDS

@@ -8,6 +8,7 @@ import dataclasses
 import orjson
 
 from pipeline.cli.common import Subparsers
+from pipeline.core import coalescer
 from pipeline.core.planner import Workload, plan
 
 
@@ -86,6 +87,10 @@ def main(args: argparse.Namespace) -> int:
             f"dedup changelog         {changelog_mb:>14,.1f} MB   kept on Kafka; "
             f"a moved partition re-reads {changelog_mb / workload.events_partitions:,.1f} MB"
         )
+    print(
+        f"tier-1 memory bound     {result.tier1_memory_bytes / 1e6:>14,.1f} MB   per worker: the process, "
+        f"{coalescer.BYTES_PER_OPEN_CELL} bytes per open cell, its share of the dedup state"
+    )
     print("workers                 " + ", ".join(f"{tier} {n}" for tier, n in result.workers.items()))
     for warning in result.warnings:
         print(f"note: {warning}")

@@ -16,7 +16,7 @@ from typing import Any, Protocol
 import orjson
 
 from pipeline.core.aggregates import Kind
-from pipeline.core.dedup import PartitionIds, digest
+from pipeline.core.dedup import PartitionIds
 from pipeline.core.model import (
     MAX_EVENT_BYTES,
     MAX_ID_CHARS,
@@ -34,6 +34,21 @@ from pipeline.core.windows import TOTAL, FlushClock, Rollup
 
 COUNT = Kind.COUNT
 _timestamp = attrgetter("timestamp")
+
+# Tier 1's memory, stated (docs/ARCHITECTURE.md, "Tier 1's memory"): the process itself (Python,
+# aiokafka with its fetch buffers, numpy) and, per open cell, the cell held in the window (its
+# 4-tuple, its key and channel strings, the dict entry: ~230 bytes measured) plus what closing the
+# window builds beside it (the partials' cells per root partition, their JSON: ~210 bytes more).
+# tests/unit/test_coalescer_memory.py holds the per-cell figure to it; `pipeline bench cardinality`
+# checks the process's peak RSS against the bound.
+TIER1_BASE_BYTES = 100_000_000
+BYTES_PER_OPEN_CELL = 450
+
+
+def tier1_memory_bound(max_cells: int) -> int:
+    """Bytes a tier-1 worker's RSS stays under with windows of at most `max_cells` cells, without
+    its dedup state (`pipeline.core.dedup`, bytes per id inside the horizon)."""
+    return TIER1_BASE_BYTES + BYTES_PER_OPEN_CELL * max_cells
 
 
 class Record(Protocol):
@@ -186,7 +201,7 @@ class Coalescer:
         # collector out of the hot loop); the others, (fields, raw, watermark at the event), are
         # folded once the batch's verdicts are in
         with_id: list[Any] = []
-        digests: list[bytes] = []
+        eids: list[str] = []  # their ids
         held = 0  # events with an id that wait for their verdict to be folded
         feed_types = self._feed_types
         shortcut = self._shortcut
@@ -242,13 +257,18 @@ class Coalescer:
                     key = obj.get("key")
                     eid = obj.get("id")
                     channel = obj.get("channel")
-                    ets = obj.get("ts")
-                    sub = obj.get("sub")
+                    # fields not accounted for yet: "ts" and "sub" are looked up only if there are any
+                    rest = size_of - 3 - (channel is not None)
+                    ets = sub = None
+                    if rest:
+                        ets = obj.get("ts")
+                        sub = obj.get("sub")
+                        rest -= (ets is not None) + (sub is not None)
                     indexes = shortcut.get(etype) if type(etype) is str else None
                     if (
                         indexes is not None
                         # no other field (a key per field seen; a null value takes the full path)
-                        and size_of == 3 + (channel is not None) + (ets is not None) + (sub is not None)
+                        and not rest
                         and type(key) is str
                         and 0 < len(key) <= MAX_KEY_CHARS
                         and type(eid) is str
@@ -264,7 +284,7 @@ class Coalescer:
                             if ets > wm:
                                 wm = ets
                         with_id.append(raw)
-                        digests.append(digest(eid.encode()))
+                        eids.append(eid)
                         for index in indexes:
                             cell = (index, channel, key, TOTAL)
                             cells[cell] = count(cell, 0) + 1
@@ -283,7 +303,7 @@ class Coalescer:
             if dedup and fields[6] is not None:
                 held += 1
                 with_id.append((fields, raw, wm))
-                digests.append(digest(fields[6].encode()))
+                eids.append(fields[6])
                 continue
             accepted.append((fields, wm))
             if feed_types and fields[0] in feed_types:
@@ -291,28 +311,30 @@ class Coalescer:
         if with_id:
             quick += len(with_id) - held  # the shortcut's, counted in place above
             newest = max(map(_timestamp, records))  # the batch's ids belong to its newest record's time
-            verdicts = self.ids(partition).seen(digests, newest)
-            for event, counted_before in zip(with_id, verdicts, strict=True):
-                if type(event) is bytes:  # counted by the shortcut: take a duplicate back out
-                    if counted_before:
-                        part.duplicates += 1
-                        quick -= 1
-                        obj = loads(event)
-                        channel = obj.get("channel") or ""
-                        for index in shortcut[obj["type"]]:
-                            cell = (index, channel, obj["key"], TOTAL)
-                            left = cells[cell] - 1
-                            if left:
-                                cells[cell] = left
-                            else:  # no event of the window left in it
-                                del cells[cell]
-                elif counted_before:
-                    part.duplicates += 1
+            repeats = self.ids(partition).seen(eids, newest)
+            for i in repeats:  # counted before: the shortcut's are taken back out, the held dropped
+                part.duplicates += 1
+                event = with_id[i]
+                if type(event) is bytes:
+                    quick -= 1
+                    obj = loads(event)
+                    channel = obj.get("channel") or ""
+                    for index in shortcut[obj["type"]]:
+                        cell = (index, channel, obj["key"], TOTAL)
+                        left = cells[cell] - 1
+                        if left:
+                            cells[cell] = left
+                        else:  # no event of the window left in it
+                            del cells[cell]
                 else:
-                    checked, raw, at = event
-                    accepted.append((checked, at))
-                    if feed_types and checked[0] in feed_types:
-                        self._feed.append((checked[2], raw))
+                    with_id[i] = None
+            if held:
+                for event in with_id:
+                    if type(event) is tuple:
+                        checked, raw, at = event
+                        accepted.append((checked, at))
+                        if feed_types and checked[0] in feed_types:
+                            self._feed.append((checked[2], raw))
         part.events += quick
         self._size = size + len(cells) - cells_before  # cells the shortcut added
         self._watermark[partition] = wm

@@ -3,14 +3,15 @@
 Tier 1 asks, for every event that carries an id, whether the partition already
 counted that id within the horizon. The answer costs no remote call:
 
-- **Pending ids** (the open window's) sit in a set of digests, and as hash
+- **Pending ids** (the open window's) sit in a set of the ids themselves
+  (the strings the events already hold: no new object per id), and as hash
   columns per fetched batch. They become committed when the window's
   transaction commits (`commit`), and vanish when it aborts (`abort`):
   exactly like the window's counts.
 - **Committed ids** are kept per time bucket (`horizon / BUCKETS` wide) as
   sorted arrays of 96-bit hashes: a `uint64` and a `uint32` column, 12 bytes
-  per id. A blocked Bloom filter over all of them (10 to 20 bits per id, 5
-  bits in one 64-bit word: well under 1 % false positives) answers most
+  per id. A blocked Bloom filter over all of them (16 to 32 bits per id, up
+  to 5 bits in one 64-bit word: 0.1 to 0.4 % false positives) answers most
   lookups with one vectorised gather; only its positives are searched in the
   sorted arrays.
 - **Expiry by record time.** A batch's ids go to the bucket of the batch's
@@ -43,7 +44,7 @@ import xxhash
 
 BUCKETS = 8  # buckets per horizon: memory holds at most (1 + 1/BUCKETS) horizons of ids
 BYTES_PER_ID = 12  # committed, in memory and in the changelog (96-bit hash)
-BLOOM_BITS_PER_ID = 10
+BLOOM_BITS_PER_ID = 16  # to 32: the size rounds up to a power of two
 BLOOM_PROBES = 5  # bits set per id, all in one 64-bit word (6 hash bits each: at most 5 in 32)
 MIN_BLOOM_BITS = 1 << 16
 CHANGELOG_MAGIC = b"D1"
@@ -97,6 +98,21 @@ def _merge(a: _Segment, b: _Segment) -> _Segment:
     return _segment(np.concatenate((a.hi, b.hi)), np.concatenate((a.lo, b.lo)), "stable")
 
 
+def _probe_masks() -> np.ndarray:
+    """A word's bits for each value of an id's low 16 hash bits: up to BLOOM_PROBES bits apiece,
+    6 bits each of a multiplicative hash of the value (one table lookup per id, not BLOOM_PROBES
+    shifts)."""
+    mixed = (np.arange(1 << 16, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15)) >> np.uint64(32)
+    masks = np.zeros(1 << 16, dtype=np.uint64)
+    for _ in range(BLOOM_PROBES):
+        masks |= np.uint64(1) << (mixed & np.uint64(63))
+        mixed >>= np.uint64(6)  # BLOOM_PROBES x 6 bits: within the 32 taken
+    return masks
+
+
+_MASKS = _probe_masks()
+
+
 class _Bloom:
     """A register-blocked Bloom filter: each id sets BLOOM_PROBES bits of one 64-bit word.
 
@@ -114,26 +130,14 @@ class _Bloom:
         self._index_mask = np.uint64(len(self.words) - 1)
 
     def _where(self, hi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(word index, bit mask) of each id: the index from hi's top half, the bits from its bottom."""
-        index = (hi >> np.uint64(32)) & self._index_mask
-        low = hi & np.uint64(0xFFFFFFFF)
-        mask = np.zeros(len(hi), dtype=np.uint64)
-        one, six, sixty_three = np.uint64(1), np.uint64(6), np.uint64(63)
-        for _ in range(BLOOM_PROBES):
-            mask |= one << (low & sixty_three)
-            low >>= six  # BLOOM_PROBES x 6 bits: within the 32 taken
-        return index, mask
+        """(word index, bit mask) of each id: the index from hi's top half, the bits from its bottom 16."""
+        return (hi >> np.uint64(32)) & self._index_mask, _MASKS[hi & np.uint64(0xFFFF)]
 
     def add(self, hi: np.ndarray) -> None:
         if not len(hi):
             return
         index, mask = self._where(hi)
-        words = self.words
-        # a fancy |= keeps one of several writes to the same word: repeat for those that lost bits
-        while len(index):
-            words[index] |= mask
-            lost = (words[index] & mask) != mask
-            index, mask = index[lost], mask[lost]
+        np.bitwise_or.at(self.words, index, mask)  # unbuffered: ids that share a word keep all their bits
 
     def may_hold(self, hi: np.ndarray) -> np.ndarray:
         index, mask = self._where(hi)
@@ -150,7 +154,7 @@ class PartitionIds:
         self.bucket_ms = max(1, -(-horizon_ms // BUCKETS))
         self.watermark_ms = 0
         self.next_offset = -1  # offset after the last committed window (-1: unknown, rebuild to use)
-        self.pending: set[bytes] = set()  # digests of the open window's ids
+        self.pending: set[str] = set()  # the open window's ids
         # the same ids as columns, per batch: (bucket start, hi, lo)
         self._pending_columns: list[tuple[int, np.ndarray, np.ndarray]] = []
         self._buckets: dict[int, list[_Segment]] = {}
@@ -167,8 +171,9 @@ class PartitionIds:
         columns = sum(s.hi.nbytes + s.lo.nbytes for segs in self._buckets.values() for s in segs)
         return columns + self._bloom.words.nbytes
 
-    def seen(self, digests: list[bytes], now_ms: int) -> list[bool]:
-        """For each id (by digest, in offset order): counted before? New ones become pending.
+    def seen(self, ids: list[str], now_ms: int) -> list[int]:
+        """Which ids (in offset order) were counted before: their indexes, ascending.
+        The others become pending.
 
         `now_ms` is the newest record time of the batch: it moves the watermark and places the
         batch's new ids in their bucket. Record time, set when the broker got the record, not an
@@ -177,35 +182,40 @@ class PartitionIds:
         if now_ms > self.watermark_ms:
             self.watermark_ms = now_ms
         pending = self.pending
-        verdict = [False] * len(digests)
-        if pending.isdisjoint(digests) and len(batch := set(digests)) == len(digests):
-            pending |= batch  # the common case: all new to the window
-            fresh = digests
-            where: Sequence[int] = range(len(digests))
-        else:
+        before = len(pending)
+        repeats: list[int] = []
+        if pending.isdisjoint(ids):
+            pending.update(ids)  # the common case: all new to the window, and to each other
+            if len(pending) - before == len(ids):
+                fresh = ids
+                where: Sequence[int] = range(len(ids))
+            else:  # a repeat inside the batch: take the batch back out and go one by one
+                pending.difference_update(ids)
+        if len(pending) == before:
             fresh, where = [], []
-            for i, d in enumerate(digests):
+            for i, d in enumerate(ids):
                 if d in pending:
-                    verdict[i] = True
+                    repeats.append(i)
                 else:
                     pending.add(d)
                     fresh.append(d)
                     where.append(i)
         if not fresh:
-            return verdict
-        hi, lo = _columns(b"".join(fresh))
+            return repeats
+        hi, lo = _columns(b"".join(map(digest, map(str.encode, fresh))))
         if self._committed:
             hits = np.flatnonzero(self._bloom.may_hold(hi)).tolist()
             held = [j for j in hits if self._holds(int(hi[j]), int(lo[j]))]
             if held:
                 for j in held:
-                    verdict[where[j]] = True
+                    repeats.append(where[j])
                     pending.discard(fresh[j])
+                repeats.sort()
                 keep = np.ones(len(hi), dtype=bool)
                 keep[held] = False
                 hi, lo = hi[keep], lo[keep]
         self._pending_columns.append((now_ms - now_ms % self.bucket_ms, hi, lo))
-        return verdict
+        return repeats
 
     def _holds(self, hi: int, lo: int) -> bool:
         return any(seg.holds(hi, lo) for segs in self._buckets.values() for seg in segs)
@@ -307,7 +317,7 @@ class PartitionIds:
         self._rebuild_bloom()
 
     def _rebuild_bloom(self) -> None:
-        self._bloom = _Bloom(2 * self._committed)
+        self._bloom = _Bloom(self._committed)
         for segs in self._buckets.values():
             for seg in segs:
                 self._bloom.add(seg.hi)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from pipeline.core import dedup
+from pipeline.core import coalescer, dedup
 
 # Capacities measured on the 2-core reference machine (docs/BENCHMARKS.md), halved for headroom.
 TIER1_EVENTS_PER_WORKER = 75_000.0
@@ -48,6 +48,7 @@ class Workload:
     partition_budget_eps: float = 20_000.0  # what one sub-key may carry
     dedup_horizon_s: float = 600.0  # how long tier 1 remembers an event id (0: no deduplication)
     id_share: float = 1.0  # share of events with an id (the SDK and the gateway give every event one)
+    max_cells: int = 200_000  # a window's cell limit (the topology's max_cells)
 
     def __post_init__(self) -> None:
         if self.events_per_s <= 0 or self.keys <= 0 or self.flush_interval_s <= 0:
@@ -73,6 +74,9 @@ class Plan:
     dedup_bytes_per_id: float = 0.0
     dedup_memory_bytes: float = 0.0
     dedup_changelog_bytes: float = 0.0
+    # a tier-1 worker's memory bound: the process, its open cells (a window, at most max_cells) and
+    # its share of the dedup state
+    tier1_memory_bytes: float = 0.0
     hot_keys: list[tuple[str, float, int]] = field(default_factory=list)  # (key, events/s, k)
     workers: dict[str, int] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
@@ -101,16 +105,18 @@ def split_factor(rate: float, w: Workload) -> int:
 
 
 def apply_commands(cells: float, channels: int, ranges: float, leaderboard: bool) -> float:
-    """Redis commands of one root apply of `cells` cells over `channels` channels."""
+    """Redis commands of one root apply of `cells` cells over `channels` channels (`ranges` partials
+    partitions): what `core.redis_layout.plan_apply` counts, each "per 1,000" of fields or members."""
     channels_per_apply = channels * -math.expm1(-cells / channels)
-    per_cell = 1  # HINCRBY; a leaderboard is one ZADD (per 1,000 members) and a ZCARD per channel
-    # a leaderboard per channel: a ZCARD, and a ZADD per 1,000 of its members
-    boards = (2 * channels_per_apply + cells / 1000) if leaderboard else 0.0
-    # what the apply will change, read before its first write: an HMGET of each channel's hash (and
-    # the TYPE of its board), an HMGET of the sequence numbers and one of the counters
-    types = channels_per_apply * (2 if leaderboard else 1) + 2
-    overhead = 2 * ranges + channels_per_apply + boards + types + 7  # positions, seqs, counters
-    return cells * per_cell + overhead
+    per_thousand = channels_per_apply + cells / 1000  # chunks of 1,000 fields over the channels' hashes
+    # each channel's hash: read (HMGET) before the first write, written with one HSET (counts are
+    # added in the script)
+    hashes = 2 * per_thousand
+    # a leaderboard per channel: a ZCARD (read first), a ZADD per 1,000 members
+    boards = (channels_per_apply + per_thousand) if leaderboard else 0.0
+    # positions, sequence numbers and counters: an HMGET and an HSET each, per 1,000 entries
+    fixed = 2 * (math.ceil(ranges / 1000) + math.ceil(channels_per_apply / 1000) + 1)
+    return hashes + boards + fixed
 
 
 @dataclass(frozen=True)
@@ -199,6 +205,10 @@ def plan(w: Workload) -> Plan:
         result.dedup_memory_bytes = result.dedup_ids * result.dedup_bytes_per_id
         kept_s = dedup.changelog_retention_ms(int(w.dedup_horizon_s * 1000)) / 1000
         result.dedup_changelog_bytes = ids_per_s * kept_s * dedup.BYTES_PER_ID
+    open_cells = min(float(w.max_cells), cells / tier1)  # a worker's share of a window's cells
+    result.tier1_memory_bytes = coalescer.tier1_memory_bound(0) + (
+        coalescer.BYTES_PER_OPEN_CELL * open_cells + result.dedup_memory_bytes / tier1
+    )
     events_per_window = w.events_per_s * window
     if cells > 0.5 * events_per_window:
         result.warnings.append(

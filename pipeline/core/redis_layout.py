@@ -102,7 +102,7 @@ def seq_key(topology: str) -> str:
 
 
 # Operation kinds understood by the apply script (the "kind" of an op).
-OP_COUNT = "count"  # HINCRBY per field
+OP_COUNT = "count"  # added in the script, one HSET per 1,000 fields
 OP_SUM = "sum"  # HINCRBYFLOAT per field
 OP_MIN = "min"  # compare with the value held, HSET where smaller
 OP_MAX = "max"  # compare with the value held, HSET where larger
@@ -156,13 +156,15 @@ def _chunks(n: int) -> int:
 def plan_apply(topology: Topology, batch: MergedBatch) -> ApplyPlan:
     """The apply of a merged batch (the format above), its reports and the commands it runs.
 
-    Commands, as the script runs them: per range an HGET and an HSET. Per op, first a read of what it
-    will change, before the first write: an HMGET per 1,000 fields, or a PFCOUNT of a HyperLogLog.
-    Then its writes: an HINCRBY or HINCRBYFLOAT per field; for min and max, an HSET per 1,000 fields
-    (the fields that keep their value are written too); a PFADD per 1,000 members and a PFCOUNT; an
-    EXPIRE when it has a TTL. Per leaderboard a TYPE, a ZADD per 1,000 members and a ZCARD (a trim
-    now and then is not counted). An HMGET and an HINCRBY per channel of the sequence hash; an HMGET
-    and an HINCRBY per counter of the stats hash.
+    Commands, as the script runs them, each "per 1,000" of its fields or members: the positions hash
+    read (HMGET) and written (HSET) per 1,000 ranges. Per op, first a read of what it will change,
+    before the first write: an HMGET per 1,000 fields, or a PFCOUNT of a HyperLogLog. Then its
+    writes: for count, min and max an HSET per 1,000 fields (the script adds the counts; a sum of
+    2^53 or more, which a Lua number cannot hold exactly, takes an HINCRBY of its own and is not
+    counted here); for sum an HINCRBYFLOAT per field; a PFADD per 1,000 members and a PFCOUNT; an
+    EXPIRE when it has a TTL. Per leaderboard a ZCARD (read first: it also checks the type), a ZADD
+    per 1,000 members (a trim now and then is not counted). The sequence hash and the stats hash:
+    an HMGET and an HSET each, per 1,000 channels or counters.
     """
     name = topology.name
     metrics = topology.metrics
@@ -207,9 +209,9 @@ def plan_apply(topology: Topology, batch: MergedBatch) -> ApplyPlan:
         else:
             n = len(op["fields"])
             commands += _chunks(n)  # HMGET
-            commands += _chunks(n) if op["kind"] in (OP_MIN, OP_MAX) else n
+            commands += n if op["kind"] == OP_SUM else _chunks(n)  # HINCRBYFLOAT each, or HSET
             if "board" in op:
-                commands += 2 + _chunks(n)  # TYPE, ZADD per 1,000 members, ZCARD
+                commands += 1 + _chunks(n)  # ZCARD, ZADD per 1,000 members
         commands += 1 if op["ttl"] else 0
     channel_list = list(channels)
     counters = {
@@ -222,9 +224,9 @@ def plan_apply(topology: Topology, batch: MergedBatch) -> ApplyPlan:
         "applies": 1,
     }
     counters = {k: v for k, v in counters.items() if v}
-    commands += 2 * len(batch.ranges)  # HGET, HSET
-    commands += (1 if channel_list else 0) + len(channel_list)  # HMGET, HINCRBY per channel
-    commands += 1 + len(counters) + 1  # HMGET, HINCRBY per counter and for redis_commands
+    commands += 2 * _chunks(len(batch.ranges))  # HMGET, HSET of the positions
+    commands += 2 * _chunks(len(channel_list))  # HMGET, HSET of the sequence numbers
+    commands += 2 * _chunks(len(counters) + 1)  # HMGET, HSET of the counters and redis_commands
     counters["redis_commands"] = commands
     ranges: list[Range] = [
         {"partition": p, "first": first, "last": last, "expected": batch.expected.get(p, UNKNOWN)}

@@ -65,6 +65,20 @@ local function number(v)
   return n ~= nil and finite(n) and not string.find(v, '%s')
 end
 local INT_ROOM = 9.2e18  -- under 2^63: an HINCRBY that stays below cannot overflow
+local EXACT = 9007199254740992  -- 2^53: integers whose sum stays below it add exactly as Lua numbers
+-- cur (what a field holds: an integer string, or false) + add, when a Lua number holds it exactly
+local function sum(cur, add)
+  local c, d = cur and tonumber(cur) or 0, tonumber(add)
+  if math.abs(c) + math.abs(d) < EXACT then
+    return c + d
+  end
+  return nil
+end
+local function hset(key, pairs_)
+  for i = 1, #pairs_, 2 * BATCH do
+    redis.call('HSET', key, unpack(pairs_, i, math.min(i + 2 * BATCH - 1, #pairs_)))
+  end
+end
 local function hmget(key, fields)
   local got = {}
   for i = 1, #fields, BATCH do
@@ -80,11 +94,16 @@ local function hmget(key, fields)
 end
 
 -- 1. the ranges: refused if already applied, or if Redis holds another position than expected
-for _, r in ipairs(a.ranges) do
-  local raw = redis.pcall('HGET', a.positions, tostring(r.partition))
-  if failed(raw) then
-    return refuse_type(a.positions, 'hash')
-  end
+local partitions = {}
+for i, r in ipairs(a.ranges) do
+  partitions[i] = tostring(r.partition)
+end
+local positions = hmget(a.positions, partitions)
+if not positions then
+  return refuse_type(a.positions, 'hash')
+end
+for i, r in ipairs(a.ranges) do
+  local raw = positions[i]
   local cur = raw and tonumber(raw) or -1
   if cur >= r.first or (r.expected ~= -2 and cur ~= r.expected) then
     return {0, r.partition, cur}
@@ -107,8 +126,8 @@ for i, v in ipairs(counters) do
     return {-1, a.stats, held(names[i], v), 'an integer'}
   end
 end
+local seqs = hmget(a.seq, a.channels)
 if #a.channels > 0 then
-  local seqs = hmget(a.seq, a.channels)
   if not seqs then
     return refuse_type(a.seq, 'hash')
   end
@@ -119,6 +138,7 @@ if #a.channels > 0 then
   end
 end
 local before = {}  -- per op, what its fields held
+local cards = {}  -- per op with a leaderboard, its members before the apply
 for n, op in ipairs(a.ops) do
   local kind, key = op.kind, op.key
   if kind == 'distinct' then
@@ -156,18 +176,55 @@ for n, op in ipairs(a.ops) do
     end
     before[n] = cur
     if op.board then
-      local t = redis.call('TYPE', op.board).ok
-      if t ~= 'none' and t ~= 'zset' then
-        return {-1, op.board, t, 'zset'}
+      local card = redis.pcall('ZCARD', op.board)  -- fails on another type; the trim needs it anyway
+      if failed(card) then
+        return refuse_type(op.board, 'zset')
       end
+      cards[n] = card
     end
   end
 end
 
 -- 3. the writes
+-- Integers are added here and written with one HSET per hash (of up to 1,000 fields), not one
+-- HINCRBY per field: each command a script calls costs Redis its dispatch. A sum a Lua number
+-- cannot hold exactly (2^53 or more) goes through HINCRBY instead.
 local out = {1}
-for _, ch in ipairs(a.channels) do
-  out[#out + 1] = redis.call('HINCRBY', a.seq, ch, 1)
+local function add_all(key, fields, held_now, adds, new)
+  local pairs_, slow = {}, {}
+  for i = 1, #fields do
+    local s = sum(held_now[i], adds[i])
+    if s then
+      new[i] = s
+      pairs_[#pairs_ + 1] = fields[i]
+      pairs_[#pairs_ + 1] = string.format('%d', s)
+    else
+      slow[#slow + 1] = i
+    end
+  end
+  hset(key, pairs_)
+  if #slow > 0 then
+    local names_ = {}
+    for j, i in ipairs(slow) do
+      redis.call('HINCRBY', key, fields[i], adds[i])
+      names_[j] = fields[i]
+    end
+    -- read back as text: HINCRBY's reply would become a Lua number, rounded
+    local now = hmget(key, names_)
+    for j, i in ipairs(slow) do
+      new[i] = now[j]
+    end
+  end
+end
+if #a.channels > 0 then
+  local ones, next_seqs = {}, {}
+  for i = 1, #a.channels do
+    ones[i] = 1
+  end
+  add_all(a.seq, a.channels, seqs, ones, next_seqs)
+  for i = 1, #a.channels do
+    out[#out + 1] = next_seqs[i]
+  end
 end
 for n, op in ipairs(a.ops) do
   local kind, key = op.kind, op.key
@@ -181,9 +238,7 @@ for n, op in ipairs(a.ops) do
     local fields, values = op.fields, op.values
     local new = {}
     if kind == 'count' then
-      for i = 1, #fields do
-        new[i] = redis.call('HINCRBY', key, fields[i], values[i])  -- a number: tostring would round it
-      end
+      add_all(key, fields, before[n], values, new)
     elseif kind == 'sum' then
       for i = 1, #fields do
         new[i] = redis.call('HINCRBYFLOAT', key, fields[i], values[i])
@@ -211,15 +266,15 @@ for n, op in ipairs(a.ops) do
       out[#out + 1] = new[i]
     end
     if op.board then
-      local scored = {}
+      local scored, added = {}, 0
       for i = 1, #fields do
         scored[#scored + 1] = new[i]
         scored[#scored + 1] = fields[i]
       end
       for i = 1, #scored, 2 * BATCH do
-        redis.call('ZADD', op.board, unpack(scored, i, math.min(i + 2 * BATCH - 1, #scored)))
+        added = added + redis.call('ZADD', op.board, unpack(scored, i, math.min(i + 2 * BATCH - 1, #scored)))
       end
-      if redis.call('ZCARD', op.board) > 2 * op.board_size then
+      if cards[n] + added > 2 * op.board_size then
         redis.call('ZREMRANGEBYRANK', op.board, 0, -(op.board_size + 1))
       end
     end
@@ -228,12 +283,19 @@ for n, op in ipairs(a.ops) do
     redis.call('EXPIRE', key, op.ttl, 'NX')
   end
 end
-for name, n in pairs(a.counters) do
-  redis.call('HINCRBY', a.stats, name, n)
+if #names > 0 then
+  local adds = {}
+  for i, name in ipairs(names) do
+    adds[i] = a.counters[name]
+  end
+  add_all(a.stats, names, counters, adds, {})
 end
-for _, r in ipairs(a.ranges) do
-  redis.call('HSET', a.positions, tostring(r.partition), r.last)
+local applied = {}
+for i, r in ipairs(a.ranges) do
+  applied[#applied + 1] = partitions[i]
+  applied[#applied + 1] = string.format('%d', r.last)
 end
+hset(a.positions, applied)
 return out
 """
 

@@ -179,3 +179,34 @@ async def test_the_plan_counts_the_commands_the_script_runs(servers: Endpoints, 
             assert counted == result.plan.commands, dict(ran)
     finally:
         await client.aclose()
+
+
+async def test_counts_stay_exact_where_a_lua_number_cannot_hold_them(
+    servers: Endpoints, unique_name: str
+) -> None:
+    """The script adds counts itself and writes them with one HSET; a sum at or over 2^53, which a Lua
+    number cannot hold exactly, goes through HINCRBY. Either way Redis holds the exact integer, and the
+    apply's reply (the new values the broadcast pushes) says the same."""
+    from pipeline.core.merger import MergedBatch
+    from pipeline.io.redis_sink import RedisSink
+
+    shop = SHOP.renamed(unique_name)
+    client = aioredis.Redis.from_url(servers.redis_url)
+    sink = RedisSink(client, shop)
+    key = agg_key(shop.name, "likes", TOTAL, "v")
+    held = {"below": 10**15 + 1, "edge": 2**53 - 3, "over": 2**53 + 1, "far": 2**62, "neg": -(2**53) + 2}
+    adds = {"below": 2, "edge": 2, "over": 7, "far": 12345, "neg": -5, "new": 3}
+    try:
+        await client.hset(key, mapping={f: str(v) for f, v in held.items()})
+        cells: dict[Any, Any] = {(0, "v", field, TOTAL): n for field, n in adds.items()}
+        result = await sink.apply(MergedBatch(cells=cells, ranges={0: (0, 0)}, expected={0: -1}))
+        assert result.applied, result
+        want = {f: held.get(f, 0) + n for f, n in adds.items()}
+        stored = {k.decode(): int(v) for k, v in (await client.hgetall(key)).items()}
+        assert stored == want
+        board = await client.zrange(f"{shop.name}:top:likes:v", 0, -1, withscores=True)
+        assert {m.decode() for m, _ in board} == set(adds)
+        replied = dict(zip([r[2] for r in result.plan.reports if r], result.values, strict=False))
+        assert {f: int(v) for f, v in replied.items()} == want
+    finally:
+        await client.aclose()

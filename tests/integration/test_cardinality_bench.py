@@ -21,8 +21,8 @@ def test_a_small_run_measures_both_paths_exactly(servers: Endpoints) -> None:
         # every key is one cell of one window at least; repeats in a window fold into it
         assert p.keys <= p.cells <= p.events
         assert 0 < p.max_partial_bytes < 900_000 and p.partial_messages >= 1
-        assert 1.0 <= d["redis_commands_per_cell"] < 3
+        assert 0 < d["redis_commands_per_cell"] <= 1.2
         assert p.tier1_peak_rss_mb > 20
-        assert d["plan_eps"] > 0 and d["plan_redis_commands_per_cell"] >= 1  # the planner beside it
+        assert d["plan_eps"] > 0 and d["plan_redis_commands_per_cell"] > 0  # the planner beside it
     ten = points[1]
     assert ten.cells < ten.events  # ten events of a key share a window: coalesced

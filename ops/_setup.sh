@@ -45,6 +45,16 @@ if [[ ! -x /usr/bin/chromium ]] && command -v apt-get >/dev/null 2>&1 && [[ "$(i
     >/dev/null 2>&1 || echo "warning: could not install chromium; the browser tests will fail" >&2
 fi
 
+# The PostgreSQL sink tier (tests, the demo, chaos, bench sink) runs against a real PostgreSQL the harness
+# starts itself (pipeline/harness/local_postgres.py: initdb and postgres from /usr/lib/postgresql/*/bin);
+# install Debian's server once.
+if ! compgen -G "/usr/lib/postgresql/*/bin/postgres" >/dev/null && [[ -z "${PIPELINE_POSTGRES_BIN:-}" ]] \
+    && command -v apt-get >/dev/null 2>&1 && [[ "$(id -u)" == 0 ]]; then
+  echo "==> installing postgresql (the sink tier's database, for the tests and the demo)"
+  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends postgresql; } \
+    >/dev/null 2>&1 || echo "warning: could not install postgresql; the sink tests will fail" >&2
+fi
+
 # tests/contracts validates docs/asyncapi.yaml with the AsyncAPI parser (npm): install it once, into
 # ops/asyncapi/node_modules (the version pinned in ops/asyncapi/package.json); Node.js from Debian if missing.
 if ! command -v npm >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [[ "$(id -u)" == 0 ]]; then

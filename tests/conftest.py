@@ -8,6 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from pipeline.harness.local_postgres import LocalPostgres, PostgresEndpoint
 from pipeline.harness.local_servers import Endpoints, LocalServers
 
 
@@ -28,3 +29,14 @@ def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Endpoints]:
 def unique_name() -> str:
     """Prefix for topics, groups and Redis keys, so tests sharing the servers don't collide."""
     return "t" + uuid.uuid4().hex[:10]
+
+
+@pytest.fixture(scope="session")
+def postgres(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PostgresEndpoint]:
+    """A real PostgreSQL on 127.0.0.1, started on first use; PIPELINE_TEST_POSTGRES for an existing one."""
+    url = os.environ.get("PIPELINE_TEST_POSTGRES")
+    if url:
+        yield PostgresEndpoint(url)
+        return
+    with LocalPostgres(tmp_path_factory.mktemp("postgres")) as server:
+        yield PostgresEndpoint(server.url, server)

@@ -19,7 +19,7 @@ def register(sub: Subparsers) -> None:
     run.add_argument(
         "--tier",
         required=True,
-        choices=["coalesce", "merge", "ingest", "broadcast"],
+        choices=["coalesce", "merge", "ingest", "broadcast", "sink"],
         help="which tier this worker runs",
     )
     run.add_argument(
@@ -29,6 +29,7 @@ def register(sub: Subparsers) -> None:
     run.add_argument("--name", help="run the topology under another name (its own topics and Redis keys)")
     run.add_argument("--kafka", help="Kafka bootstrap servers")
     run.add_argument("--redis", help="Redis URL")
+    run.add_argument("--postgres", help="PostgreSQL URL (the sink tier; the broadcast tier's history)")
     run.add_argument("--metrics-port", type=int, help="Prometheus port (0: any free port)")
     run.add_argument("--config", help="TOML settings file")
     run.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
@@ -43,6 +44,7 @@ def main(args: argparse.Namespace) -> int:
             args.config,
             kafka=args.kafka,
             redis=args.redis,
+            postgres=args.postgres,
             instance=args.instance,
             metrics_port=args.metrics_port,
             log_level=args.log_level,
@@ -62,6 +64,13 @@ def main(args: argparse.Namespace) -> int:
     if args.tier == "broadcast" and not settings.broadcast_secret.get_secret_value():
         print(
             "pipeline run: a broadcast node needs PIPELINE_BROADCAST_SECRET (signs viewer tokens)",
+            file=sys.stderr,
+        )
+        return 2
+    if args.tier == "sink" and not settings.postgres:
+        print(
+            "pipeline run: the sink tier needs a PostgreSQL URL (--postgres postgresql://host:5432/db "
+            "or PIPELINE_POSTGRES)",
             file=sys.stderr,
         )
         return 2

@@ -125,6 +125,21 @@ class Settings(BaseSettings):
         12 * 3600, description="How long a dashboard sign-in (its session cookie) lasts"
     )
 
+    # the PostgreSQL sink (tier "sink"): durable rollups, exactly once (pipeline/tiers/sink.py)
+    postgres: str = Field(
+        "",
+        description="PostgreSQL URL (postgresql://user:pass@host:5432/db): the sink tier writes its "
+        "rollups there, and the dashboard reads the buckets Redis no longer holds from it (empty: no "
+        "history; a password here is never logged)",
+    )
+    sink_retention: str = Field(
+        "",
+        description="Seconds each bucket size is kept in PostgreSQL, SIZE=SECONDS,... (0: for good); "
+        "default: buckets under an hour 7 days, an hour or more for good",
+    )
+    sink_max_records: int = Field(2_000, description="Partials per sink batch (one transaction each)")
+    sink_retention_every_s: float = Field(60.0, description="How often the sink deletes expired buckets")
+
     @classmethod
     def settings_customise_sources(
         cls,

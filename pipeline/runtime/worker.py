@@ -29,6 +29,7 @@ TIERS = {
     "merge": "pipeline.tiers.merge:MergeWorker",
     "ingest": "pipeline.tiers.ingest:IngestWorker",
     "broadcast": "pipeline.tiers.broadcast:BroadcastNode",
+    "sink": "pipeline.tiers.sink:SinkWorker",
 }
 
 

@@ -43,3 +43,13 @@ def test_replay_quarantine_is_a_command(capsys: pytest.CaptureFixture[str]) -> N
         assert flag in out
     with pytest.raises(SystemExit, match="no topology 'nope'"):
         main(["replay-quarantine", "nope", "--list"])
+
+
+def test_the_sink_tier_needs_a_postgres_url(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("PIPELINE_POSTGRES", raising=False)
+    assert main(["run", "analytics", "--tier", "sink"]) == 2
+    assert "PostgreSQL URL" in capsys.readouterr().err
+    args = build_parser().parse_args(["run", "analytics", "--tier", "sink", "--postgres", "postgresql://h/db"])
+    assert args.tier == "sink" and args.postgres == "postgresql://h/db"

@@ -158,3 +158,42 @@ def test_one_module_of_the_runtime_reads_the_aggregates_from_redis() -> None:
                 using.append(str(path.relative_to(ROOT)))
     assert not naming
     assert sorted(using) == ["pipeline/io/redis_query.py", "pipeline/read.py"]
+
+
+IO_LIBRARIES = {
+    *("aiokafka", "kafka", "redis", "asyncpg", "psycopg", "psycopg2"),
+    *("socket", "ssl", "asyncio", "aiohttp"),
+}
+
+
+def test_the_core_imports_no_io_library() -> None:
+    """Sans-I/O: no Kafka, Redis, PostgreSQL, socket or event loop under pipeline/core."""
+    found = [
+        f"{p.relative_to(ROOT)} imports {m}"
+        for p in _modules("core")
+        for m in sorted(_imports(p))
+        if m.partition(".")[0] in IO_LIBRARIES
+    ]
+    assert not found
+
+
+def test_the_postgresql_sink_is_split_by_role() -> None:
+    """Its logic in the core (rows, offsets, retention), its SQL in io/, its loop in tiers/; only the
+    I/O module and the harness's server talk to PostgreSQL."""
+    assert (PACKAGE / "core" / "sink_plan.py").is_file()
+    assert (PACKAGE / "io" / "postgres_sink.py").is_file()
+    assert (PACKAGE / "tiers" / "sink.py").is_file()
+    talking = sorted(
+        str(p.relative_to(ROOT))
+        for p in PACKAGE.rglob("*.py")
+        if any(m.partition(".")[0] == "asyncpg" for m in _imports(p))
+    )
+    allowed = {
+        "pipeline/io/postgres_sink.py",
+        "pipeline/io/postgres_history.py",
+        "pipeline/tiers/sink.py",
+        "pipeline/harness/local_postgres.py",
+        "pipeline/harness/chaos.py",
+        "pipeline/bench/sink_bench.py",
+    }
+    assert set(talking) <= allowed, talking

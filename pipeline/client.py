@@ -47,11 +47,11 @@ from aiokafka.partitioner import DefaultPartitioner
 
 from pipeline.core.hotkeys import HotKeySplitter, SplitPolicy, SubKeyRouter
 from pipeline.core.model import MAX_ID_CHARS, MAX_TS, EventFields, InvalidEvent, check_event, message_key
-from pipeline.core.split_history import reconcile
+from pipeline.core.split_history import Entry, SplitHistory, reconcile
 from pipeline.core.topology import Topology
 from pipeline.io.kafka import KafkaConnection, check_access
 from pipeline.io.kafka import connection as kafka_connection
-from pipeline.io.splits import SplitAnnouncer, SplitHistoryStore
+from pipeline.io.splits import SharedRates, SplitAnnouncer, SplitHistoryStore
 
 MAX_BATCH_BYTES = 512 * 1024
 MAX_SENDS_IN_FLIGHT = 64
@@ -143,7 +143,12 @@ class PipelineClient:
         self._router = splitter.router if splitter is not None else SubKeyRouter()
         self._policy = splitter.policy if splitter is not None else SplitPolicy()
         self._store: SplitHistoryStore | None = None
-        self._mine: dict[str, int] = {}  # key -> the k this writer last put in the split history
+        # agreement on what is hot: this writer's rates shared, the writers' sums read back
+        self._rates: SharedRates | None = None
+        self._reporter = f"{self.client_id}.{os.getpid()}.{uuid.uuid4().hex[:6]}"
+        self._sharing: asyncio.Task[None] | None = None
+        self._sharing_failing = False
+        self._mine: dict[str, Entry] = {}  # key -> the entry this writer last put in the split history
         self._sync_lock = asyncio.Lock()
         self._trimmed_at = 0.0
         self._history_failing = False
@@ -196,6 +201,8 @@ class PipelineClient:
                 guard_ms=lead_ms // 2,
                 keep_ms=self.topology.dedup_horizon_s * 1000 + lead_ms + HISTORY_KEEP_MARGIN_MS,
             )
+            if self.splitter is not None:
+                self._rates = SharedRates(self._redis, self.topology.name)
         self._announcer = SplitAnnouncer(self.topology.name, self.client_id, producer, self._redis)
         self._router.use_partitions(len(self._partitions), self._partition_of)
         if self.splitter is not None:
@@ -217,6 +224,9 @@ class PipelineClient:
         for task in list(self._background):
             with contextlib.suppress(Exception):
                 await task
+        if self._rates is not None:  # this writer's rates leave the writers' sums at once
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._rates.withdraw(self._reporter), self.ack_timeout_s)
         if self._producer is not None:
             await self._producer.stop()
             self._producer = None
@@ -318,13 +328,7 @@ class PipelineClient:
         splitter = self.splitter
         if splitter is not None and ready:
             splitter.observe_counts(keys)
-            changes = splitter.tick(time.monotonic())
-            if changes:
-                self._announce(changes)
-                if self._store is None:
-                    self._follow_locally(now_ms)  # a lone writer: in force at once
-                else:
-                    self._spawn(self._sync_splits())  # proposed; in force after the lead
+            self._ticked(splitter.tick(time.monotonic()), now_ms)
         by_partition: dict[int, list[tuple[bytes, bytes]]] = {}
         indexes: dict[int, list[int]] = {}  # partition -> the events it carries
         partition_of = self._partition_of
@@ -412,13 +416,55 @@ class PipelineClient:
         self._background.add(task)
         task.add_done_callback(_finished(self._background))
 
+    def _ticked(self, changes: dict[str, int], now_ms: int) -> None:
+        """After a tick: announce and propose what changed; share the rates of an interval that closed."""
+        if changes:
+            self._announce(changes)
+            if self._store is None:
+                self._follow_locally(now_ms)  # a lone writer: in force at once
+            else:
+                self._spawn(self._sync_splits())  # proposed; in force after the lead
+        splitter = self.splitter
+        if splitter is None or self._rates is None:
+            return
+        report = splitter.take_report()
+        if report is not None and (self._sharing is None or self._sharing.done()):
+            self._sharing = asyncio.create_task(self._share_rates(report))
+            self._background.add(self._sharing)
+            self._sharing.add_done_callback(_finished(self._background))
+
+    async def _share_rates(self, report: dict[str, int]) -> None:
+        """Put this writer's rates in the writers' sums; decide again by the sums (core/hotkeys.py)."""
+        splitter, rates = self.splitter, self._rates
+        assert splitter is not None and rates is not None
+        policy = splitter.policy
+        try:
+            totals = await asyncio.wait_for(
+                rates.share(
+                    self._reporter, report, int(policy.shared_ttl * 1000), min_total=policy.threshold_eps / 2
+                ),
+                self.ack_timeout_s,
+            )
+        except Exception as exc:  # decided by this writer's own rates until the store answers again
+            if not self._sharing_failing:
+                self._sharing_failing = True
+                log.warning("cannot share hot-key rates: %r", exc)
+            return
+        if self._sharing_failing:
+            self._sharing_failing = False
+            log.warning("hot-key rates shared again (%s)", self.topology.name)
+        changes = splitter.agree(totals, time.monotonic())
+        if changes:
+            self._announce(changes)
+            await self._sync_splits()
+
     async def _tick_forever(self) -> None:
         """Close rate intervals without traffic too, so cooled keys are unsplit and announced;
         read the shared split history back and propose this writer's changes."""
         while True:
             await asyncio.sleep(self._policy.refresh_s)
             if self.splitter is not None:
-                self._announce(self.splitter.tick(time.monotonic()))
+                self._ticked(self.splitter.tick(time.monotonic()), int(time.time() * 1000))
             if self._store is not None:
                 await self._sync_splits()
             elif self.splitter is not None:
@@ -430,9 +476,9 @@ class PipelineClient:
         assert splitter is not None
         history = splitter.history
         keep_ms = self.topology.dedup_horizon_s * 1000 + HISTORY_KEEP_MARGIN_MS
-        for change in reconcile(splitter.splits, history, self._mine):
+        for change in reconcile(splitter.asks(history.latest), history, self._mine):
             if history.apply(change, now_ms, now_ms - keep_ms):
-                self._took(change.key, change.k)
+                self._took(history, change.key)
         self._forget_mine()
 
     async def _sync_splits(self) -> None:
@@ -447,9 +493,10 @@ class PipelineClient:
                 self.history_read_at = time.monotonic()
                 self._settled_before_ms = read_ms + store.guard_ms
                 if self.splitter is not None:
-                    for change in reconcile(self.splitter.splits, history, self._mine):
+                    self._adopt(history)
+                    for change in reconcile(self.splitter.asks(history.latest), history, self._mine):
                         if await store.propose(history, change):
-                            self._took(change.key, change.k)
+                            self._took(history, change.key)
                     self._forget_mine()
                 if self.history_read_at - self._trimmed_at >= HISTORY_TRIM_EVERY_S:
                     self._trimmed_at = self.history_read_at
@@ -462,18 +509,33 @@ class PipelineClient:
                     self._history_failing = True
                     log.warning("cannot read or update the split history: %r", exc)
 
-    def _took(self, key: str, k: int) -> None:
-        if k > 1:
-            self._mine[key] = k
+    def _adopt(self, history: SplitHistory) -> None:
+        """Splits this writer wants exactly as they stand, decided by the writers' sums, become its own too:
+        any writer that agreed on a split may end it once the sums say every writer sees the key cool (so
+        a split outlives no writer that proposed it). Decided by its own rates alone, a writer adopts
+        nothing: it must not undo a split that others, hotter, hold."""
+        splitter = self.splitter
+        if splitter is None or not splitter.shared_fresh(time.monotonic()):
+            return
+        for key, k in splitter.splits.items():
+            last = history.last(key)
+            if last is not None and last[1] == k:
+                self._mine[key] = last
+
+    def _took(self, history: SplitHistory, key: str) -> None:
+        """This writer's proposal is the key's last entry now."""
+        last = history.last(key)
+        if last is not None and last[1] > 1:
+            self._mine[key] = last
         else:
             self._mine.pop(key, None)
 
     def _forget_mine(self) -> None:
-        """Keys this writer no longer splits whose latest k another writer set: not its to shrink."""
+        """Keys this writer no longer splits whose last entry another writer put: not its to shrink."""
         wanted = self.splitter.splits if self.splitter is not None else {}
         history = self._router.history
-        for key, k in list(self._mine.items()):
-            if key not in wanted and history.latest(key) != k:
+        for key, entry in list(self._mine.items()):
+            if key not in wanted and history.last(key) != entry:
                 del self._mine[key]
 
 

@@ -9,6 +9,29 @@ per-partition budget. It returns to one key with hysteresis: only once the
 rate has stayed under threshold/2 for `cooldown_s`. Readers (tier 1 and the
 root) always merge every sub-key.
 
+Writers agree on what is hot. Each writer sees only its share of a key: five
+gateways behind a load balancer, each at 800 events/s of one key, would never
+split it alone although its partition takes 4,000/s. So at the end of every
+interval a writer shares the rates it measured (`report()`: keys at or above
+`share_floor` of the threshold, the `max_shared_keys` heaviest) and receives the
+sum over every writer (`agree()`; the shared store is `io/splits.SharedRates`,
+modelled by `RateBoard` here). A key's rate is then the larger of the writer's
+own and the writers' sum, while that sum is fresh (`shared_ttl_s`); so a key
+splits when the writers together see it hot and merges back only once the sum,
+hence every writer, has been cool for the cooldown. Every writer deciding from the
+same sum proposes the same k; the history keeps the largest proposed.
+
+Per key the decision is a small state machine (`next_state`), fed the k the
+rate asks for (`wanted_k`) at every decision:
+
+| state | wanted k | next |
+|---|---|---|
+| (k, -) | above k | (wanted, -): split or grow at once |
+| (k, any) | k | (k, -) |
+| (k, -) | below k | (k, now): cooling starts |
+| (k, since) | below k, now - since < cooldown | unchanged |
+| (k, since) | below k, now - since >= cooldown | (wanted, -): shrink, or one key at 1 |
+
 What a writer decides is a proposal: the k an event is routed by is the one in
 force at the event's `ts` in the split history every writer shares
 (`core/split_history.py`), so a retry that carries its original's `ts` lands on
@@ -24,6 +47,7 @@ import math
 import zlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import datasketches
 
@@ -51,6 +75,18 @@ class SplitPolicy:
     # history back every `refresh_s`, so each knows a change before it is in force (lead >= 2 x refresh)
     lead_s: float = 2.0
     refresh_s: float = 0.5
+    # agreement between writers: a writer shares the rates of keys at or above this share of the
+    # threshold (at most `max_shared_keys` of them), and decides by the writers' sum while it is
+    # younger than `shared_ttl_s` (0: three intervals, see `shared_ttl`), then by its own rates alone
+    share_floor: float = 0.05
+    max_shared_keys: int = 64
+    shared_ttl_s: float = 0.0
+
+    @property
+    def shared_ttl(self) -> float:
+        """How long a report (and the writers' sum received) counts: unless set, three of the intervals at
+        which a writer shares (an interval, or the refresh when that is longer: writers tick at refreshes)."""
+        return self.shared_ttl_s or 3 * max(self.interval_s, self.refresh_s)
 
     def __post_init__(self) -> None:
         if self.threshold_eps <= 0 or self.budget_eps <= 0 or self.interval_s <= 0 or self.cooldown_s < 0:
@@ -59,12 +95,31 @@ class SplitPolicy:
             raise ValueError("refresh must be positive and the lead at least twice the refresh interval")
         if not 1 <= self.max_k <= MAX_SUBKEYS or not 0 <= self.static_k <= MAX_SUBKEYS:
             raise ValueError(f"max_k and static_k must be within [1, {MAX_SUBKEYS}]")
+        if not 0 < self.share_floor <= 1 or self.max_shared_keys < 1 or self.shared_ttl_s < 0:
+            raise ValueError("share_floor within (0, 1], max_shared_keys positive, shared_ttl_s not negative")
 
 
-@dataclass(slots=True)
-class _Split:
+class KeyState(NamedTuple):
+    """A key's split as one writer decides it: k (1: one key), and since when a smaller k is asked for."""
+
     k: int
-    low_since: float | None = None  # when the rate first asked for a smaller k, while it still does
+    low_since: float | None = None
+
+
+ONE_KEY = KeyState(1)
+
+
+def next_state(state: KeyState, wanted: int, now: float, cooldown_s: float) -> KeyState:
+    """The transition of the table above: grow at once, shrink only after `cooldown_s` of asking less."""
+    if wanted > state.k:
+        return KeyState(wanted)
+    if wanted == state.k:
+        return state if state.low_since is None else KeyState(state.k)
+    if state.low_since is None:
+        return KeyState(state.k, now)
+    if now - state.low_since >= cooldown_s:
+        return KeyState(wanted)
+    return state
 
 
 class HotKeySplitter:
@@ -84,7 +139,11 @@ class HotKeySplitter:
         self._sketch = datasketches.frequent_strings_sketch(lg_max_items)
         self._interval_start = now
         self._rates: dict[str, float] = {}
-        self._splits: dict[str, _Split] = {}
+        self._splits: dict[str, KeyState] = {}  # keys split now (k > 1)
+        # the writers' summed rates (key -> events/s), and until when they count
+        self._shared: dict[str, float] = {}
+        self._shared_until = -math.inf
+        self._report_due = False
         self.router = SubKeyRouter(SplitHistory(), self.policy.static_k)
         if partitions:
             self.use_partitions(partitions, partition_of)
@@ -127,7 +186,62 @@ class HotKeySplitter:
         self._rates = {item[0]: item[1] / elapsed for item in items}
         self._sketch = datasketches.frequent_strings_sketch(self.lg_max_items)
         self._interval_start = now
+        self._report_due = True
         return self._decide(now)
+
+    # -- agreement with the other writers -------------------------------------------------------
+
+    def report(self) -> dict[str, int]:
+        """What this writer shares of its last interval: key -> events/s (rounded, at least 1), for keys
+        at or above `share_floor` of the threshold, the `max_shared_keys` heaviest."""
+        p = self.policy
+        floor = p.threshold_eps * p.share_floor
+        heavy = sorted(
+            ((key, rate) for key, rate in self._rates.items() if rate >= floor),
+            key=lambda kv: kv[1],
+            reverse=True,
+        )
+        return {key: max(1, round(rate)) for key, rate in heavy[: p.max_shared_keys]}
+
+    def take_report(self) -> dict[str, int] | None:
+        """The report of the interval that closed since the last call, once; None when none closed."""
+        if not self._report_due:
+            return None
+        self._report_due = False
+        return self.report()
+
+    def agree(self, totals: Mapping[str, float], now: float) -> dict[str, int]:
+        """The writers' summed rates arrived (keys absent: under what the store returns); decide again.
+
+        Until `shared_ttl` has passed a key's rate is the larger of this writer's own and the sum.
+        Returns the changed splits, as `tick` does."""
+        self._shared = dict(totals)
+        self._shared_until = now + self.policy.shared_ttl
+        return self._decide(now)
+
+    def shared_fresh(self, now: float) -> bool:
+        """True while the writers' sum counts (received within `shared_ttl`)."""
+        return now < self._shared_until
+
+    def cooling(self, key: str) -> bool:
+        """True while `key` is split and its rate asks for less, the cooldown not yet over."""
+        state = self._splits.get(key)
+        return state is not None and state.low_since is not None
+
+    def asks(self, latest: Callable[[str], int]) -> dict[str, int]:
+        """What this writer asks of the shared split history: its splits, except that a split cooling
+        down asks for no more than the history holds (`latest`), so that a writer whose cooldown ends a
+        moment later never grows back a split another writer, agreeing by the sums, just ended."""
+        out: dict[str, int] = {}
+        for key, state in self._splits.items():
+            k = state.k if state.low_since is None else min(state.k, latest(key))
+            if k > 1:
+                out[key] = k
+        return out
+
+    def shared_rate(self, key: str) -> float:
+        """The writers' summed rate of `key` as last received (0 when not among the hot)."""
+        return self._shared.get(key, 0.0)
 
     def _cap(self) -> int:
         cap = self.policy.max_k
@@ -142,30 +256,37 @@ class HotKeySplitter:
             return max(2, min(self._cap(), math.ceil(rate / p.budget_eps)))
         return 1
 
+    def rates(self, now: float) -> dict[str, float]:
+        """The rate every decision goes by: per key the larger of this writer's own and the writers' sum
+        (while that is fresh)."""
+        rates = self._rates
+        if not self._shared or not self.shared_fresh(now):
+            return rates
+        rates = dict(rates)
+        for key, total in self._shared.items():
+            if total > rates.get(key, 0.0):
+                rates[key] = total
+        return rates
+
     def _decide(self, now: float) -> dict[str, int]:
         changed: dict[str, int] = {}
-        rates = self._rates
+        rates = self.rates(now)
+        splits = self._splits
+        cooldown = self.policy.cooldown_s
         for key, rate in rates.items():
-            if key not in self._splits:
+            if key not in splits:
                 k = self.wanted_k(rate)
                 if k > 1:
-                    self._splits[key] = _Split(k)
+                    splits[key] = KeyState(k)
                     changed[key] = k
-        for key, split in list(self._splits.items()):
-            want = self.wanted_k(rates.get(key, 0.0), split.k)
-            if want > split.k:
-                split.k, split.low_since = want, None
-                changed[key] = want
-            elif want == split.k:
-                split.low_since = None
-            elif split.low_since is None:
-                split.low_since = now
-            elif now - split.low_since >= self.policy.cooldown_s:
-                changed[key] = want
-                if want == 1:
-                    del self._splits[key]
-                else:
-                    split.k, split.low_since = want, None
+        for key, state in list(splits.items()):
+            new = next_state(state, self.wanted_k(rates.get(key, 0.0), state.k), now, cooldown)
+            if new.k != state.k:
+                changed[key] = new.k
+            if new.k == 1:
+                del splits[key]
+            else:
+                splits[key] = new
         return changed
 
     # -- decisions -------------------------------------------------------------------------
@@ -186,8 +307,8 @@ class HotKeySplitter:
         """
         if ts_ms is not None:
             return self.router.sub_for(key, event_id, ts_ms)
-        split = self._splits.get(key)
-        return self.router.sub_of(key, event_id, split.k if split is not None else self.policy.static_k)
+        state = self._splits.get(key)
+        return self.router.sub_of(key, event_id, state.k if state is not None else self.policy.static_k)
 
     def subs(self, key: str, k: int) -> tuple[int, ...]:
         """The k sub-key numbers of a key; with a known partitioner, on k distinct partitions."""
@@ -299,3 +420,35 @@ def _spread(key: str, k: int, partitions: int, partition_of: PartitionOf) -> tup
     if len(found) < k:  # a partitioner that never reaches some partition: fall back to plain numbers
         return tuple(range(k))
     return tuple(found[p] for p in wanted)
+
+
+class RateBoard:
+    """The shared store of rates as the writers see it (`io/splits.SharedRates` runs the same in Redis).
+
+    Each writer's latest report (key -> events/s) replaces its previous one and counts until
+    it expires; a writer that stops withdraws it. `put` answers the sum over every live
+    report, keys whose sum is at least `min_total` only.
+    """
+
+    def __init__(self) -> None:
+        self.reports: dict[str, tuple[dict[str, int], float]] = {}  # writer -> (report, expiry)
+
+    def put(
+        self, writer: str, report: Mapping[str, int], now: float, ttl: float, min_total: float = 0
+    ) -> dict[str, int]:
+        self.reports = {w: r for w, r in self.reports.items() if r[1] > now}
+        if report:
+            self.reports[writer] = (dict(report), now + ttl)
+        else:
+            self.reports.pop(writer, None)
+        return self.totals(min_total)
+
+    def withdraw(self, writer: str) -> None:
+        self.reports.pop(writer, None)
+
+    def totals(self, min_total: float = 0) -> dict[str, int]:
+        sums: dict[str, int] = {}
+        for report, _ in self.reports.values():
+            for key, rate in report.items():
+                sums[key] = sums.get(key, 0) + rate
+        return {key: total for key, total in sums.items() if total >= min_total}

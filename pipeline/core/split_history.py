@@ -16,8 +16,9 @@ which writers read the history back, so every writer knows an entry before any e
 is routed by it. The entries in force at times already passed never change.
 
 Who may change k: a proposal to grow k always applies (the hottest writer wins); a
-proposal to shrink applies only while the latest k is the one that writer put there,
-so a writer that sees a key cool never undoes a larger split another writer made.
+proposal to shrink applies only while the latest entry is the one that writer put there
+(the entry, not merely its k: two writers may put the same k at different times), so a
+writer that sees a key cool never undoes a split another writer made.
 
 Sans-I/O: times are arguments, histories plain tuples.
 """
@@ -127,6 +128,11 @@ class SplitHistory:
         history = self.histories.get(key)
         return k_at(history, ts_ms) if history else 1
 
+    def last(self, key: str) -> Entry | None:
+        """The last entry of `key` (possibly not in force yet); None when the key has no history."""
+        history = self.histories.get(key)
+        return history[-1] if history else None
+
     def latest(self, key: str) -> int:
         """The last k proposed for `key` (possibly not in force yet)."""
         history = self.histories.get(key)
@@ -176,21 +182,22 @@ class SplitHistory:
         return [key for key, history in self.histories.items() if trim(history, oldest_ms) != history]
 
 
-def reconcile(wanted: Mapping[str, int], history: SplitHistory, mine: Mapping[str, int]) -> list[Proposal]:
+def reconcile(wanted: Mapping[str, int], history: SplitHistory, mine: Mapping[str, Entry]) -> list[Proposal]:
     """What this writer should propose so the shared k of its keys follows what it wants.
 
-    `wanted`: the keys this writer splits now (key -> k); `mine`: the latest k this writer
+    `wanted`: the keys this writer splits now (key -> k); `mine`: the entry this writer last
     put in the shared history per key. A key it wants split wider than the history says is
-    proposed again (another writer may have shrunk it); a key it put there and no longer
-    wants that wide is shrunk, expecting the k it put there.
+    proposed again (another writer may have shrunk it); a key whose latest entry it put there
+    and no longer wants that wide is shrunk, expecting the k it put there.
     """
     out: list[Proposal] = []
     for key in _union(wanted, mine):
         want = wanted.get(key, 1)
-        latest = history.latest(key)
+        last = history.last(key)
+        latest = last[1] if last is not None else 1
         if want > latest:
             out.append(Proposal(key, want, None))
-        elif want < latest and mine.get(key) == latest:
+        elif want < latest and mine.get(key) == last:
             out.append(Proposal(key, want, latest))
     return out
 

@@ -9,6 +9,15 @@ script, which also refuses an entry that would take effect sooner than the guard
 (Redis clock): a writer paused between deciding and writing cannot change the
 routing of events already sent.
 
+`SharedRates` is how writers agree on what is hot (`core/hotkeys.py`): every writer
+puts the rates it measured in its last interval, and gets back the sum over every
+writer, in one Lua script over three keys: `{topology}:hot-rates` (HASH key -> the
+summed events/s), `{topology}:hot-rates:reports` (HASH writer -> its report,
+MessagePack `[key, rate, ...]`) and `{topology}:hot-rates:writers` (ZSET writer ->
+expiry, ms by the Redis clock). A report replaces the writer's previous one in the
+sum; a report that expires (a writer that died) is taken out of it by the next
+writer's call; a writer that stops withdraws its own.
+
 `SplitAnnouncer` is for people (readers merge every sub-key anyway): the hash
 `{topology}:splits` (field = key, value = the k a writer decided, removed when the
 key is one key again) and the compacted topic `{topology}.splits` (message key =
@@ -67,15 +76,63 @@ return {now, version, redis.call('HGETALL', KEYS[1])}
 
 CAS_ATTEMPTS = 5
 
+# KEYS: totals, reports, writers. ARGV: writer, ttl ms, the least total answered, then the report as
+# key, rate, key, rate, ... (none: withdraw). The report is kept as MessagePack (binary-safe keys).
+# Answers the flat [key, total, ...] of totals at or above the least.
+SHARE_RATES_LUA = r"""
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local function withdraw(writer)
+  local old = redis.call('HGET', KEYS[2], writer)
+  if old then
+    local flat = cmsgpack.unpack(old)
+    for i = 1, #flat, 2 do
+      if redis.call('HINCRBY', KEYS[1], flat[i], -flat[i + 1]) <= 0 then
+        redis.call('HDEL', KEYS[1], flat[i])
+      end
+    end
+    redis.call('HDEL', KEYS[2], writer)
+  end
+  redis.call('ZREM', KEYS[3], writer)
+end
+for _, writer in ipairs(redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now)) do
+  withdraw(writer)
+end
+withdraw(ARGV[1])
+if #ARGV > 3 then
+  local flat = {}
+  for i = 4, #ARGV, 2 do
+    local rate = tonumber(ARGV[i + 1])
+    redis.call('HINCRBY', KEYS[1], ARGV[i], rate)
+    flat[#flat + 1] = ARGV[i]
+    flat[#flat + 1] = rate
+  end
+  redis.call('HSET', KEYS[2], ARGV[1], cmsgpack.pack(flat))
+  redis.call('ZADD', KEYS[3], now + tonumber(ARGV[2]), ARGV[1])
+end
+local least = tonumber(ARGV[3])
+local out = {}
+local totals = redis.call('HGETALL', KEYS[1])
+for i = 1, #totals, 2 do
+  if tonumber(totals[i + 1]) >= least then
+    out[#out + 1] = totals[i]
+    out[#out + 1] = totals[i + 1]
+  end
+end
+return out
+"""
+
 
 def split_history_key(topology: str) -> str:
-    """HASH of key -> its split history, JSON [[effective_ms, k], ...] (k = 1: one key)."""
-    return f"{topology}:split-history"
+    """HASH of key -> its split history, JSON [[effective_ms, k], ...] (k = 1: one key). With its
+    version it carries the hash tag `{T}`: the compare-and-set script's keys share a slot on a Redis
+    Cluster."""
+    return f"{topology}:{{{topology}}}:split-history"
 
 
 def split_history_version_key(topology: str) -> str:
     """Counter raised by every change of the split history."""
-    return f"{topology}:split-history:version"
+    return f"{topology}:{{{topology}}}:split-history:version"
 
 
 class SplitHistoryStore:
@@ -163,6 +220,40 @@ def _bytes(value: bytes | str | int) -> bytes:
     if isinstance(value, bytes):
         return value
     return str(value).encode()
+
+
+def hot_rates_keys(topology: str) -> list[str]:
+    """The summed rates (HASH key -> events/s), the writers' reports (HASH), their expiries (ZSET)."""
+    return [f"{topology}:hot-rates", f"{topology}:hot-rates:reports", f"{topology}:hot-rates:writers"]
+
+
+class SharedRates:
+    """Writers' rates summed in Redis: `share` puts this writer's report and answers the sum."""
+
+    def __init__(self, redis: aioredis.Redis, topology: str) -> None:
+        self.redis = redis
+        self.keys = hot_rates_keys(topology)
+        self._script = redis.register_script(SHARE_RATES_LUA)
+
+    async def share(
+        self, writer: str, report: Mapping[str, int], ttl_ms: int, min_total: float = 0
+    ) -> dict[str, int]:
+        """Replace `writer`'s report with `report` (key -> events/s) for `ttl_ms`; the sums at or above
+        `min_total`, over every writer's live report."""
+        args: list[bytes | str | int | float] = [writer, max(1, ttl_ms), min_total]
+        for key, rate in report.items():
+            if rate > 0:
+                args.append(key.encode("utf-8", "surrogatepass"))
+                args.append(int(rate))
+        answer = await self._script(keys=self.keys, args=args)
+        return {
+            _bytes(answer[i]).decode("utf-8", "surrogatepass"): int(answer[i + 1])
+            for i in range(0, len(answer), 2)
+        }
+
+    async def withdraw(self, writer: str) -> None:
+        """Take this writer's report out of the sums (a writer that stops)."""
+        await self._script(keys=self.keys, args=[writer, 1, 0])
 
 
 class SplitAnnouncer:

@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 from pipeline.core.hotkeys import HotKeySplitter, PartitionOf, SplitPolicy, SubKeyRouter
 from pipeline.core.model import MAX_SUBKEYS, message_key
 from pipeline.core.split_history import (
+    Entry,
     History,
     Proposal,
     SplitHistory,
@@ -193,7 +194,7 @@ class Store:
 class Writer:
     def __init__(self) -> None:
         self.history = SplitHistory()
-        self.mine: dict[str, int] = {}
+        self.mine: dict[str, Entry] = {}
         self.wanted: dict[str, int] = {}
 
     def sync(self, store: Store, now: int) -> None:
@@ -205,11 +206,11 @@ class Writer:
             if store.cas(change.key, self.history.raw.get(change.key, b""), encode(new)):
                 self.history.set(change.key, encode(new))
                 if change.k > 1:
-                    self.mine[change.key] = change.k
+                    self.mine[change.key] = new[-1]
                 else:
                     self.mine.pop(change.key, None)
-        for key, k in list(self.mine.items()):
-            if key not in self.wanted and self.history.latest(key) != k:
+        for key, entry in list(self.mine.items()):
+            if key not in self.wanted and self.history.last(key) != entry:
                 del self.mine[key]
 
 
@@ -267,9 +268,25 @@ def test_reconcile_proposes_growth_again_and_shrinks_only_its_own() -> None:
     history = SplitHistory()
     history.set("a", encode(((0, 1), (10, 2))))
     history.set("b", encode(((0, 1), (10, 8))))
-    changes = reconcile({"a": 4, "c": 3}, history, {"b": 8})
+    changes = reconcile({"a": 4, "c": 3}, history, {"b": (10, 8)})
     assert changes == [Proposal("a", 4, None), Proposal("c", 3, None), Proposal("b", 1, 8)]
-    assert reconcile({}, history, {"b": 4}) == []  # b holds 8, which this writer did not put
+    assert reconcile({}, history, {"b": (10, 4)}) == []  # b holds 8, which this writer did not put
+    assert reconcile({}, history, {"b": (5, 8)}) == []  # nor an 8 it put earlier: the entry is another's
+
+
+def test_a_writer_never_shrinks_an_equal_split_another_writer_put_later() -> None:
+    """The example hypothesis found: w1 put 3, w2 grew it to 4 then shrank it to 1, w0 put 3 again;
+    w1, now wanting 2, must not shrink w0's 3 although it once put a 3 itself."""
+    store = Store()
+    w0, w1, w2 = Writer(), Writer(), Writer()
+    w1.wanted = {"viral": 3}
+    w1.sync(store, 10)
+    w2.wanted = {"viral": 4}
+    w2.sync(store, 20)
+    w1.wanted, w2.wanted, w0.wanted = {"viral": 2}, {}, {"viral": 3}
+    for now, w in enumerate([w0, w1, w2, w0, w1, w2], start=3):
+        w.sync(store, now * 10)
+    assert decode(store.raw["viral"])[-1][1] == 3
 
 
 def test_the_lead_must_cover_two_refreshes() -> None:

@@ -35,6 +35,7 @@ from pipeline.core.aggregates import Kind
 from pipeline.core.fanout import Snapshot
 from pipeline.core.topology import Metric, Topology
 from pipeline.core.windows import TOTAL, Rollup
+from pipeline.io.postgres_history import PostgresHistory
 from pipeline.io.redis_reader import RedisStore
 from pipeline.runtime.loop_thread import PerProcess
 
@@ -80,22 +81,39 @@ def fold(kind: Kind, values: list[float]) -> float | None:
 class Reader:
     """Async reads of one topology's aggregates."""
 
-    def __init__(self, topology: Topology, store: RedisStore | aioredis.Redis) -> None:
-        """`store`: a RedisStore, or a redis.asyncio client (borrowed: `aclose` leaves it open)."""
+    def __init__(
+        self,
+        topology: Topology,
+        store: RedisStore | aioredis.Redis,
+        history: PostgresHistory | None = None,
+    ) -> None:
+        """`store`: a RedisStore, or a redis.asyncio client (borrowed: `aclose` leaves it open).
+        `history`: the sink's PostgreSQL rollups, read for the buckets of a series Redis no longer
+        holds (borrowed too)."""
         self.topology = topology
+        self.history = history
         self.store = store if isinstance(store, RedisStore) else RedisStore(store, topology.name)
         self.metrics = {m.name: m for m in topology.metrics}
         self._owned: aioredis.Redis | None = None
+        self._owned_history: PostgresHistory | None = None
 
     @classmethod
-    def from_url(cls, topology: Topology, redis_url: str, **redis_options: Any) -> Reader:
-        """A reader with a Redis client of its own, closed by `aclose()`."""
+    def from_url(
+        cls, topology: Topology, redis_url: str, *, postgres_url: str | None = None, **redis_options: Any
+    ) -> Reader:
+        """A reader with a Redis client of its own (and a PostgreSQL history when `postgres_url` is
+        given), closed by `aclose()`."""
         client = aioredis.Redis.from_url(redis_url, **redis_options)
-        reader = cls(topology, client)
+        history = PostgresHistory(topology, postgres_url) if postgres_url else None
+        reader = cls(topology, client, history)
         reader._owned = client
+        reader._owned_history = history
         return reader
 
     async def aclose(self) -> None:
+        if self._owned_history is not None:
+            await self._owned_history.aclose()
+            self._owned_history = None
         if self._owned is not None:
             await self._owned.aclose()
             self._owned = None
@@ -189,7 +207,8 @@ class Reader:
     ) -> list[tuple[int, float]]:
         """(bucket start in epoch seconds, value) for `points` buckets of `size_s` (the metric's
         smallest by default) ending with the one holding `end_s` (now), oldest first, 0 where empty.
-        Without a key: the channel's sum per bucket (count and sum metrics)."""
+        Without a key: the channel's sum per bucket (count and sum metrics). Buckets Redis does not
+        hold (past its retention) are read from the history, when the reader has one."""
         m = self.metric(metric)
         rollup = self.rollup(m, size_s)
         starts = series_starts(rollup.size_s, points, int(time.time()) if end_s is None else end_s)
@@ -202,10 +221,19 @@ class Reader:
         elif key is None:
             if m.kind is not Kind.COUNT and m.kind is not Kind.SUM:
                 raise QueryError(f"a series of the {m.kind.value} metric {m.name!r} needs a 'key'")
-            values = [sum(v) for v in await self.store.channel_per_bucket(m.name, channel, buckets)]
+            per_bucket = await self.store.channel_per_bucket(m.name, channel, buckets)
+            values = [sum(v) for v in per_bucket]
+            if self.history is not None:
+                missing = [s for s, v in zip(starts, per_bucket, strict=True) if not v]
+                old = await self.history.channel_buckets(m.name, channel, rollup.size_s, missing)
+                values = [old.get(s, v) for s, v in zip(starts, values, strict=True)]
         else:
             found = await self.store.key_per_bucket(m.name, channel, key, buckets)
             values = [0 if v is None else v for v in found]
+            if self.history is not None:
+                missing = [s for s, v in zip(starts, found, strict=True) if v is None]
+                old = await self.history.key_buckets(m.name, channel, key, rollup.size_s, missing)
+                values = [old.get(s, v) for s, v in zip(starts, values, strict=True)]
         return list(zip(starts, values, strict=True))
 
     async def distinct(self, metric: str, channel: str, key: str, bucket: str = TOTAL) -> int:

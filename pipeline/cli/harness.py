@@ -16,7 +16,8 @@ def register_demo(sub: Subparsers) -> None:
         "demo",
         help="run the whole pipeline locally with a load generator",
         description="Starts a local broker and Redis (unless --kafka/--redis are given), "
-        "two tier-1 workers, a root merger and a broadcast node as separate processes, and load "
+        "a local PostgreSQL (unless --postgres), two tier-1 workers, a root merger, the PostgreSQL sink and "
+        "a broadcast node as separate processes, and load "
         "through the SDK (Zipf keys plus one viral key, ids, hot keys split; and a trickle of "
         "comments); prints the viewer and dashboard URLs, shows progress, and ends with a summary "
         "read back from Redis (with --json: `hot_keys_split`, the keys split during the run).",
@@ -29,6 +30,9 @@ def register_demo(sub: Subparsers) -> None:
     demo.add_argument("--keys", type=int, default=10_000, help="distinct comment keys (default 10000)")
     demo.add_argument("--channels", type=int, default=20, help="distinct live videos (default 20)")
     demo.add_argument("--json", action="store_true", help="print the summary as JSON on the last line")
+    demo.add_argument(
+        "--postgres", help="PostgreSQL URL for the sink tier's rollups (default: start a local one)"
+    )
     server_flags(demo)
     demo.set_defaults(func=lazy("pipeline.harness.demo"))
 

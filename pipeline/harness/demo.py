@@ -28,9 +28,10 @@ from pipeline.core.hotkeys import HotKeySplitter, SplitPolicy
 from pipeline.core.model import message_key
 from pipeline.core.topology import Topology
 from pipeline.harness.loadgen import LoadResult, Workload, produce_via_sdk
+from pipeline.harness.local_postgres import LocalPostgres
 from pipeline.harness.local_servers import free_port, servers_or_local
 from pipeline.harness.supervisor import WorkerProcess
-from pipeline.io import kafka, redis_query
+from pipeline.io import kafka, postgres_sink, redis_query
 from pipeline.runtime import settings as settings_mod
 from pipeline.runtime.worker import load_topology
 
@@ -45,17 +46,24 @@ def main(args: argparse.Namespace) -> int:
         kafka_url, redis_url = stack.enter_context(
             servers_or_local(args.kafka, args.redis, workdir / "servers", say=_say, broker=args.broker)
         )
-        _say(f"kafka {kafka_url}   redis {redis_url}   logs {workdir}")
+        postgres_url = getattr(args, "postgres", None)
+        if not postgres_url:
+            _say("starting a local PostgreSQL (the sink tier's rollups) ...")
+            postgres_url = stack.enter_context(LocalPostgres(workdir / "servers" / "postgres")).url
+        _say(f"kafka {kafka_url}   redis {redis_url}   postgres {postgres_url}   logs {workdir}")
         try:
-            summary = asyncio.run(_run(args, kafka_url, redis_url, workdir))
+            summary = asyncio.run(_run(args, kafka_url, redis_url, workdir, postgres_url))
         except KeyboardInterrupt:
             _say("interrupted; stopping everything")
             return 130
     _print_summary(summary, args.json)
-    return 0 if summary["events_counted"] == summary["events_accepted"] > 0 else 1
+    exact = summary["events_counted"] == summary["events_accepted"] > 0
+    return 0 if exact and summary["sink_exact"] else 1
 
 
-async def _run(args: argparse.Namespace, kafka_url: str, redis_url: str, workdir: Path) -> dict[str, Any]:
+async def _run(
+    args: argparse.Namespace, kafka_url: str, redis_url: str, workdir: Path, postgres_url: str
+) -> dict[str, Any]:
     topology = load_topology(args.topology)
     metric = next(m for m in topology.metrics if m.kind.value == "count")
     await kafka.ensure_topics(kafka_url, kafka.topology_topics(topology))
@@ -66,8 +74,20 @@ async def _run(args: argparse.Namespace, kafka_url: str, redis_url: str, workdir
         WorkerProcess(args.topology, "coalesce", "demo-c1", kafka_url, redis_url, workdir),
         WorkerProcess(args.topology, "coalesce", "demo-c2", kafka_url, redis_url, workdir),
         WorkerProcess(args.topology, "merge", "demo-m1", kafka_url, redis_url, workdir),
+        # durable rollups in PostgreSQL, exactly once, beside the root
+        WorkerProcess(
+            args.topology,
+            "sink",
+            "demo-s1",
+            kafka_url,
+            redis_url,
+            workdir,
+            extra_env={"PIPELINE_POSTGRES": postgres_url},
+        ),
     ]
-    node = _broadcast_node(args.topology, kafka_url, redis_url, workdir)
+    pg = await postgres_sink.connect(postgres_url)
+    base_sink = await postgres_sink.metric_total(pg, topology, metric.name)
+    node = _broadcast_node(args.topology, kafka_url, redis_url, workdir, postgres_url)
     workers.append(node.worker)
     for w in workers:
         w.start()
@@ -87,6 +107,11 @@ async def _run(args: argparse.Namespace, kafka_url: str, redis_url: str, workdir
 
     async def poll_counted() -> float:
         return await redis_query.metric_sum(client, topology.name, metric.name) - base_counted
+
+    async def poll_sink() -> float:
+        return await postgres_sink.metric_total(pg, topology, metric.name) - base_sink
+
+    sink_behind: list[int] = []  # Redis' count minus the sink's, once a second during the load
 
     async def poll_events() -> float:
         events = (await redis_query.stats(client, topology.name)).get("events", 0)
@@ -120,9 +145,15 @@ async def _run(args: argparse.Namespace, kafka_url: str, redis_url: str, workdir
             with contextlib.suppress(TimeoutError):
                 counted = await asyncio.wait_for(poll_events(), 0.5)
             elapsed = time.monotonic() - started
+            in_redis = in_sink = 0.0
+            with contextlib.suppress(TimeoutError):
+                in_redis = await asyncio.wait_for(poll_counted(), 2.0)
+                in_sink = await asyncio.wait_for(poll_sink(), 2.0)
+                sink_behind.append(int(in_redis - in_sink))
             _say(
                 f"[{elapsed:5.1f}s] sent {int(progress.get('sent', 0)):>9,}  "
-                f"acked {int(progress.get('accepted', 0)):>9,}  counted in Redis {int(counted):>9,}"
+                f"acked {int(progress.get('accepted', 0)):>9,}  counted in Redis {int(counted):>9,}  "
+                f"PostgreSQL {int(in_sink):>9,}"
             )
             _check_workers(workers)
         load = await load_task
@@ -135,6 +166,11 @@ async def _run(args: argparse.Namespace, kafka_url: str, redis_url: str, workdir
             _check_workers(workers)
             await asyncio.sleep(0.25)
         wall = time.monotonic() - started
+        drained = time.monotonic()
+        while (sunk := await poll_sink()) < counted and time.monotonic() < deadline:
+            _check_workers(workers)
+            await asyncio.sleep(0.25)
+        sink_after_s = time.monotonic() - drained
         stats = await redis_query.stats(client, topology.name)
         delta = {k: v - base_stats.get(k, 0) for k, v in stats.items()}
     finally:
@@ -144,7 +180,9 @@ async def _run(args: argparse.Namespace, kafka_url: str, redis_url: str, workdir
         for w in workers:
             w.stop()
         await client.aclose()
+        await pg.close()
     partials = delta.get("partials", 0)
+    half = len(sink_behind) // 2
     commands = delta.get("redis_commands", 0)
     return {
         "topology": topology.name,
@@ -152,6 +190,13 @@ async def _run(args: argparse.Namespace, kafka_url: str, redis_url: str, workdir
         "events_accepted": load.accepted,
         "events_counted": int(counted),
         "events_lost": load.accepted - int(counted),
+        "sink_events_counted": int(sunk),
+        "sink_exact": int(sunk) == int(counted),
+        # the sink's lag behind the root during the load (events): its first and second half's worst,
+        # so a lag that grows shows; and how long after the root drained the sink had it all
+        "sink_behind_max_first_half": max(sink_behind[:half], default=0),
+        "sink_behind_max_second_half": max(sink_behind[half:], default=0),
+        "sink_caught_up_after_s": round(sink_after_s, 2),
         "partials_sent": partials,
         "redis_commands": commands,
         "redis_round_trips": delta.get("applies", 0),
@@ -209,7 +254,9 @@ class DemoNode:
                 await asyncio.sleep(0.2)
 
 
-def _broadcast_node(topology: str, kafka_url: str, redis_url: str, workdir: Path) -> DemoNode:
+def _broadcast_node(
+    topology: str, kafka_url: str, redis_url: str, workdir: Path, postgres_url: str = ""
+) -> DemoNode:
     port = free_port()
     secret = secrets.token_urlsafe(24)  # this run's only: tokens die with it
     operator_key = secrets.token_urlsafe(24)
@@ -219,6 +266,8 @@ def _broadcast_node(topology: str, kafka_url: str, redis_url: str, workdir: Path
         "PIPELINE_OPERATOR_API_KEYS": operator_key,
         # a signed-in operator's viewer page mints its own tokens; never in production
         "PIPELINE_BROADCAST_DEV_TOKENS": "true",
+        # the dashboard's series read the buckets Redis no longer holds from the sink's PostgreSQL
+        "PIPELINE_POSTGRES": postgres_url,
     }
     worker = WorkerProcess(topology, "broadcast", "demo-b1", kafka_url, redis_url, workdir, extra_env=env)
     return DemoNode(worker, f"http://127.0.0.1:{port}", secret, operator_key)
@@ -281,6 +330,10 @@ def _print_summary(summary: dict[str, Any], as_json: bool) -> None:
         f"events accepted   {summary['events_accepted']:>12,}   (acknowledged by the broker)",
         f"events counted    {summary['events_counted']:>12,}   (read back from Redis)"
         + ("   exact" if ok else "   MISMATCH"),
+        f"in PostgreSQL     {summary['sink_events_counted']:>12,}   (the sink's rollups)"
+        + ("   exact" if summary["sink_exact"] else "   MISMATCH")
+        + f", behind the root at most {summary['sink_behind_max_first_half']:,} / "
+        f"{summary['sink_behind_max_second_half']:,} events (first / second half of the load)",
         f"hot keys split    {summary['hot_keys_split']:>12,}   {', '.join(summary['split_keys'])}",
         f"partials sent     {summary['partials_sent']:>12,}   ({summary['events_per_partial']} events each)",
         f"redis commands    {summary['redis_commands']:>12,}   "

@@ -46,6 +46,7 @@ from pipeline.core.model import ChannelUpdate
 from pipeline.core.topology import Topology
 from pipeline.io import kafka, redis_client
 from pipeline.io.node_registry import NodeRegistry, Ring
+from pipeline.io.postgres_history import PostgresHistory
 from pipeline.io.redis_retry import retrying
 from pipeline.read import Reader, leaderboard_metric
 from pipeline.runtime import observability as obs
@@ -171,6 +172,8 @@ class BroadcastNode:
         self.max_lag = settings.broadcast_max_lag_bytes
         self.redis = redis_client.connect(settings)
         self.reader = Reader(topology, self.redis)  # snapshots (and the dashboard) read through it
+        # the dashboard's series read buckets past Redis' retention from the sink's PostgreSQL
+        self.history = PostgresHistory(topology, settings.postgres) if settings.postgres else None
         self.url = settings.broadcast_public_url
         self.registry: NodeRegistry | None = None
         self.ring = Ring({})
@@ -226,6 +229,8 @@ class BroadcastNode:
         finally:
             await consumer.stop()
             await self.redis.aclose()
+            if self.history is not None:
+                await self.history.aclose()
             self.log.info("stopped", **self.counts)
 
     async def _shutdown(self) -> None:
@@ -286,7 +291,7 @@ class BroadcastNode:
         except ImportError:
             dashboard = None  # type: ignore[assignment]
         if dashboard is not None:
-            dashboard.setup(app, self.topology, self.redis, self.guard)
+            dashboard.setup(app, self.topology, self.redis, self.guard, self.history)
         if not STATIC_DIR.is_dir():
             return
         taken = {r.resource.canonical for r in app.router.routes() if r.resource is not None}

@@ -30,6 +30,7 @@ from aiohttp import web
 
 from pipeline.core.aggregates import Kind
 from pipeline.core.topology import Metric, Topology
+from pipeline.io.postgres_history import PostgresHistory
 from pipeline.read import QueryError, Reader, fold
 from pipeline.web import auth
 
@@ -69,10 +70,12 @@ def describe(topology: Topology) -> dict[str, Any]:
 class DashboardApi:
     """The `/api/...` handlers of one topology."""
 
-    def __init__(self, topology: Topology, client: aioredis.Redis) -> None:
+    def __init__(
+        self, topology: Topology, client: aioredis.Redis, history: PostgresHistory | None = None
+    ) -> None:
         self.topology = topology
         self.client = client
-        self.reader = Reader(topology, client)
+        self.reader = Reader(topology, client, history)
         self.metrics = {m.name: m for m in topology.metrics}
 
     # -- query parameters -----------------------------------------------------------------------------
@@ -204,12 +207,16 @@ def _file(name: str) -> Handler:
 
 
 def setup(
-    app: web.Application, topology: Topology, redis_client: aioredis.Redis, guard: auth.Guard | None = None
+    app: web.Application,
+    topology: Topology,
+    redis_client: aioredis.Redis,
+    guard: auth.Guard | None = None,
+    history: PostgresHistory | None = None,
 ) -> DashboardApi:
     """Mount `/dashboard` and the JSON query API for `topology` on `app`, each route behind `guard`
     by what it reveals (pipeline/web/auth.py). No guard mounts them open: only for an app that
     authenticates by itself (the broadcast node always passes one)."""
-    api = DashboardApi(topology, redis_client)
+    api = DashboardApi(topology, redis_client, history)
     guard = guard or auth.Guard.open()
     routes = app.router
     routes.add_get("/dashboard", guard.page(_file("dashboard.html")))

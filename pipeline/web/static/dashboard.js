@@ -11,6 +11,9 @@
     channel: params.get("channel"),
     key: params.get("key") || "",
     refreshMs: Number(params.get("refresh") || 2000),
+    // the per-hour chart's span: 48 hours, 7 days or 30 days (older buckets than Redis keeps come
+    // from the sink's PostgreSQL rollups, through the same /api/series)
+    hours: Number(params.get("hours") || 48),
     timer: null,
     busy: false,
   };
@@ -196,7 +199,8 @@
         note($("top"), "no channel yet");
       }
       work.push(drawSeries("minutes", metric, 60, 60));
-      work.push(drawSeries("hours", metric, 3600, 48));
+      $("hours-caption").textContent = state.hours % 24 === 0 && state.hours > 48 ? `last ${state.hours / 24} days` : `last ${state.hours} hours`;
+      work.push(drawSeries("hours", metric, 3600, state.hours));
       work.push(
         api("/api/splits").then((s) => table($("splits"), Object.entries(s.splits), "no key is split", ["key", "sub-keys"]))
       );
@@ -231,6 +235,7 @@
     if (state.channel !== null) q.set("channel", state.channel);
     if (state.key) q.set("key", state.key);
     if (state.refreshMs !== 2000) q.set("refresh", String(state.refreshMs));
+    if (state.hours !== 48) q.set("hours", String(state.hours));
     history.replaceState(null, "", "?" + q.toString());
   }
 
@@ -260,6 +265,12 @@
     $("channel").addEventListener("change", () => { state.channel = $("channel").value; changed(); });
     $("key").addEventListener("change", () => { state.key = $("key").value.trim(); changed(); });
     refreshSelect.addEventListener("change", () => { state.refreshMs = Number(refreshSelect.value); changed(); });
+    const hoursSelect = $("hours-span");
+    if (![...hoursSelect.options].some((o) => Number(o.value) === state.hours)) {
+      hoursSelect.append(new Option(`${state.hours} hours`, String(state.hours)));
+    }
+    hoursSelect.value = String(state.hours);
+    hoursSelect.addEventListener("change", () => { state.hours = Number(hoursSelect.value); changed(); });
     await refresh();
   }
 

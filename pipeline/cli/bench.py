@@ -134,7 +134,20 @@ def register(sub: Subparsers) -> None:
     be.add_argument("--json", action="store_true")
     server_flags(be)
 
+    bsink = bsub.add_parser(
+        "sink",
+        help="the PostgreSQL sink: partials/s and rows/s, batched (COPY, upsert) beside a statement per row",
+    )
+    bsink.add_argument("--partials", type=int, default=600, help="partials per round (default 600)")
+    bsink.add_argument("--cells", type=int, default=100, help="keys per partial, x3 rollups (default 100)")
+    bsink.add_argument("--batch", type=int, default=30, help="partials per transaction (default 30)")
+    bsink.add_argument("--rounds", type=int, default=4, help="alternating batched/naive rounds (default 4)")
+    bsink.add_argument("--pages", type=int, default=20_000, help="distinct pages (default 20000)")
+    bsink.add_argument("--postgres", help="PostgreSQL URL (default: start a local one)")
+    bsink.add_argument("--json", action="store_true")
+
     bc.set_defaults(func=_needs("coalesce_bench", faust=lambda args: True))
+    bsink.set_defaults(func=_needs("sink_bench"))
     bh.set_defaults(func=_needs("hotkey_bench"))
     bi.set_defaults(func=_needs("ingest_bench"))
     bf.set_defaults(func=_needs("fanout_bench"))

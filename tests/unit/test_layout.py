@@ -120,6 +120,8 @@ def test_cli_commands_dispatch_through_set_defaults() -> None:
         ["run", "live_likes", "--tier", "merge"],
         ["demo"],
         ["bench", "fanout"],
+        ["bench", "sink"],
+        ["run", "analytics", "--tier", "sink"],
         ["bench", "all"],
         ["plan", "--rate", "1000"],
         ["token", "--viewer", "v", "--channels", "c"],

@@ -92,7 +92,7 @@ class Reader:
         holds (borrowed too)."""
         self.topology = topology
         self.history = history
-        self.store = store if isinstance(store, RedisStore) else RedisStore(store, topology.name)
+        self.store = store if isinstance(store, RedisStore) else RedisStore(store, topology)
         self.metrics = {m.name: m for m in topology.metrics}
         self._owned: aioredis.Redis | None = None
         self._owned_history: PostgresHistory | None = None
@@ -265,10 +265,10 @@ class Reader:
         (what a viewer gets first). Distinct metrics are left out: they reach viewers by updates."""
         metrics = [m.name for m in self.topology.metrics if m.kind is not Kind.DISTINCT]
         board = leaderboard_metric(self.topology)
-        seq, values, top = await self.store.snapshot(
+        seqs, values, top = await self.store.snapshot(
             channel, metrics, (board.name, board.leaderboard) if board is not None else None
         )
-        return Snapshot(channel, seq, values, top)
+        return Snapshot(channel, sum(seqs.values()), values, top, seqs)
 
     def _foldable(self, metric: str, what: str) -> Metric:
         m = self.metric(metric)

@@ -171,7 +171,7 @@ async def measure_pipeline(
         started = await write_backlog(bootstrap, topology.topic("events"), keys, per_key)
         deadline = time.monotonic() + DRAIN_TIMEOUT_S
         while True:
-            stats = await redis_query.stats(client, topology.name)
+            stats = await redis_query.stats(client, topology)
             if stats.get("events", 0) >= events:
                 elapsed = time.monotonic() - started
                 break

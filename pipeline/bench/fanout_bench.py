@@ -42,7 +42,8 @@ import redis.asyncio as aioredis
 
 from pipeline.core import tokens
 from pipeline.core.model import ChannelUpdate
-from pipeline.core.redis_layout import agg_key, seq_key
+from pipeline.core.redis_layout import agg_key, partition_tag, seq_key
+from pipeline.core.topology import Partitions
 from pipeline.core.windows import TOTAL
 from pipeline.harness.local_servers import free_port
 from pipeline.harness.supervisor import WorkerProcess, rss_kb
@@ -248,13 +249,18 @@ async def _viewers(conn: Connection, host: str, port: int, specs: list[tuple[str
 # --- the root merger's part ------------------------------------------------
 
 
+ROOT = 0  # the bench's publisher is one root partition's merger: its keys carry that partition's hash tag
+
+
 class Publisher:
-    """Writes totals and seq to Redis like the root, then publishes the ChannelUpdate."""
+    """Writes totals and seq to Redis like the root of partition ROOT, then publishes the ChannelUpdate
+    (its values are read back by snapshots only, which merge every partition)."""
 
     def __init__(self, bootstrap: str, redis_url: str, topology: str, channels: list[str], keys: int) -> None:
         self.producer = kafka.producer(bootstrap, f"{topology}.bench-root")
         self.redis = aioredis.Redis.from_url(redis_url)
         self.topology = topology
+        self.tag = partition_tag(topology, ROOT, Partitions().partials)  # the topology's default partitions
         self.channels = channels
         self.keys = [f"comment-{k}" for k in range(keys)]
         self.seq = dict.fromkeys(channels, 0)
@@ -280,11 +286,12 @@ class Publisher:
                         totals[key] = totals.get(key, 0) + self.rng.randint(1, 5)
                         values.append(("likes", key, totals[key]))
                     pipe.hset(
-                        agg_key(self.topology, "likes", TOTAL, channel), mapping={k: v for _, k, v in values}
+                        agg_key(self.tag, "likes", TOTAL, channel),
+                        mapping={k: v for _, k, v in values},
                     )
-                    pipe.hset(seq_key(self.topology), channel, self.seq[channel])
+                    pipe.hset(seq_key(self.tag), channel, self.seq[channel])
                     values.append(("bench", "ts", ts))
-                    updates.append(ChannelUpdate(channel, self.seq[channel], ts, values))
+                    updates.append(ChannelUpdate(channel, self.seq[channel], ts, values, ROOT))
                 await pipe.execute()
                 for update in updates:
                     await self.producer.send(topic, update.to_json(), key=update.channel.encode())

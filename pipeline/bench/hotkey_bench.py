@@ -249,7 +249,7 @@ async def _measure(
         ends_after = await _partition_ends(bootstrap, topology)
         redis = aioredis.Redis.from_url(redis_url)
         try:
-            result.announced_splits = await redis_query.splits(redis, topology.name)
+            result.announced_splits = await redis_query.splits(redis, topology)
         finally:
             await redis.aclose()
     finally:

@@ -17,7 +17,7 @@ import redis.asyncio as aioredis
 
 from pipeline.client import PipelineClient
 from pipeline.core.hotkeys import HotKeySplitter, SplitPolicy
-from pipeline.core.redis_layout import agg_key
+from pipeline.core.redis_layout import agg_key, key_tag
 from pipeline.core.topology import Topology
 from pipeline.core.windows import TOTAL
 
@@ -39,6 +39,10 @@ class Prober:
     `probe(n)` names the n-th probe's (channel, key). With `split`, the probes go
     over every events partition by id, as a writer that splits the key would send them.
     """
+
+    def tag(self, key: str) -> str:
+        """The hash tag of the root partition that holds `key`."""
+        return key_tag(self.topology, key)
 
     def __init__(
         self,
@@ -90,7 +94,7 @@ class Prober:
             if pending:
                 pipe = self.redis.pipeline(transaction=False)
                 for channel, key in pending:
-                    pipe.hget(agg_key(self.topology.name, METRIC, TOTAL, channel), key)
+                    pipe.hget(agg_key(self.tag(key), METRIC, TOTAL, channel), key)
                 seen = await pipe.execute()
                 now = time.monotonic()
                 for probe, value in zip(pending, seen, strict=True):
@@ -130,7 +134,7 @@ async def wait_visible(
     try:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            if await client.hget(agg_key(topology.name, METRIC, TOTAL, channel), key) is not None:
+            if await client.hget(agg_key(key_tag(topology, key), METRIC, TOTAL, channel), key) is not None:
                 return
             await asyncio.sleep(0.1)
         raise RuntimeError("the pipeline did not count the warm-up event in time")

@@ -28,6 +28,13 @@ def register(sub: Subparsers) -> None:
     p.add_argument("--partitions", type=int, default=6, help="events topic partitions")
     p.add_argument("--root-partitions", type=int, default=3, help="partials topic partitions")
     p.add_argument("--tier1-workers", type=int, help="default: as many as the rate needs")
+    p.add_argument(
+        "--redis-shards",
+        type=int,
+        default=1,
+        help="Redis Cluster masters holding equal slot ranges (default 1: one Redis); "
+        "prints Redis commands/s per shard",
+    )
     p.add_argument("--split-threshold", type=float, default=20_000.0, help="events/s that makes a key hot")
     p.add_argument(
         "--dedup-horizon", type=float, default=600.0, help="seconds an event id is remembered (default 600)"
@@ -55,6 +62,7 @@ def main(args: argparse.Namespace) -> int:
             partition_budget_eps=args.split_threshold,
             dedup_horizon_s=args.dedup_horizon,
             id_share=args.id_share,
+            redis_shards=args.redis_shards,
         )
     except ValueError as exc:
         print(f"pipeline plan: {exc}")
@@ -74,6 +82,15 @@ def main(args: argparse.Namespace) -> int:
         f"Redis commands/s        {result.redis_commands_per_s:>14,.0f}   "
         f"{result.events_per_redis_command:,.1f} events each"
     )
+    if workload.redis_shards > 1:
+        per_shard = result.redis_commands_per_s_per_shard
+        mean = sum(per_shard) / len(per_shard)
+        print(
+            "Redis commands/s/shard  "
+            + ", ".join(f"{n:,.0f}" for n in per_shard)
+            + f"   busiest {max(per_shard) / mean if mean else 0:.2f}x the mean"
+            + (f" ({workload.partials_partitions} root partitions over {workload.redis_shards} shards)")
+        )
     for key, rate, k in result.hot_keys:
         print(f"hot key {key:<15} {rate:>14,.0f} events/s -> split {k} ways")
     if result.dedup_ids:

@@ -11,9 +11,14 @@ viewer, so memory follows the keys of the channels, never the number of
 updates. Viewers at the same seq (all the fast ones) share one encoded message.
 
 A channel's sequence starts at its first snapshot (read from Redis by the
-runtime). Updates are applied in seq order: a late one is held for
-`reorder_wait_s` (two mergers may publish a channel's updates out of order);
-if the gap does not fill, every viewer of the channel gets a fresh snapshot.
+runtime). Each root partition numbers its own applies of a channel (its keys are
+disjoint from the other partitions', layout 2 in docs/CONTRACT.md); the
+channel's seq, the one viewers see, is the sum over the partitions, so it rises
+by one per update applied. Updates are applied in seq order within their
+partition: a late one is held for `reorder_wait_s` (two mergers may publish a
+channel's updates out of order); if the gap does not fill, every viewer of the
+channel gets a fresh snapshot. A snapshot is read per partition; one behind
+what the node already applied in some partition is read again.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ import orjson
 from pipeline.core.model import MAX_KEY_CHARS, ChannelUpdate, InvalidEvent, check_event
 
 V = TypeVar("V", bound=Hashable)
+MAX_REREADS = 3  # a snapshot behind the node is read again this many times in a row, then taken
 Key = tuple[str, str]  # (metric, key)
 
 
@@ -53,12 +59,16 @@ class FanoutConfig:
 
 @dataclass(slots=True)
 class Snapshot:
-    """A channel's full state read from Redis atomically with its seq."""
+    """A channel's full state read from Redis atomically with its seq (per root partition)."""
 
     channel: str
-    seq: int
+    seq: int  # the sum of `parts`
     values: list[tuple[str, str, float]] = field(default_factory=list)  # (metric, key, total)
     top: list[tuple[str, float]] = field(default_factory=list)  # leaderboard, best first
+    parts: dict[int, int] | None = None  # root partition -> its seq of the channel (None: all in one, 0)
+
+    def seqs(self) -> dict[int, int]:
+        return {0: self.seq} if self.parts is None else self.parts
 
 
 @dataclass(frozen=True, slots=True)
@@ -201,9 +211,11 @@ class _Channel(Generic[V]):
         "last_push",
         "likes",
         "name",
+        "parts",
         "pending",
         "reading",
         "recent",
+        "rereads",
         "resync",
         "ticket",
         "viewers",
@@ -213,7 +225,9 @@ class _Channel(Generic[V]):
         self.name = name
         self.applied: int | None = None  # seq of the state held; None before the first snapshot
         self.floor = -1  # entries at or below this seq were trimmed
-        self.pending: dict[int, ChannelUpdate] = {}
+        self.parts: dict[int, int] = {}  # root partition -> seq applied there; `applied` is their sum
+        self.pending: dict[tuple[int, int], ChannelUpdate] = {}  # (root partition, seq) -> update
+        self.rereads = 0  # snapshots read again in a row because they were behind the node
         self.gap_since: float | None = None
         # (metric, key) -> (seq of its last change, value), oldest change first
         self.entries: OrderedDict[Key, tuple[int, float]] = OrderedDict()
@@ -343,11 +357,11 @@ class Fanout(Generic[V]):
         ch = self._channels.get(update.channel)
         if ch is None:
             return  # nobody here watches it
-        if ch.applied is not None and update.seq <= ch.applied:
+        if ch.applied is not None and update.seq <= ch.parts.get(update.root, 0):
             self.stale_updates += 1
             return
         pending = ch.pending
-        pending[update.seq] = update
+        pending[(update.root, update.seq)] = update
         if len(pending) > self.config.max_pending:
             del pending[min(pending)]
         if ch.applied is not None:
@@ -405,18 +419,36 @@ class Fanout(Generic[V]):
         if ch is None or ch.ticket != request.ticket:
             return []
         ch.reading = False
+        parts = snapshot.seqs()
+        if ch.applied is not None:
+            held = ch.parts
+            if any(parts.get(r, 0) < s for r, s in held.items()) and ch.rereads < MAX_REREADS:
+                # behind what this node applied in some partition (read before an update it has):
+                # its values there are older than the node's, so read it again
+                ch.rereads += 1
+                self._wanted[ch.name] = None
+                return []
+            if any(s > held.get(r, 0) for r, s in parts.items()):
+                ch.resync = True  # ahead in some partition: every viewer needs it, not only new ones
+        ch.rereads = 0
         resync, ch.resync = ch.resync, False
-        seq = snapshot.seq
         if ch.applied is None:
             ch.fresh.clear()  # every viewer is new: the comments so far go in their introduction
         if ch.applied is None or resync:
-            # the channel's sequence (re)starts here: everything up to `seq` is in the snapshot
-            ch.applied = seq if ch.applied is None else max(ch.applied, seq)
-            for s in [s for s in ch.pending if s <= ch.applied]:
-                del ch.pending[s]
+            # the channel's sequence (re)starts here: everything up to `parts` is in the snapshot
+            for r, s in parts.items():
+                if s > ch.parts.get(r, 0):
+                    ch.parts[r] = s
+            seq = ch.applied = sum(ch.parts.values())  # the snapshot's; held updates after it go on top
+            for rs in [rs for rs in ch.pending if rs[1] <= ch.parts.get(rs[0], 0)]:
+                del ch.pending[rs]
             ch.gap_since = None
             self._gaps.pop(ch.name, None)
             self._advance(ch, now)
+        else:
+            seq = ch.applied
+        if seq != snapshot.seq:
+            snapshot = Snapshot(snapshot.channel, seq, snapshot.values, snapshot.top, dict(ch.parts))
         likes_metric = self.config.likes_metric
         if likes_metric is not None and ch.recent:
             for metric, key, value in snapshot.values:
@@ -462,12 +494,17 @@ class Fanout(Generic[V]):
         """Apply held updates in seq order as far as there is no gap."""
         assert ch.applied is not None
         pending = ch.pending
-        nxt = ch.applied + 1
-        while nxt in pending:
-            self._apply(ch, pending.pop(nxt))
-            nxt += 1
-        if nxt - 1 > ch.applied:
-            ch.applied = nxt - 1
+        parts = ch.parts
+        applied = ch.applied
+        for root in {r for r, _ in pending}:
+            nxt = parts.get(root, 0) + 1
+            while (root, nxt) in pending:
+                applied += 1
+                self._apply(ch, pending.pop((root, nxt)), applied)
+                parts[root] = nxt
+                nxt += 1
+        if applied > ch.applied:
+            ch.applied = applied
             self._dirty[ch.name] = None
         if pending:
             if ch.gap_since is None:
@@ -477,8 +514,7 @@ class Fanout(Generic[V]):
             ch.gap_since = None
             self._gaps.pop(ch.name, None)
 
-    def _apply(self, ch: _Channel[V], update: ChannelUpdate) -> None:
-        seq = update.seq
+    def _apply(self, ch: _Channel[V], update: ChannelUpdate, seq: int) -> None:
         entries = ch.entries
         likes_metric = self.config.likes_metric
         for metric, key, value in update.values:

@@ -426,18 +426,22 @@ class Partial:
 
 @dataclass(slots=True)
 class ChannelUpdate:
-    """Absolute totals for one channel after an apply, for the broadcast tier."""
+    """Absolute totals for one channel after an apply of root partition `root`, for the broadcast tier.
+    `seq` counts the applies of that root partition that touched the channel (layout 2: each root
+    partition keeps its own sequence; a channel's is their sum)."""
 
     channel: str
     seq: int
     ts_ms: int
     values: list[tuple[str, str, float]] = field(default_factory=list)  # (metric, key, total)
+    root: int = 0
 
     def to_json(self) -> bytes:
         return orjson.dumps(
             {
                 "v": FORMAT_VERSION,
                 "channel": self.channel,
+                "root": self.root,
                 "seq": self.seq,
                 "ts": self.ts_ms,
                 "values": [list(v) for v in self.values],
@@ -447,4 +451,6 @@ class ChannelUpdate:
     @classmethod
     def from_json(cls, raw: bytes) -> ChannelUpdate:
         obj = orjson.loads(raw)
-        return cls(obj["channel"], obj["seq"], obj["ts"], [tuple(v) for v in obj["values"]])
+        return cls(
+            obj["channel"], obj["seq"], obj["ts"], [tuple(v) for v in obj["values"]], obj.get("root", 0)
+        )

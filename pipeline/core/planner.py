@@ -49,12 +49,15 @@ class Workload:
     dedup_horizon_s: float = 600.0  # how long tier 1 remembers an event id (0: no deduplication)
     id_share: float = 1.0  # share of events with an id (the SDK and the gateway give every event one)
     max_cells: int = 200_000  # a window's cell limit (the topology's max_cells)
+    redis_shards: int = 1  # Redis Cluster masters (1: one Redis)
 
     def __post_init__(self) -> None:
         if self.events_per_s <= 0 or self.keys <= 0 or self.flush_interval_s <= 0:
             raise ValueError("rate, keys and flush interval must be positive")
         if not 0 <= self.hot_share < 1:
             raise ValueError("hot_share must be in [0, 1)")
+        if self.redis_shards < 1:
+            raise ValueError("redis_shards must be at least 1")
         if self.dedup_horizon_s < 0 or not 0 <= self.id_share <= 1:
             raise ValueError("the dedup horizon must not be negative, the id share within [0, 1]")
 
@@ -78,6 +81,7 @@ class Plan:
     # its share of the dedup state
     tier1_memory_bytes: float = 0.0
     hot_keys: list[tuple[str, float, int]] = field(default_factory=list)  # (key, events/s, k)
+    redis_commands_per_s_per_shard: list[float] = field(default_factory=list)  # per master, by its slots
     workers: dict[str, int] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
 
@@ -106,7 +110,8 @@ def split_factor(rate: float, w: Workload) -> int:
 
 def apply_commands(cells: float, channels: int, ranges: float, leaderboard: bool) -> float:
     """Redis commands of one root apply of `cells` cells over `channels` channels (`ranges` partials
-    partitions): what `core.redis_layout.plan_apply` counts, each "per 1,000" of fields or members."""
+    partitions, 1 since each root partition applies on its own): what `core.redis_layout.plan_apply`
+    counts, each "per 1,000" of fields or members."""
     channels_per_apply = channels * -math.expm1(-cells / channels)
     per_thousand = channels_per_apply + cells / 1000  # chunks of 1,000 fields over the channels' hashes
     # each channel's hash: read (HMGET) before the first write, written with one HSET (counts are
@@ -150,9 +155,10 @@ def drain(
     per_event_us = DRAIN_US_PER_EVENT + DRAIN_US_PER_CELL / per_key
     eps = 1e6 / per_event_us
     cells = float(keys)  # a key's events are together: one cell each (rarely two, cut by a window)
-    cells_per_apply = min(float(max_cells), eps * flush_interval_s / per_key, cells)
+    # a window's cells go to the root partitions by key, each applied on its own (one hash tag)
+    cells_per_apply = min(float(max_cells), eps * flush_interval_s / per_key, cells) / partials_partitions
     applies = cells / cells_per_apply
-    commands = applies * apply_commands(cells_per_apply, channels, partials_partitions, leaderboard)
+    commands = applies * apply_commands(cells_per_apply, channels, 1, leaderboard)
     return Drain(eps, cells, applies, commands / cells)
 
 
@@ -176,16 +182,20 @@ def plan(w: Workload) -> Plan:
     partials_per_window = busy_sources * roots * -math.expm1(-per_source / roots) if per_source else 0.0
     partials_per_s = partials_per_window / window
     tier1 = w.tier1_workers or max(1, math.ceil(w.events_per_s / TIER1_EVENTS_PER_WORKER))
-    # A root that keeps up applies each tier-1 worker's flush on its own: one window of that
-    # worker's partitions, whose keys no other worker sees (sub-keys merge back at the root).
+    # A root that keeps up applies each tier-1 worker's flush on its own, one apply per root partition
+    # (its keys share a hash tag): the window's cells of that worker's partitions that hash there.
     # A root that falls behind merges several flushes per apply and so writes less: an upper bound.
-    applies_per_s = min(partials_per_s, tier1 / window) if partials_per_s else 0.0
+    applies_per_s = min(partials_per_s, tier1 * roots / window) if partials_per_s else 0.0
     if applies_per_s:
-        cells_per_apply = _distinct(rates, window) / tier1
-        ranges = min(roots, partials_per_s / applies_per_s)
-        commands_per_s = applies_per_s * apply_commands(cells_per_apply, w.channels, ranges, w.leaderboard)
+        cells_per_apply = _distinct(rates, window) / (applies_per_s * window)
+        commands_per_s = applies_per_s * apply_commands(cells_per_apply, w.channels, 1, w.leaderboard)
     else:
         commands_per_s = 0.0
+    # each root partition's keys live on one shard (its hash tag's slot); the tags spread the
+    # partitions evenly over masters holding equal slot ranges (core/redis_layout.partition_tag)
+    shards = [0.0] * w.redis_shards
+    for p in range(roots):
+        shards[(2 * p + 1) * w.redis_shards // (2 * roots)] += commands_per_s / roots
     merge_workers = max(1, min(roots, math.ceil(commands_per_s / MERGE_CELLS_PER_WORKER)))
     result = Plan(
         events_per_s=w.events_per_s,
@@ -197,6 +207,7 @@ def plan(w: Workload) -> Plan:
         events_per_redis_command=w.events_per_s / commands_per_s if commands_per_s else 0.0,
         hot_keys=hot,
         workers={"coalesce": tier1, "merge": merge_workers},
+        redis_commands_per_s_per_shard=shards,
     )
     if w.dedup_horizon_s and w.id_share:
         ids_per_s = w.events_per_s * w.id_share

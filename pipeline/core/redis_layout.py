@@ -4,27 +4,33 @@ Pure functions: the sink (pipeline/io/redis_sink.py) ships the plan to a Lua
 script; everything that names a key lives here so readers and writers agree.
 The layout is documented in docs/CONTRACT.md.
 
-Every key starts with the topology name. Variable parts that may hold any
-character (channel, key) come last or are JSON-encoded, so two different
-cells can never share a key.
+Every key starts with the topology name. Every key one root apply touches
+carries the hash tag of its root partition, `T:{T:<partition>:<s>}:...` (layout 2,
+docs/CONTRACT.md): on Redis Cluster they share one slot, so the apply stays one
+atomic script; a single Redis holds the same keys. A channel's hashes,
+leaderboards and sequence numbers are therefore one per root partition (a key's
+cells always go to `root_partition(key, R)`), and readers merge them
+(pipeline/io/redis_reader.py). Variable parts that may hold any character
+(channel, key) come last or are JSON-encoded, so two different cells can never
+share a key.
 
 The apply: one JSON object, ARGV[1] of the script in pipeline/io/redis_sink.py.
 
     {
-      "positions": "T:pos:merge",     HASH partials partition -> last offset applied
-      "ranges": [                      one per partials partition in the batch, by partition
+      "positions": "T:{T:2:s}:pos:merge",   HASH partials partition -> last offset applied
+      "ranges": [                      one: the root partition of the batch (every key carries its tag)
         {"partition": 2, "first": 120, "last": 131, "expected": 119}
       ],
-      "seq": "T:seq",                  HASH channel -> sequence number of its last update
+      "seq": "T:{T:2:s}:seq",            HASH channel -> sequence number of its last update in partition 2
       "channels": ["v1", "v2"],        channels whose sequence number this apply increments, in order
-      "stats": "T:stats",              HASH of the pipeline-wide counters
+      "stats": "T:{T:2:s}:stats",        HASH of the counters of partition 2's applies
       "counters": {"events": 3000, "partials": 9, "applies": 1, "redis_commands": 57},   non-zero only
       "ops": [                         one per key written, in the order the reply answers
-        {"kind": "count", "key": "T:agg:likes:total:v1", "fields": ["c1", "c2"], "values": ["3", "5"],
-         "ttl": 0, "board": "T:top:likes:v1", "board_size": 100},
+        {"kind": "count", "key": "T:{T:2:s}:agg:likes:total:v1", "fields": ["c1", "c2"], "values": ["3", "5"],
+         "ttl": 0, "board": "T:{T:2:s}:top:likes:v1", "board_size": 100},
         {"kind": "sum" | "min" | "max", ... the same fields},
-        {"kind": "distinct", "key": "T:uniq:viewers:60:0:[\\"v1\\",\\"c1\\"]", "members": ["u1", "u7"],
-         "ttl": 7200}
+        {"kind": "distinct", "key": "T:{T:2:s}:uniq:viewers:60:0:[\\"v1\\",\\"c1\\"]",
+         "members": ["u1", "u7"], "ttl": 7200}
       ]
     }
 
@@ -49,41 +55,95 @@ The reply is an array:
 
 from __future__ import annotations
 
+import binascii
+import functools
+import itertools
 from dataclasses import dataclass, field
 from typing import Required, TypedDict
 
 import orjson
 
 from pipeline.core.aggregates import Kind
+from pipeline.core.coalescer import root_partition as root_partition  # readers find a key by it
 from pipeline.core.merger import UNKNOWN, MergedBatch
 from pipeline.core.model import ChannelUpdate
 from pipeline.core.topology import Topology
 from pipeline.core.windows import TOTAL, Rollup
 
-
-def agg_key(topology: str, metric: str, bucket: str, channel: str) -> str:
-    """HASH of key -> value for one metric, bucket and channel (count, sum, min, max)."""
-    return f"{topology}:agg:{metric}:{bucket}:{channel}"
+SLOTS = 16384  # Redis Cluster's hash slots
 
 
-def uniq_key(topology: str, metric: str, bucket: str, channel: str, key: str) -> str:
-    """HyperLogLog of distinct users of one (channel, key) in one bucket."""
-    return f"{topology}:uniq:{metric}:{bucket}:" + orjson.dumps([channel, key]).decode()
+def slot(key: str) -> int:
+    """Redis Cluster's hash slot of a key: CRC16 (XMODEM) of its hash tag (the text inside its first
+    {...}, when not empty; else the whole key), modulo 16384."""
+    raw = key.encode()
+    start = raw.find(b"{")
+    if start >= 0:
+        end = raw.find(b"}", start + 1)
+        if end > start + 1:
+            raw = raw[start + 1 : end]
+    return binascii.crc_hqx(raw, 0) % SLOTS
 
 
-def top_key(topology: str, metric: str, channel: str) -> str:
-    """ZSET of key -> total: the channel's leaderboard."""
-    return f"{topology}:top:{metric}:{channel}"
+@functools.lru_cache(maxsize=4096)
+def partition_tag(topology: str, part: int, parts: int) -> str:
+    """The prefix of every key root partition `part` (of `parts`) writes: `T:{T:<part>:<s>}`.
+
+    Redis Cluster hashes only the text inside the braces, so all of one partition's keys share one
+    slot (one shard), and its apply, one Lua script, stays atomic there. `s` is the smallest integer
+    that puts that slot in the part-th of `parts` equal ranges of the 16,384 slots: a cluster whose
+    masters hold equal ranges of slots (as `redis-cli --cluster create` and pipeline/harness/
+    local_servers.py assign them) gets the partitions spread evenly over its masters."""
+    if not 0 <= part < parts:
+        raise ValueError(f"root partition {part} is not one of the topology's {parts}")
+    for s in itertools.count():
+        inner = f"{topology}:{part}:{s}"
+        if slot(inner) * parts // SLOTS == part:
+            return f"{topology}:{{{inner}}}"
+    raise AssertionError("unreachable")
 
 
-def positions_key(topology: str) -> str:
-    """HASH of partials partition -> last offset applied: the root's exactly-once ledger."""
-    return f"{topology}:pos:merge"
+def key_tag(topology: Topology, key: str) -> str:
+    """The hash tag of the root partition that holds `key`'s cells in `topology`."""
+    parts = topology.partitions.partials
+    return partition_tag(topology.name, root_partition(key, parts), parts)
 
 
-def stats_key(topology: str) -> str:
-    """HASH of pipeline-wide counters (events, dead_letters, late_dropped, partials, applies)."""
-    return f"{topology}:stats"
+def agg_key(tag: str, metric: str, bucket: str, channel: str) -> str:
+    """HASH of key -> value for one metric, bucket and channel (count, sum, min, max), of the keys of
+    one root partition (`tag`: its `partition_tag`): a channel's keys are spread over one hash per
+    root partition."""
+    return f"{tag}:agg:{metric}:{bucket}:{channel}"
+
+
+def uniq_key(tag: str, metric: str, bucket: str, channel: str, key: str) -> str:
+    """HyperLogLog of distinct users of one (channel, key) in one bucket; `tag` is the key's root
+    partition's (`root_partition(key, R)`)."""
+    return f"{tag}:uniq:{metric}:{bucket}:" + orjson.dumps([channel, key]).decode()
+
+
+def top_key(tag: str, metric: str, channel: str) -> str:
+    """ZSET of key -> total: the channel's leaderboard among the keys of one root partition (readers
+    merge the partitions' boards)."""
+    return f"{tag}:top:{metric}:{channel}"
+
+
+def positions_key(tag: str) -> str:
+    """HASH of partials partition -> last offset applied (only the partition itself): the root's
+    exactly-once ledger, in the slot of the data it guards."""
+    return f"{tag}:pos:merge"
+
+
+def stats_key(tag: str) -> str:
+    """HASH of the counters (events, dead_letters, late_dropped, partials, applies) of the applies of
+    one root partition: the pipeline's are the sums over the partitions."""
+    return f"{tag}:stats"
+
+
+def seq_key(tag: str) -> str:
+    """HASH of channel -> how many applies of one root partition touched the channel (its sequence
+    number there); a channel's seq is the sum over the partitions."""
+    return f"{tag}:seq"
 
 
 def splits_key(topology: str) -> str:
@@ -94,11 +154,6 @@ def splits_key(topology: str) -> str:
 def quarantine_key(topology: str) -> str:
     """HASH of partials partition -> the batch quarantined there (JSON), while the root holds it."""
     return f"{topology}:quarantine"
-
-
-def seq_key(topology: str) -> str:
-    """HASH of channel -> sequence number of its last update."""
-    return f"{topology}:seq"
 
 
 # Operation kinds understood by the apply script (the "kind" of an op).
@@ -144,6 +199,7 @@ class ApplyPlan:
     # per value the reply carries, (channel, metric, key) for total-bucket values that viewers see, else None
     reports: list[tuple[str, str, str] | None] = field(default_factory=list)
     commands: int = 0  # Redis commands the script runs (for the coalescing-ratio metric; see plan_apply)
+    partition: int = 0  # the root partition: every key of the apply carries its hash tag
 
 
 BATCH = 1000  # fields per HMGET, members per PFADD and per ZADD, pairs per HSET in the apply script
@@ -154,7 +210,9 @@ def _chunks(n: int) -> int:
 
 
 def plan_apply(topology: Topology, batch: MergedBatch) -> ApplyPlan:
-    """The apply of a merged batch (the format above), its reports and the commands it runs.
+    """The apply of a merged batch of one root partition (the format above), its reports and the
+    commands it runs. Every key it names carries the partition's hash tag (`partition_tag`), so on
+    Redis Cluster the whole apply runs on the one shard that holds that slot.
 
     Commands, as the script runs them, each "per 1,000" of its fields or members: the positions hash
     read (HMGET) and written (HSET) per 1,000 ranges. Per op, first a read of what it will change,
@@ -166,7 +224,13 @@ def plan_apply(topology: Topology, batch: MergedBatch) -> ApplyPlan:
     per 1,000 members (a trim now and then is not counted). The sequence hash and the stats hash:
     an HMGET and an HSET each, per 1,000 channels or counters.
     """
+    if len(batch.ranges) != 1:
+        raise ValueError(
+            f"an apply covers one root partition (its keys share one hash tag), not {sorted(batch.ranges)}"
+        )
+    (part,) = batch.ranges
     name = topology.name
+    tag = partition_tag(name, part, topology.partitions.partials)
     metrics = topology.metrics
     rollups: dict[tuple[int, str], Rollup] = {}
     for i, m in enumerate(metrics):
@@ -183,18 +247,18 @@ def plan_apply(topology: Topology, batch: MergedBatch) -> ApplyPlan:
         if kind is Kind.DISTINCT:
             if not value:
                 continue
-            target = uniq_key(name, metric.name, bucket, channel, key)
+            target = uniq_key(tag, metric.name, bucket, channel, key)
             ttl = 0 if is_total else rollups[(index, f"{bucket.split(':', 1)[0]}s")].retention_s
             ops[target] = {"kind": OP_DISTINCT, "key": target, "members": sorted(value), "ttl": ttl}
             op_reports[target] = [report]
         else:
-            target = agg_key(name, metric.name, bucket, channel)
+            target = agg_key(tag, metric.name, bucket, channel)
             op = ops.get(target)
             if op is None:
                 ttl = 0 if is_total else rollups[(index, f"{bucket.split(':', 1)[0]}s")].retention_s
                 op = ops[target] = {"kind": _OPS[kind], "key": target, "fields": [], "values": [], "ttl": ttl}
                 if is_total and metric.leaderboard:
-                    op["board"] = top_key(name, metric.name, channel)
+                    op["board"] = top_key(tag, metric.name, channel)
                     op["board_size"] = metric.leaderboard
                 op_reports[target] = []
             op["fields"].append(key)
@@ -234,17 +298,17 @@ def plan_apply(topology: Topology, batch: MergedBatch) -> ApplyPlan:
     ]
     payload = orjson.dumps(
         {
-            "positions": positions_key(name),
+            "positions": positions_key(tag),
             "ranges": ranges,
-            "seq": seq_key(name),
+            "seq": seq_key(tag),
             "channels": channel_list,
-            "stats": stats_key(name),
+            "stats": stats_key(tag),
             "counters": counters,
             "ops": list(ops.values()),
         }
     )
     reports = [r for target in ops for r in op_reports[target]]
-    return ApplyPlan(payload, channel_list, reports, commands)
+    return ApplyPlan(payload, channel_list, reports, commands, part)
 
 
 def channel_updates(
@@ -259,7 +323,7 @@ def channel_updates(
         channel, metric, key = report
         update = updates.get(channel)
         if update is None:
-            update = updates[channel] = ChannelUpdate(channel, seqs[channel], now_ms)
+            update = updates[channel] = ChannelUpdate(channel, seqs[channel], now_ms, root=plan.partition)
         update.values.append((metric, key, _number(value)))
     return list(updates.values())
 

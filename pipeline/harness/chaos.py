@@ -815,7 +815,7 @@ def _describe(fault: Fault, workers: Workers) -> str:
 async def _counted(redis: aioredis.Redis, topology: Topology, last: float) -> float:
     """Events counted so far (the last known value while Redis is down)."""
     try:
-        return await redis_query.metric_sum(redis, topology.name, METRIC)
+        return await redis_query.metric_sum(redis, topology, METRIC)
     except (aioredis.ConnectionError, aioredis.TimeoutError, OSError):
         return last
 
@@ -837,7 +837,7 @@ async def _drain(
     while True:
         workers.revive()
         with contextlib.suppress(aioredis.ConnectionError, aioredis.TimeoutError, OSError):
-            got = await redis_query.key_totals(redis, topology.name, METRIC)
+            got = await redis_query.key_totals(redis, topology, METRIC)
         if got == want or time.monotonic() > deadline:
             return got
         if time.monotonic() >= next_progress:

@@ -68,8 +68,8 @@ async def _run(
     metric = next(m for m in topology.metrics if m.kind.value == "count")
     await kafka.ensure_topics(kafka_url, kafka.topology_topics(topology))
     client = aioredis.Redis.from_url(redis_url)
-    base_counted = await redis_query.metric_sum(client, topology.name, metric.name)
-    base_stats = await redis_query.stats(client, topology.name)
+    base_counted = await redis_query.metric_sum(client, topology, metric.name)
+    base_stats = await redis_query.stats(client, topology)
     workers = [
         WorkerProcess(args.topology, "coalesce", "demo-c1", kafka_url, redis_url, workdir),
         WorkerProcess(args.topology, "coalesce", "demo-c2", kafka_url, redis_url, workdir),
@@ -106,7 +106,7 @@ async def _run(
     counted = 0.0
 
     async def poll_counted() -> float:
-        return await redis_query.metric_sum(client, topology.name, metric.name) - base_counted
+        return await redis_query.metric_sum(client, topology, metric.name) - base_counted
 
     async def poll_sink() -> float:
         return await postgres_sink.metric_total(pg, topology, metric.name) - base_sink
@@ -114,7 +114,7 @@ async def _run(
     sink_behind: list[int] = []  # Redis' count minus the sink's, once a second during the load
 
     async def poll_events() -> float:
-        events = (await redis_query.stats(client, topology.name)).get("events", 0)
+        events = (await redis_query.stats(client, topology)).get("events", 0)
         return events - base_stats.get("events", 0)
 
     progress: dict[str, float] = {}
@@ -171,7 +171,7 @@ async def _run(
             _check_workers(workers)
             await asyncio.sleep(0.25)
         sink_after_s = time.monotonic() - drained
-        stats = await redis_query.stats(client, topology.name)
+        stats = await redis_query.stats(client, topology)
         delta = {k: v - base_stats.get(k, 0) for k, v in stats.items()}
     finally:
         feeder.cancel()

@@ -212,7 +212,7 @@ def _check_workers(workers: list[WorkerProcess]) -> None:
 
 
 async def _counted(client: aioredis.Redis, topology: Topology) -> int:
-    return int(await redis_query.metric_sum(client, topology.name, METRIC))
+    return int(await redis_query.metric_sum(client, topology, METRIC))
 
 
 async def _wait_counted(
@@ -331,7 +331,7 @@ async def run_soak(
             if not load.done():
                 load.cancel()
             await asyncio.gather(sampling, load, return_exceptions=True)
-        stats = await redis_query.stats(client, topology.name)
+        stats = await redis_query.stats(client, topology)
     finally:
         for w in workers:
             w.stop()

@@ -6,70 +6,116 @@ Above it, `pipeline/read.py` (`Reader`) adds what does not depend on the store: 
 many keys into one number, buckets of a series. The dashboard's JSON API, the broadcast nodes'
 snapshots, the harness and the tests all read through it.
 
-Later stores take this one's methods: a Redis Cluster store (the same calls, keys with hash tags,
-scans per primary), and one for buckets Redis no longer holds (PostgreSQL), which a store of stores
-asks by bucket age.
+It serves a single Redis and a Redis Cluster alike (the keys carry hash tags, a scan on a cluster
+client visits every primary). A later store, for buckets Redis no longer holds (PostgreSQL), takes
+this one's methods, and a store of stores asks by bucket age.
 """
 
 from __future__ import annotations
 
-from typing import cast
+import asyncio
+from typing import Any
 
 import orjson
 import redis.asyncio as aioredis
 
-from pipeline.core.redis_layout import agg_key, seq_key, splits_key, stats_key, top_key, uniq_key
+from pipeline.core.redis_layout import (
+    agg_key,
+    partition_tag,
+    root_partition,
+    seq_key,
+    splits_key,
+    stats_key,
+    top_key,
+    uniq_key,
+)
+from pipeline.core.topology import Partitions, Topology
 from pipeline.core.windows import TOTAL
 
 
 class RedisStore:
-    """The aggregates of one topology in one Redis (`client` is borrowed: closing it is the owner's)."""
+    """The aggregates of one topology in one Redis or one Redis Cluster (`client` is borrowed: closing
+    it is the owner's).
 
-    def __init__(self, client: aioredis.Redis, topology: str) -> None:
+    Layout 2 (docs/CONTRACT.md): every key an apply writes carries the hash tag of its root partition,
+    so a channel's values, leaderboard and sequence number are spread over one key per root partition.
+    A key's value is read with one command at the key's partition (`root_partition`); what spans keys
+    (a channel's values, its top, the channels, the counters) is read from every partition and merged.
+    """
+
+    def __init__(
+        self, client: aioredis.Redis, topology: str | Topology, partitions: int | None = None
+    ) -> None:
         self.client = client
-        self.name = topology
+        if isinstance(topology, Topology):
+            self.name = topology.name
+            self.partitions = partitions or topology.partitions.partials
+        else:
+            self.name = topology
+            self.partitions = partitions or Partitions().partials
+        self.parts = range(self.partitions)
+        self.tags = [partition_tag(self.name, p, self.partitions) for p in self.parts]
+
+    def tag(self, key: str) -> str:
+        """The hash tag of the root partition holding `key`'s cells."""
+        return self.tags[root_partition(key, self.partitions)]
+
+    async def _each(self, command: str, keys: list[str], *args: Any) -> list[Any]:
+        """One command per key, pipelined (not a transaction: the keys are in different slots)."""
+        async with self.client.pipeline(transaction=False) as pipe:
+            for key in keys:
+                pipe.execute_command(command, key, *args)
+            return await pipe.execute()
 
     # -- one metric, one bucket -------------------------------------------------------------------------
 
     async def values(self, metric: str, bucket: str, channel: str) -> dict[str, float]:
         """Key -> value of a count, sum, min or max metric in one channel and bucket."""
-        raw = await self.client.hgetall(agg_key(self.name, metric, bucket, channel))
-        return {text(k): number(v) for k, v in raw.items()}
+        out: dict[str, float] = {}
+        for raw in await self._each("HGETALL", [agg_key(t, metric, bucket, channel) for t in self.tags]):
+            out.update((text(k), number(v)) for k, v in _pairs(raw))
+        return out
 
     async def values_by_channel(self, metric: str, bucket: str) -> dict[str, dict[str, float]]:
         """Channel -> key -> value of a count, sum, min or max metric, every channel of one bucket."""
-        prefix = agg_key(self.name, metric, bucket, "")
         out: dict[str, dict[str, float]] = {}
-        async for name in self.client.scan_iter(match=_glob_escape(prefix) + "*", count=1000):
-            channel = text(name)[len(prefix) :]
-            raw = await self.client.hgetall(name)
-            if raw:
-                out[channel] = {text(k): number(v) for k, v in raw.items()}
+        for t in self.tags:
+            prefix = agg_key(t, metric, bucket, "")
+            names = [
+                text(n) async for n in self.client.scan_iter(match=_glob_escape(prefix) + "*", count=1000)
+            ]
+            if not names:
+                continue
+            for name, raw in zip(names, await self._each("HGETALL", names), strict=True):
+                if raw:
+                    channel = name[len(prefix) :]
+                    out.setdefault(channel, {}).update((text(k), number(v)) for k, v in _pairs(raw))
         return out
 
     async def distinct(self, metric: str, bucket: str, channel: str) -> dict[str, int]:
         """Key -> distinct users of a distinct metric in one channel and bucket (HyperLogLog estimates)."""
-        base = uniq_key(self.name, metric, bucket, channel, "")
-        start = len(base) - len(orjson.dumps([channel, ""]))  # where the JSON [channel, key] begins
-        prefix = base[: -len('""]')]  # ...:["channel",
-        client = self.client
-        names = [text(n) async for n in client.scan_iter(match=_glob_escape(prefix) + "*", count=1000)]
-        if not names:
-            return {}
-        async with client.pipeline(transaction=False) as pipe:
-            for name in names:
-                pipe.pfcount(name)
-            counts = await pipe.execute()
         out: dict[str, int] = {}
-        for name, n in zip(names, counts, strict=True):
-            _, key = orjson.loads(name[start:])
-            out[key] = int(n)
+        for t in self.tags:
+            base = uniq_key(t, metric, bucket, channel, "")
+            start = len(base) - len(orjson.dumps([channel, ""]))  # where the JSON [channel, key] begins
+            prefix = base[: -len('""]')]  # ...:["channel",
+            names = [
+                text(n) async for n in self.client.scan_iter(match=_glob_escape(prefix) + "*", count=1000)
+            ]
+            if not names:
+                continue
+            for name, n in zip(names, await self._each("PFCOUNT", names), strict=True):
+                _, key = orjson.loads(name[start:])
+                out[key] = int(n)
         return out
 
     async def leaderboard(self, metric: str, channel: str, n: int) -> list[tuple[str, float]]:
-        """The channel's leaderboard: the n keys with the highest totals, highest first."""
-        raw = await self.client.zrevrange(top_key(self.name, metric, channel), 0, n - 1, withscores=True)
-        return [(text(k), whole(s)) for k, s in cast(list[tuple[bytes, float]], raw)]
+        """The channel's leaderboard: the n keys with the highest totals, highest first (the best n of
+        each root partition's board, merged: each keeps at least n)."""
+        boards = await self._each(
+            "ZREVRANGE", [top_key(t, metric, channel) for t in self.tags], 0, n - 1, "WITHSCORES"
+        )
+        return _best(boards, n)
 
     # -- one metric, many buckets -----------------------------------------------------------------------
 
@@ -77,41 +123,55 @@ class RedisStore:
         self, metric: str, channel: str, key: str, buckets: list[str]
     ) -> list[float | None]:
         """A key's value in each bucket (None where it has none)."""
+        tag = self.tag(key)
         async with self.client.pipeline(transaction=False) as pipe:
             for bucket in buckets:
-                pipe.hget(agg_key(self.name, metric, bucket, channel), key)
+                pipe.hget(agg_key(tag, metric, bucket, channel), key)
             replies = await pipe.execute()
         return [None if reply is None else number(reply) for reply in replies]
 
     async def channel_per_bucket(self, metric: str, channel: str, buckets: list[str]) -> list[list[float]]:
         """Every key's value of the channel in each bucket."""
-        async with self.client.pipeline(transaction=False) as pipe:
-            for bucket in buckets:
-                pipe.hvals(agg_key(self.name, metric, bucket, channel))
-            replies = await pipe.execute()
-        return [[number(v) for v in reply] for reply in replies]
+        parts = self.partitions
+        replies = await self._each(
+            "HVALS",
+            [agg_key(t, metric, bucket, channel) for bucket in buckets for t in self.tags],
+        )
+        return [
+            [number(v) for reply in replies[i * parts : (i + 1) * parts] for v in reply]
+            for i in range(len(buckets))
+        ]
 
     async def distinct_per_bucket(self, metric: str, channel: str, key: str, buckets: list[str]) -> list[int]:
         """Distinct users of one (channel, key) in each bucket (HyperLogLog estimates; 0 when empty)."""
+        tag = self.tag(key)
         async with self.client.pipeline(transaction=False) as pipe:
             for bucket in buckets:
-                pipe.pfcount(uniq_key(self.name, metric, bucket, channel, key))
+                pipe.pfcount(uniq_key(tag, metric, bucket, channel, key))
             return [int(n) for n in await pipe.execute()]
 
     # -- the topology -----------------------------------------------------------------------------------
 
     async def stats(self) -> dict[str, int]:
-        """The pipeline-wide counters (events, dead_letters, late_dropped, deduplicated, ...)."""
-        raw = await self.client.hgetall(stats_key(self.name))
-        return {text(k): int(v) for k, v in raw.items()}
+        """The pipeline-wide counters (events, dead_letters, late_dropped, deduplicated, ...): the sums of
+        the root partitions' counters."""
+        out: dict[str, int] = {}
+        for raw in await self._each("HGETALL", [stats_key(t) for t in self.tags]):
+            for k, v in _pairs(raw):
+                out[text(k)] = out.get(text(k), 0) + int(v)
+        return out
 
     async def seqs(self) -> dict[str, int]:
-        """Channel -> sequence number of its last update: every channel the root has written to."""
-        raw = await self.client.hgetall(seq_key(self.name))
-        return {text(k): int(v) for k, v in raw.items()}
+        """Channel -> sequence number of its last update (the sum of its root partitions'): every
+        channel the root has written to."""
+        out: dict[str, int] = {}
+        for raw in await self._each("HGETALL", [seq_key(t) for t in self.tags]):
+            for k, v in _pairs(raw):
+                out[text(k)] = out.get(text(k), 0) + int(v)
+        return out
 
     async def channel_count(self) -> int:
-        return int(await self.client.hlen(seq_key(self.name)))
+        return len(await self.seqs())
 
     async def splits(self) -> dict[str, int]:
         """Hot key -> sub-keys the writers split it into (empty while no key is split)."""
@@ -120,26 +180,50 @@ class RedisStore:
 
     async def snapshot(
         self, channel: str, metrics: list[str], board: tuple[str, int] | None
-    ) -> tuple[int, list[tuple[str, str, float]], list[tuple[str, float]]]:
-        """A channel's seq, the all-time values of `metrics` and its leaderboard (metric, n), read in
-        one MULTI/EXEC: the root raises the seq in the same atomic step that writes the values, so the
-        seq names exactly the state read."""
-        name = self.name
-        pipe = self.client.pipeline(transaction=True)
-        pipe.hget(seq_key(name), channel)
-        for m in metrics:
-            pipe.hgetall(agg_key(name, m, TOTAL, channel))
-        if board is not None:
-            pipe.zrevrange(top_key(name, board[0], channel), 0, board[1] - 1, withscores=True)
-        replies = await pipe.execute()
-        seq = int(replies[0] or 0)
+    ) -> tuple[dict[int, int], list[tuple[str, str, float]], list[tuple[str, float]]]:
+        """A channel's seq in each root partition, the all-time values of `metrics` and its leaderboard
+        (metric, n). Each partition is read in one MULTI/EXEC (its keys share a slot): the root raises a
+        partition's seq in the same atomic step that writes its values, so each seq names exactly the
+        state read in its partition."""
+
+        async def one(tag: str) -> list[Any]:
+            async with self.client.pipeline(transaction=True) as pipe:
+                pipe.hget(seq_key(tag), channel)
+                for m in metrics:
+                    pipe.hgetall(agg_key(tag, m, TOTAL, channel))
+                if board is not None:
+                    pipe.zrevrange(top_key(tag, board[0], channel), 0, board[1] - 1, withscores=True)
+                return await pipe.execute()
+
+        replies = await asyncio.gather(*(one(t) for t in self.tags))
+        seqs = {p: int(r[0] or 0) for p, r in zip(self.parts, replies, strict=True)}
         values = [
             (m, text(key), number(value))
-            for m, totals in zip(metrics, replies[1 : 1 + len(metrics)], strict=True)
+            for r in replies
+            for m, totals in zip(metrics, r[1 : 1 + len(metrics)], strict=True)
             for key, value in totals.items()
         ]
-        top = [(text(key), whole(score)) for key, score in replies[-1]] if board is not None else []
-        return seq, values, top
+        top = _best([r[-1] for r in replies], board[1]) if board is not None else []
+        return seqs, values, top
+
+
+def _pairs(raw: Any) -> list[tuple[Any, Any]]:
+    """A hash reply as (field, value) pairs, whether the client made it a dict or left it a flat list."""
+    if isinstance(raw, dict):
+        return list(raw.items())
+    return list(zip(raw[::2], raw[1::2], strict=True))
+
+
+def _best(boards: list[Any], n: int) -> list[tuple[str, float]]:
+    """The n best of several leaderboards' (member, score) replies, as one ZREVRANGE orders them:
+    by score, then by member, both descending."""
+    items: list[tuple[str, float]] = []
+    for raw in boards:
+        if raw and not isinstance(raw[0], (tuple, list)):  # a flat [member, score, ...] reply
+            raw = list(zip(raw[::2], raw[1::2], strict=True))
+        items.extend((text(k), float(s)) for k, s in raw)
+    items.sort(key=lambda kv: (kv[1], kv[0]), reverse=True)
+    return [(k, whole(s)) for k, s in items[:n]]
 
 
 def whole(score: float) -> float:

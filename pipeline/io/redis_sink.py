@@ -12,6 +12,10 @@ Redis holds: ahead of it, another merger applied more; behind it, Redis lost its
 last writes (a crash between AOF fsyncs), and those partials must be applied
 again from Kafka. Either way the caller re-reads the positions and seeks there.
 
+A batch covers one root partition: every key the script touches carries that
+partition's hash tag (pipeline/core/redis_layout.py), so on Redis Cluster it
+runs on one shard, atomically, and the positions sit in the slot of the data.
+
 Before it writes anything, it reads everything it will change: the type of every
 key, and the value of every field a command could fail on (HINCRBY needs an
 integer, HINCRBYFLOAT and the min/max comparisons a finite number, PFADD a
@@ -29,7 +33,7 @@ from dataclasses import dataclass
 import redis.asyncio as aioredis
 
 from pipeline.core.merger import MergedBatch
-from pipeline.core.redis_layout import ApplyPlan, plan_apply, positions_key
+from pipeline.core.redis_layout import ApplyPlan, partition_tag, plan_apply, positions_key
 from pipeline.core.topology import Topology
 from pipeline.io.redis_retry import redis_retry
 
@@ -345,14 +349,30 @@ class RedisSink:
 
     @redis_retry
     async def positions(self) -> dict[int, int]:
-        """Last applied offset per partials partition: where a merger resumes."""
-        raw = await self.client.hgetall(positions_key(self.topology.name))
-        return {int(k): int(v) for k, v in raw.items()}
+        """Last applied offset per partials partition: where a merger resumes (each partition's in the
+        slot of its own hash tag)."""
+        name = self.topology.name
+        parts = range(self.topology.partitions.partials)
+        async with self.client.pipeline(transaction=False) as pipe:
+            for p in parts:
+                pipe.hget(positions_key(partition_tag(name, p, len(parts))), str(p))
+            replies = await pipe.execute()
+        return {p: int(v) for p, v in zip(parts, replies, strict=True) if v is not None}
 
     @redis_retry
     async def apply(self, batch: MergedBatch) -> ApplyResult:
+        """Apply a batch of one root partition. The script's one declared key (the positions hash)
+        carries the partition's hash tag, as every key it writes: a cluster client sends it to the shard
+        of that slot."""
         plan = plan_apply(self.topology, batch)
-        reply = await self._script(args=[plan.payload])
+        reply = await self._script(
+            keys=[
+                positions_key(
+                    partition_tag(self.topology.name, plan.partition, self.topology.partitions.partials)
+                )
+            ],
+            args=[plan.payload],
+        )
         if int(reply[0]) == -1:
             key, holds, needs = (_text(v) for v in reply[1:4])
             return ApplyResult(False, plan, {}, [], refused=Refusal(key, holds, needs))

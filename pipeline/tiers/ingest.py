@@ -273,7 +273,7 @@ class IngestWorker:
 
     async def _refresh_gauges(self) -> None:
         with contextlib.suppress(Exception):
-            stats = await asyncio.wait_for(redis_query.stats(self._redis, self.topology.name), 2.0)
+            stats = await asyncio.wait_for(redis_query.stats(self._redis, self.topology), 2.0)
             DEDUPLICATED.labels(*self.labels).set(stats.get("deduplicated", 0))
         splits = {_label(k): v for k, v in self.splitter.splits.items()}
         _set_keyed(SPLIT_K, self.labels, splits, self._split_labels)

@@ -6,9 +6,10 @@ it covers atomically with the data, and a merger (re)starting, or getting new
 partitions in a rebalance, seeks to those stored positions. Kafka offsets are
 committed too, but only so that lag can be graphed.
 
-A batch the apply refuses before writing (a key or a value it cannot take) is
-applied again partition by partition, so that only the partials partition whose
-cells meet the bad key waits. That partition is held and tried again every 2 s;
+Each partials partition's records are applied on their own (one root partition
+per apply: its keys share one hash tag, docs/CONTRACT.md), so a batch the apply
+refuses before writing (a key or a value it cannot take) holds only the partials
+partition whose cells meet the bad key. That partition is held and tried again every 2 s;
 still refused after `quarantine_after_s`, the batch is quarantined and the
 partition stays stopped until `pipeline replay-quarantine` lifts it
 (pipeline/io/quarantine.py).
@@ -130,19 +131,11 @@ class MergeWorker:
                 )
 
     async def _apply(self, batch: Records) -> None:
-        batch = {tp: records for tp, records in batch.items() if records and tp not in self.held}
-        if not batch:
-            return
-        got = await self._apply_records(batch)
-        if got is None or got[1].refused is None:
-            return
-        if len(batch) == 1:
-            ((tp, records),) = batch.items()
-            await self._refused(tp, records, *got)
-            return
-        # one key refused the whole batch, and nothing was written: apply each partials partition on its
-        # own, so that only the one whose cells meet the key waits
+        # one apply per partials (root) partition: its keys share one hash tag, so that on Redis Cluster
+        # the apply runs on one shard; a refusal holds only the partition whose cells meet the bad key
         for tp, records in batch.items():
+            if not records or tp in self.held:
+                continue
             got = await self._apply_records({tp: records})
             if got is None:
                 return  # out of step with Redis: sought again

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import redis.asyncio as aioredis
 
-from pipeline.core.redis_layout import agg_key
+from pipeline.core.redis_layout import agg_key, key_tag
 from pipeline.harness.local_servers import Endpoints
 from pipeline.read import Reader
 from tests.integration.pipeline_harness import LedgerKey, Pipeline, send_events, wait_for_totals
@@ -60,7 +60,7 @@ async def test_rollups_distinct_visitors_and_late_events(
         hour = f"3600:{T0 // 1000}"
         assert await reader.value("views", site, page, hour) == 37  # the hour was still open for all of them
         # retention: the bucket's key expires (the one layout detail this test checks directly)
-        ttl = await client.ttl(agg_key(topology.name, "views", minute(0), site))
+        ttl = await client.ttl(agg_key(key_tag(topology, page), "views", minute(0), site))
         assert 0 < ttl <= 2 * 24 * 3600
 
         assert await reader.distinct("visitors", site, page) == 9  # u0..u6, u-late-ok, u-too-late

@@ -16,7 +16,7 @@ import redis.asyncio as aioredis
 
 from pipeline.core import tokens
 from pipeline.core.model import ChannelUpdate
-from pipeline.core.redis_layout import agg_key, seq_key
+from pipeline.core.redis_layout import agg_key, partition_tag, seq_key
 from pipeline.core.topology import Topology
 from pipeline.core.windows import TOTAL
 from pipeline.harness.local_servers import Endpoints, free_port
@@ -24,6 +24,7 @@ from pipeline.harness.supervisor import WorkerProcess
 from pipeline.io import kafka
 
 SECRET = "integration-test-secret"
+ROOT = 0  # the root partition the stand-in writes as
 
 
 def token(viewer: str, channels: list[str], ttl_s: int = 600, secret: str = SECRET) -> str:
@@ -97,13 +98,15 @@ class RootStandIn:
         for key, n in likes.items():
             total = self.totals[(channel, key)] = self.totals.get((channel, key), 0) + n
             values.append(("likes", key, float(total)))
+        # as the root of partition ROOT would (the stand-in is one root partition: its keys carry its tag)
         pipe = self.redis.pipeline(transaction=True)
-        pipe.hincrby(seq_key(name), channel, 1)
-        pipe.hset(agg_key(name, "likes", TOTAL, channel), mapping={k: int(v) for _, k, v in values})
+        tag = partition_tag(name, ROOT, self.topology.partitions.partials)
+        pipe.hincrby(seq_key(tag), channel, 1)
+        pipe.hset(agg_key(tag, "likes", TOTAL, channel), mapping={k: int(v) for _, k, v in values})
         seq = int((await pipe.execute())[0])
         if publish:
             update = ChannelUpdate(
-                channel, seq, int(time.time() * 1000), [(m, k, int(v)) for m, k, v in values]
+                channel, seq, int(time.time() * 1000), [(m, k, int(v)) for m, k, v in values], ROOT
             )
             await self.producer.send_and_wait(
                 self.topology.topic("updates"), update.to_json(), key=channel.encode()

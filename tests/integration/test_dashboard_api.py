@@ -19,8 +19,9 @@ import redis.asyncio as aioredis
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
-from pipeline.core.coalescer import Coalescer
+from pipeline.core.coalescer import Coalescer, root_partition
 from pipeline.core.merger import Merger
+from pipeline.core.model import Partial
 from pipeline.core.redis_layout import splits_key
 from pipeline.core.topology import Topology
 from pipeline.harness.local_servers import Endpoints
@@ -45,17 +46,23 @@ class _Record:
 async def apply_events(
     redis_url: str, topology: Topology, events: list[dict[str, Any]], first_offset: int = 0
 ) -> None:
-    """Fold, merge and apply `events` into Redis exactly as tiers 1 and 2 would (partials from
-    `first_offset` on: a later apply must come after the one before, or it is a replay)."""
-    coalescer = Coalescer(topology, root_partitions=1, now=0.0)
+    """Fold, merge and apply `events` into Redis exactly as tiers 1 and 2 would: cells routed to their
+    root partitions, one apply per root partition (partials from `first_offset` on in each: a later
+    apply must come after the one before, or it is a replay)."""
+    coalescer = Coalescer(topology, root_partitions=topology.partitions.partials, now=0.0)
     records = [_Record(i, orjson.dumps(e), int(e.get("ts", T0))) for i, e in enumerate(events)]
     assert coalescer.add_batch(0, records) == []
-    merger = Merger(topology)
-    for offset, partial in enumerate(coalescer.flush(1.0).partials, first_offset):
-        merger.add(0, offset, partial.to_json())
+    by_root: dict[int, list[Partial]] = {}
+    for partial in coalescer.flush(1.0).partials:
+        by_root.setdefault(partial.root_partition, []).append(partial)
     client = aioredis.Redis.from_url(redis_url)
     try:
-        assert (await RedisSink(client, topology).apply(merger.take())).applied
+        sink = RedisSink(client, topology)
+        for root, partials in sorted(by_root.items()):
+            merger = Merger(topology)
+            for offset, partial in enumerate(partials, first_offset):
+                merger.add(root, offset, partial.to_json())
+            assert (await sink.apply(merger.take())).applied
     finally:
         await client.aclose()
 
@@ -141,7 +148,8 @@ async def test_live_likes_totals_top_channels_stats_and_splits(
 
     stats = await get(client, "/api/stats")
     assert stats["stats"]["events"] == len(events)
-    assert stats["stats"]["applies"] == 1
+    # one apply per root partition the keys hash to (summed over the partitions' counters)
+    assert stats["stats"]["applies"] == len({root_partition(e["key"], 3) for e in events}) > 1
     assert stats["channels"] == 2
 
     assert (await get(client, "/api/splits")) == {"splits": {}}

@@ -23,7 +23,7 @@ import redis.asyncio as aioredis
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from pipeline.core.coalescer import root_partition
-from pipeline.core.redis_layout import agg_key, quarantine_key
+from pipeline.core.redis_layout import agg_key, key_tag, quarantine_key
 from pipeline.core.topology import Topology
 from pipeline.core.windows import TOTAL
 from pipeline.harness.local_servers import Endpoints, free_port
@@ -104,8 +104,8 @@ async def test_a_batch_that_stays_refused_is_quarantined_and_replayed_exactly_on
     pipe = Pipeline(servers, topology, "live_likes", tmp_path)
     await pipe.create_topics()
     redis = aioredis.Redis.from_url(servers.redis_url)
-    trap = agg_key(topology.name, "likes", TOTAL, "trapped")
     stopped = root_partition("kt", roots)  # the one key of the trapped channel: its cells meet there
+    trap = agg_key(key_tag(topology, "kt"), "likes", TOTAL, "trapped")  # the channel's hash in that partition
     port = free_port()
     ledger: Counter[LedgerKey] = Counter()
     try:

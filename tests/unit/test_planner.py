@@ -98,3 +98,27 @@ def test_the_plan_states_a_tier1_workers_memory_bound() -> None:
     assert with_ids.tier1_memory_bytes == pytest.approx(
         p.tier1_memory_bytes + with_ids.dedup_memory_bytes / with_ids.workers["coalesce"]
     )
+
+
+def test_redis_commands_per_shard_follow_the_root_partitions() -> None:
+    """Each root partition's applies go to the shard of its hash tag; the tags spread the partitions
+    evenly over masters holding equal slot ranges, so R = 3 or 6 over 3 shards loads them alike."""
+    one = plan(Workload(events_per_s=100_000, keys=10_000))
+    assert one.redis_commands_per_s_per_shard == [pytest.approx(one.redis_commands_per_s)]
+    for roots in (3, 6):
+        p = plan(Workload(events_per_s=100_000, keys=10_000, partials_partitions=roots, redis_shards=3))
+        shards = p.redis_commands_per_s_per_shard
+        assert len(shards) == 3 and sum(shards) == pytest.approx(p.redis_commands_per_s)
+        assert max(shards) == pytest.approx(min(shards))
+    uneven = plan(Workload(events_per_s=100_000, keys=10_000, partials_partitions=4, redis_shards=3))
+    assert max(uneven.redis_commands_per_s_per_shard) == pytest.approx(uneven.redis_commands_per_s / 2)
+    with pytest.raises(ValueError):
+        Workload(events_per_s=1, keys=1, redis_shards=0)
+
+
+def test_plan_command_prints_commands_per_shard(capsys: pytest.CaptureFixture[str]) -> None:
+    from pipeline.cli import main
+
+    assert main(["plan", "--rate", "100000", "--redis-shards", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "Redis commands/s/shard" in out and "busiest 1.00x the mean" in out

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import binascii
+import re
+import zlib
+from collections import Counter
 from typing import Any
 
 import orjson
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -15,10 +20,15 @@ from pipeline.core.redis_layout import (
     OP_MAX,
     OP_MIN,
     OP_SUM,
+    SLOTS,
     agg_key,
+    key_tag,
+    partition_tag,
     plan_apply,
     positions_key,
+    root_partition,
     seq_key,
+    slot,
     stats_key,
     top_key,
     uniq_key,
@@ -40,6 +50,9 @@ TOPO = topology(
 )
 
 
+T0 = partition_tag("shop", 0, 3)
+
+
 def plan(cells: dict[Any, Any], ranges: dict[int, tuple[int, int]] | None = None, **counters: int) -> Any:
     batch = MergedBatch(cells=cells, ranges={0: (0, 0)} if ranges is None else ranges, **counters)
     return plan_apply(TOPO, batch)
@@ -53,26 +66,74 @@ def payload(p: Any) -> dict[str, Any]:
 
 
 def test_key_names_follow_the_documented_layout() -> None:
-    assert agg_key("shop", "likes", "total", "v1") == "shop:agg:likes:total:v1"
-    assert agg_key("shop", "likes", "60:120", "v:1") == "shop:agg:likes:60:120:v:1"
-    assert uniq_key("shop", "viewers", "total", "v1", "c1") == 'shop:uniq:viewers:total:["v1","c1"]'
-    assert uniq_key("shop", "viewers", "60:0", 'a"b', "ü") == 'shop:uniq:viewers:60:0:["a\\"b","ü"]'
-    assert top_key("shop", "likes", "v1") == "shop:top:likes:v1"
-    assert positions_key("shop") == "shop:pos:merge"
-    assert stats_key("shop") == "shop:stats"
-    assert seq_key("shop") == "shop:seq"
+    t = partition_tag("shop", 2, 3)
+    assert re.fullmatch(r"shop:\{shop:2:\d+\}", t)
+    assert agg_key(t, "likes", "total", "v1") == f"{t}:agg:likes:total:v1"
+    assert agg_key(t, "likes", "60:120", "v:1") == f"{t}:agg:likes:60:120:v:1"
+    assert uniq_key(t, "viewers", "total", "v1", "c1") == f'{t}:uniq:viewers:total:["v1","c1"]'
+    assert uniq_key(t, "viewers", "60:0", 'a"b', "ü") == f'{t}:uniq:viewers:60:0:["a\\"b","ü"]'
+    assert top_key(t, "likes", "v1") == f"{t}:top:likes:v1"
+    assert positions_key(t) == f"{t}:pos:merge"
+    assert stats_key(t) == f"{t}:stats"
+    assert seq_key(t) == f"{t}:seq"
+    assert key_tag(TOPO, "c1") == partition_tag("shop", root_partition("c1", 3), 3)
 
 
-def test_every_key_starts_with_the_topology_name() -> None:
-    for key in (
-        agg_key("t", "m", "total", "c"),
-        uniq_key("t", "m", "total", "c", "k"),
-        top_key("t", "m", "c"),
-        positions_key("t"),
-        stats_key("t"),
-        seq_key("t"),
-    ):
-        assert key.startswith("t:")
+def test_hash_slots_are_redis_clusters() -> None:
+    assert slot("123456789") == 12739  # CRC16-XMODEM of the Redis Cluster specification's example
+    assert slot("a{user1000}.following") == slot("b{user1000}.followers") == slot("user1000")
+    assert slot("foo{}{bar}") == binascii.crc_hqx(b"foo{}{bar}", 0) % SLOTS  # an empty tag: the whole key
+    assert slot("foo{{bar}}zap") == slot("{bar")
+
+
+@pytest.mark.parametrize("parts", [1, 2, 3, 4, 6, 12])
+def test_partition_tags_spread_over_equal_slot_ranges(parts: int) -> None:
+    """Partition p's slot is in the p-th of `parts` equal ranges: masters holding equal ranges (3 masters,
+    3 or 6 or 12 partitions) each get the same number of partitions, whatever the topology's name."""
+    for name in ("shop", "live_likes", "t0123456789"):
+        slots = [slot(partition_tag(name, p, parts)) for p in range(parts)]
+        assert [s * parts // SLOTS for s in slots] == list(range(parts))
+        if parts % 3 == 0:
+            masters = Counter(s * 3 // SLOTS for s in slots)
+            assert set(masters.values()) == {parts // 3}
+    with pytest.raises(ValueError):
+        partition_tag("shop", 3, 3)
+
+
+def test_every_key_starts_with_the_topology_name_and_hashes_by_its_partition() -> None:
+    for part in (0, 1, 2):
+        t = partition_tag("t", part, 3)
+        for key in (
+            agg_key(t, "m", "total", "c{x}"),
+            uniq_key(t, "m", "total", "{c}", "}k{"),
+            top_key(t, "m", "c}"),
+            positions_key(t),
+            stats_key(t),
+            seq_key(t),
+        ):
+            assert key.startswith("t:")
+            assert slot(key) == slot(t)  # whatever braces the channel or key hold
+
+
+@settings(max_examples=100)
+@given(cells=st.lists(st.tuples(st.integers(0, 6), st.text(max_size=5), st.text(max_size=5)), min_size=1))
+def test_every_key_of_an_apply_shares_its_partitions_hash_tag(cells: list[tuple[int, str, str]]) -> None:
+    batch = {(m, ch, k, "total"): ({"u"} if m == 4 else 1) for m, ch, k in cells}
+    body = payload(plan(batch, ranges={2: (0, 0)}, events=1))
+    keys = [body["positions"], body["seq"], body["stats"]]
+    keys += [op["key"] for op in body["ops"]] + [op["board"] for op in body["ops"] if "board" in op]
+    assert {slot(k) for k in keys} == {slot(partition_tag("shop", 2, 3))}
+
+
+def test_an_apply_covers_one_root_partition() -> None:
+    with pytest.raises(ValueError, match="one root partition"):
+        plan({}, ranges={0: (0, 0), 1: (0, 0)})
+
+
+def test_root_partition_is_stable() -> None:
+    assert [root_partition(k, 3) for k in ("comment-1", "c:2", "ü#{x}")] == [
+        zlib.crc32(k.encode()) % 3 for k in ("comment-1", "c:2", "ü#{x}")
+    ]
 
 
 any_text = st.text(
@@ -94,13 +155,14 @@ identities = st.one_of(
 
 def redis_key(identity: tuple[Any, ...]) -> str:
     kind, *rest = identity
+    t = partition_tag("t", 0, 3)
     if kind == "agg":
-        return agg_key("t", *rest)
+        return agg_key(t, *rest)
     if kind == "uniq":
-        return uniq_key("t", *rest)
+        return uniq_key(t, *rest)
     if kind == "top":
-        return top_key("t", *rest)
-    return {"pos": positions_key, "stats": stats_key, "seq": seq_key}[kind]("t")
+        return top_key(t, *rest)
+    return {"pos": positions_key, "stats": stats_key, "seq": seq_key}[kind](t)
 
 
 @settings(max_examples=200)
@@ -146,55 +208,55 @@ def test_plan_ops_keys_ttls_and_leaderboards() -> None:
     assert len(ops) == len(cells) - 1
     by_key = {op["key"]: op for op in ops}
     assert len(by_key) == len(ops)  # one op per key written
-    assert by_key["shop:agg:likes:total:v1"] == {
+    assert by_key[f"{T0}:agg:likes:total:v1"] == {
         "kind": OP_COUNT,
-        "key": "shop:agg:likes:total:v1",
+        "key": f"{T0}:agg:likes:total:v1",
         "fields": ["c1", "c3"],
         "values": ["5", "4"],
         "ttl": 0,
-        "board": "shop:top:likes:v1",
+        "board": f"{T0}:top:likes:v1",
         "board_size": 10,
     }
-    assert by_key["shop:agg:likes:60:120:v1"] == {
+    assert by_key[f"{T0}:agg:likes:60:120:v1"] == {
         "kind": OP_COUNT,
-        "key": "shop:agg:likes:60:120:v1",
+        "key": f"{T0}:agg:likes:60:120:v1",
         "fields": ["c1"],
         "values": ["2"],
         "ttl": 3600,
     }
-    assert by_key["shop:agg:amount:total:v2"] == {
+    assert by_key[f"{T0}:agg:amount:total:v2"] == {
         "kind": OP_SUM,
-        "key": "shop:agg:amount:total:v2",
+        "key": f"{T0}:agg:amount:total:v2",
         "fields": ["c1"],
         "values": ["2.5"],
         "ttl": 0,
     }
-    assert by_key["shop:agg:amount:3600:0:v2"]["values"] == ["1.0"]
-    assert by_key["shop:agg:amount:3600:0:v2"]["ttl"] == 86400
-    assert by_key["shop:agg:lo:total:v1"] == {
+    assert by_key[f"{T0}:agg:amount:3600:0:v2"]["values"] == ["1.0"]
+    assert by_key[f"{T0}:agg:amount:3600:0:v2"]["ttl"] == 86400
+    assert by_key[f"{T0}:agg:lo:total:v1"] == {
         "kind": OP_MIN,
-        "key": "shop:agg:lo:total:v1",
+        "key": f"{T0}:agg:lo:total:v1",
         "fields": ["c2"],
         "values": ["-3.0"],
         "ttl": 0,
     }
-    assert by_key["shop:agg:hi:60:0:v1"]["kind"] == OP_MAX
-    assert by_key["shop:agg:hi:60:0:v1"]["ttl"] == 120
-    assert by_key['shop:uniq:viewers:total:["v1","c1"]'] == {
+    assert by_key[f"{T0}:agg:hi:60:0:v1"]["kind"] == OP_MAX
+    assert by_key[f"{T0}:agg:hi:60:0:v1"]["ttl"] == 120
+    assert by_key[f'{T0}:uniq:viewers:total:["v1","c1"]'] == {
         "kind": OP_DISTINCT,
-        "key": 'shop:uniq:viewers:total:["v1","c1"]',
+        "key": f'{T0}:uniq:viewers:total:["v1","c1"]',
         "members": ["a", "b"],
         "ttl": 0,
     }
-    assert by_key['shop:uniq:viewers:60:0:["v1","c1"]']["ttl"] == 7200
-    assert by_key["shop:agg:plain:total:v4"]["values"] == ["1"]
-    assert by_key["shop:agg:spend:total:v4"]["board"] == "shop:top:spend:v4"
-    assert by_key["shop:agg:spend:total:v4"]["board_size"] == 3
+    assert by_key[f'{T0}:uniq:viewers:60:0:["v1","c1"]']["ttl"] == 7200
+    assert by_key[f"{T0}:agg:plain:total:v4"]["values"] == ["1"]
+    assert by_key[f"{T0}:agg:spend:total:v4"]["board"] == f"{T0}:top:spend:v4"
+    assert by_key[f"{T0}:agg:spend:total:v4"]["board_size"] == 3
     # a TTL exactly for bucketed rollups, a leaderboard exactly for total cells of leaderboard metrics
     for o in ops:
         bucketed = ":total:" not in o["key"]
         assert (o["ttl"] > 0) == bucketed
-        metric = o["key"].split(":")[2]
+        metric = o["key"][len(T0) + 1 :].split(":")[1]
         has_board = not bucketed and any(m.name == metric and m.leaderboard for m in TOPO.metrics)
         assert ("board" in o) == ("board_size" in o) == has_board
     # the reply answers a value per field of each op, in that order: the reports follow it
@@ -205,7 +267,9 @@ def test_plan_ops_keys_ttls_and_leaderboards() -> None:
             assert ":total:" not in key
         else:
             _channel, metric, cell_key = report
-            assert key.startswith(f"shop:{'uniq' if metric == 'viewers' else 'agg'}:{metric}:total:")
+            assert key.startswith(
+                f"{T0}:{'uniq' if metric == 'viewers' else 'agg'}:{metric}:total:"
+            )
             assert field in ("", cell_key)
 
 
@@ -233,15 +297,14 @@ def test_empty_distinct_cells_are_skipped() -> None:
 
 
 def test_payload_carries_ranges_positions_and_counters() -> None:
-    p = plan(
-        {}, ranges={2: (10, 12), 0: (5, 5)}, events=7, late_dropped=2, dead=1, partials=3, bad_partials=0
-    )
+    p = plan({}, ranges={2: (10, 12)}, events=7, late_dropped=2, dead=1, partials=3, bad_partials=0)
     body = payload(p)
-    assert body["positions"] == "shop:pos:merge"
-    assert body["stats"] == "shop:stats"
-    assert body["seq"] == "shop:seq"
+    assert p.partition == 2
+    t2 = partition_tag("shop", 2, 3)
+    assert body["positions"] == f"{t2}:pos:merge"
+    assert body["stats"] == f"{t2}:stats"
+    assert body["seq"] == f"{t2}:seq"
     assert body["ranges"] == [  # no expected position given
-        {"partition": 0, "first": 5, "last": 5, "expected": UNKNOWN},
         {"partition": 2, "first": 10, "last": 12, "expected": UNKNOWN},
     ]
     assert body["ops"] == [] and body["channels"] == []
@@ -294,9 +357,9 @@ def test_command_count() -> None:
     assert plan({(5, "a", "k", "total"): 1, (5, "b", "k", "total"): 1}).commands == (
         plan({(5, "a", "k", "total"): 1, (5, "a", "j", "total"): 1}).commands + 2
     )
-    # the ranges' checks and position writes are one HMGET and one HSET, however many
+    # the range's check and position write are one HMGET and one HSET, in any partition
     one = plan({}, ranges={0: (0, 0)}).commands
-    assert plan({}, ranges={0: (0, 0), 1: (3, 4), 2: (9, 9)}).commands == one
+    assert plan({}, ranges={2: (3, 4)}).commands == one
     assert one > 0
 
 

@@ -63,6 +63,14 @@ def register_chaos(sub: Subparsers) -> None:
         help="Apache Kafka brokers to start (3: replication 3, min.insync.replicas 2; brokers are then "
         "SIGKILLed too, and a tier-1 worker and a root die for good so their partitions fail over)",
     )
+    chaos.add_argument(
+        "--sink",
+        choices=["postgres"],
+        help="also run the PostgreSQL sink tier: kill_sink (3 or more) and restart_postgres (1 or more) "
+        "faults, and every key's total in PostgreSQL checked against the ledger and Redis "
+        "(sink_keys_checked, sink_keys_wrong)",
+    )
+    chaos.add_argument("--postgres", help="PostgreSQL URL for --sink (default: start a local one)")
     chaos.set_defaults(func=lazy("pipeline.harness.chaos"))
 
 

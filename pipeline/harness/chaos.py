@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import asyncpg
 import orjson
 import redis.asyncio as aioredis
 from aiokafka.admin import AIOKafkaAdminClient
@@ -51,16 +52,19 @@ from pipeline.harness.fault_plan import (
     KILLS,
     REMOVALS,
     SERVER_FAULTS,
+    SINK_REQUIRED,
+    SINK_WEIGHTS,
     Fault,
     FaultKind,
     breakdown,
     plan_faults,
 )
 from pipeline.harness.local_kafka import KafkaCluster, KafkaNode
+from pipeline.harness.local_postgres import LocalPostgres, PostgresEndpoint
 from pipeline.harness.local_servers import Endpoints, LocalServers, free_port
 from pipeline.harness.supervisor import WorkerProcess
 from pipeline.harness.zipf import Zipf
-from pipeline.io import incarnation, kafka, redis_query
+from pipeline.io import incarnation, kafka, postgres_sink, redis_query
 from pipeline.io.lag import Tier1Lag
 from pipeline.io.partition_owners import owners_key
 from pipeline.runtime.worker import load_topology
@@ -114,6 +118,9 @@ class ChaosConfig:
     retry_share: float = 0.05
     retry_delay_s: float = 5.0
     plan: list[Fault] | None = None  # explicit faults instead of the seeded plan (tests)
+    # "postgres": a sink tier writes the rollups to PostgreSQL too (killed, PostgreSQL restarted), and
+    # every key's total there is checked against the ledger and Redis
+    sink: str = ""
 
     @classmethod
     def for_cluster(cls, **overrides: Any) -> ChaosConfig:
@@ -162,10 +169,19 @@ class ChaosReport:
     wall_s: float
     workdir: str
     wrong_keys: list[dict[str, Any]] = field(default_factory=list)
+    # the PostgreSQL sink (`--sink postgres`): its totals against the ledger, and against Redis
+    sink: str = ""
+    sink_keys_checked: int = 0
+    sink_keys_wrong: int = 0
+    sink_lost: int = 0
+    sink_duplicated: int = 0
+    sink_keys_unlike_redis: int = 0
+    sink_wrong_keys: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
-        return self.keys_wrong == 0 and self.events_accepted > 0
+        sink_ok = not self.sink or (self.sink_keys_wrong == 0 and self.sink_keys_checked > 0)
+        return self.keys_wrong == 0 and self.events_accepted > 0 and sink_ok
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -357,11 +373,23 @@ class Writer:
 class Workers:
     """Every worker process of the run, by tier; those that exit on their own are restarted."""
 
-    def __init__(self, topology: Topology, endpoints: Endpoints, workdir: Path) -> None:
+    def __init__(
+        self,
+        topology: Topology,
+        endpoints: Endpoints,
+        workdir: Path,
+        postgres: PostgresEndpoint | None = None,
+    ) -> None:
         self.topology = topology
         self.endpoints = endpoints
         self.workdir = workdir
-        self.tiers: dict[str, list[WorkerProcess]] = {"coalesce": [], "merge": [], "broadcast": []}
+        self.postgres = postgres  # the sink's PostgreSQL (restartable when its server is set)
+        self.tiers: dict[str, list[WorkerProcess]] = {
+            "coalesce": [],
+            "merge": [],
+            "broadcast": [],
+            "sink": [],
+        }
         self.down: set[str] = set()  # killed on purpose, waiting for their restart
         self.retired: set[str] = set()  # stopped gracefully for good (scale-in), or killed for good
         self.killed_for_good: list[str] = []
@@ -376,6 +404,8 @@ class Workers:
                 "PIPELINE_BROADCAST_PORT": str(self.broadcast_port),
                 "PIPELINE_BROADCAST_SECRET": secrets.token_urlsafe(24),
             }
+        if tier == "sink" and self.postgres is not None:
+            env = {"PIPELINE_POSTGRES": self.postgres.url}
         instance = f"chaos-{tier[0]}{len(self.tiers[tier]) + 1}"
         worker = WorkerProcess(
             BASE_TOPOLOGY,
@@ -449,7 +479,11 @@ class Workers:
 
 
 async def run_chaos(
-    endpoints: Endpoints, cfg: ChaosConfig, workdir: Path, name: str | None = None
+    endpoints: Endpoints,
+    cfg: ChaosConfig,
+    workdir: Path,
+    name: str | None = None,
+    postgres: PostgresEndpoint | None = None,
 ) -> ChaosReport:
     """Run the whole pipeline under faults against `endpoints`; servers are restarted only if given."""
     started = time.monotonic()
@@ -462,6 +496,15 @@ async def run_chaos(
         weights[FaultKind.RESTART_BROKER] = 0
     if endpoints.redis is None:
         weights[FaultKind.RESTART_REDIS] = 0
+    required = dict(CLUSTER_REQUIRED) if cluster else {}
+    if cfg.sink:
+        if postgres is None:
+            raise ValueError("a chaos run with a sink needs a PostgreSQL")
+        weights.update(SINK_WEIGHTS)
+        required.update(SINK_REQUIRED)
+        if postgres.server is None:
+            weights[FaultKind.RESTART_POSTGRES] = 0
+            required.pop(FaultKind.RESTART_POSTGRES)
     plan = (
         cfg.plan
         if cfg.plan is not None
@@ -472,12 +515,13 @@ async def run_chaos(
             weights=weights,
             max_added=cfg.max_added,
             workers={"coalesce": cfg.coalesce_workers, "merge": cfg.merge_workers},
-            # the broker kills and kills for good a cluster run is for, if that many faults fit
-            required=CLUSTER_REQUIRED if cluster and cfg.faults >= sum(CLUSTER_REQUIRED.values()) else None,
+            # the broker kills and kills for good a cluster run is for, and the sink's kills and
+            # PostgreSQL restarts of a sink run, if that many faults fit
+            required=required if required and cfg.faults >= sum(required.values()) else None,
         )
     )
     await kafka.ensure_topics(endpoints.kafka_bootstrap, kafka.topology_topics(topology))
-    workers = Workers(topology, endpoints, workdir)
+    workers = Workers(topology, endpoints, workdir, postgres if cfg.sink else None)
     ledger: Counter[LedgerKey] = Counter()
     writers = [Writer(i, topology, endpoints, cfg, ledger) for i in range(cfg.writers)]
     for i, w in enumerate(writers):
@@ -488,6 +532,7 @@ async def run_chaos(
     skipped: list[Fault] = []
     redis = aioredis.Redis.from_url(endpoints.redis_url, socket_timeout=5)
     tasks: list[asyncio.Task[None]] = []
+    sink_got: dict[LedgerKey, float] = {}
     _say(
         f"chaos: topology {topology.name}, seed {cfg.seed}, {len(plan)} faults in {cfg.duration_s:g} s, "
         f"{cfg.writers * cfg.rate:,.0f} events/s on {_broker_label(endpoints)}, logs {workdir}"
@@ -498,6 +543,8 @@ async def run_chaos(
         for _ in range(cfg.merge_workers):
             workers.add("merge")
         workers.add("broadcast")
+        if cfg.sink:
+            workers.add("sink")
         await _tier1_ready(redis, topology, workers)
         load_started = time.monotonic()
         tasks = [asyncio.create_task(w.run(stop, gate)) for w in writers]
@@ -528,6 +575,10 @@ async def run_chaos(
             await w.close()
         _say(f"load done: {sum(ledger.values()):,} events accepted; waiting for the pipeline to drain ...")
         got = await _drain(redis, topology, ledger, workers, deadline, load_started, injected, plan)
+        if cfg.sink and postgres is not None:
+            _say("Redis drained; waiting for the sink's PostgreSQL ...")
+            sink_deadline = max(deadline, time.monotonic() + 60.0)
+            sink_got = await _drain_sink(postgres.url, topology, ledger, workers, sink_deadline)
         broadcast_ok = await _node_answers(workers.broadcast_port)
     finally:
         stop.set()
@@ -540,6 +591,10 @@ async def run_chaos(
         workers.stop()
         await redis.aclose()
     check = compare_counts(ledger, got)
+    sink_check = compare_counts(ledger, sink_got) if cfg.sink else None
+    unlike_redis = (
+        compare_counts(Counter({k: int(v) for k, v in got.items()}), sink_got) if cfg.sink else None
+    )
     return ChaosReport(
         seed=cfg.seed,
         topology=topology.name,
@@ -566,6 +621,17 @@ async def run_chaos(
         wall_s=round(time.monotonic() - started, 2),
         workdir=str(workdir),
         wrong_keys=[{"channel": k[0], "key": k[1], "expected": e, "got": g} for k, e, g in check.wrong],
+        sink=cfg.sink,
+        sink_keys_checked=sink_check.keys_checked if sink_check else 0,
+        sink_keys_wrong=sink_check.keys_wrong if sink_check else 0,
+        sink_lost=sink_check.lost if sink_check else 0,
+        sink_duplicated=sink_check.duplicated if sink_check else 0,
+        sink_keys_unlike_redis=unlike_redis.keys_wrong if unlike_redis else 0,
+        sink_wrong_keys=[
+            {"channel": k[0], "key": k[1], "expected": e, "got": g} for k, e, g in sink_check.wrong
+        ]
+        if sink_check
+        else [],
     )
 
 
@@ -619,6 +685,14 @@ async def _inject(
         if not isinstance(endpoints.broker, KafkaCluster) or endpoints.broker.size < 2:
             return False
         await _kill_broker(endpoints.broker, fault, workers)
+        return True
+    if kind is FaultKind.RESTART_POSTGRES:
+        server = workers.postgres.server if workers.postgres is not None else None
+        if server is None:
+            return False
+        await asyncio.to_thread(server.stop)  # fast shutdown: the sink's connection is cut mid-batch
+        await asyncio.sleep(fault.pause_s)
+        await asyncio.to_thread(server.start, 60.0)
         return True
     if kind is FaultKind.RESTART_REDIS:
         if endpoints.redis is None:
@@ -846,6 +920,26 @@ async def _drain(
         await asyncio.sleep(0.5)
 
 
+async def _drain_sink(
+    url: str, topology: Topology, ledger: Counter[LedgerKey], workers: Workers, deadline: float
+) -> dict[LedgerKey, float]:
+    """Poll until PostgreSQL's totals agree with the ledger, or until the deadline; the last read."""
+    want = dict(ledger)
+    got: dict[LedgerKey, float] = {}
+    while True:
+        workers.revive()
+        with contextlib.suppress(OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError):
+            conn = await postgres_sink.connect(url, timeout_s=5)
+            try:
+                rows = await postgres_sink.all_rows(conn, topology, METRIC)
+            finally:
+                await conn.close()
+            got = {(c, k): int(v) for (size, _b, c, k), v in rows.items() if size == 0}
+        if got == want or time.monotonic() > deadline:
+            return got
+        await asyncio.sleep(0.5)
+
+
 async def _node_answers(port: int, timeout_s: float = 15.0) -> bool:
     """The broadcast node is up again after its faults (it serves /v1/node)."""
     deadline = time.monotonic() + timeout_s
@@ -886,6 +980,7 @@ def main(args: argparse.Namespace) -> int:
     cfg = ChaosConfig.for_cluster(**overrides) if args.brokers > 1 else ChaosConfig(**overrides)
     if args.rate is not None:
         cfg.rate = args.rate / cfg.writers  # --rate is for all writers together
+    cfg.sink = getattr(args, "sink", None) or ""
     # the writers' producers complain on every broker restart; the progress lines say what happens
     logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
     workdir = Path(tempfile.mkdtemp(prefix="pipeline-chaos-"))
@@ -903,7 +998,13 @@ def main(args: argparse.Namespace) -> int:
                     None if args.kafka else local.broker,
                     None if args.redis else local.redis,
                 )
-            report = asyncio.run(run_chaos(endpoints, cfg, workdir))
+            postgres: PostgresEndpoint | None = None
+            if cfg.sink and getattr(args, "postgres", None):
+                postgres = PostgresEndpoint(args.postgres)  # not ours: no restart_postgres faults
+            elif cfg.sink:
+                server = stack.enter_context(LocalPostgres(workdir / "postgres"))
+                postgres = PostgresEndpoint(server.url, server)
+            report = asyncio.run(run_chaos(endpoints, cfg, workdir, postgres=postgres))
     except KeyboardInterrupt:
         _say(f"interrupted; everything stopped (logs in {workdir})")
         return 130
@@ -931,10 +1032,21 @@ def _print_report(report: ChaosReport, as_json: bool) -> None:
         f"unexpected exits  {report.unexpected_exits:>10}   broadcast node up at the end: "
         f"{report.broadcast_ok}",
         f"wall time         {report.wall_s:>10} s   logs {report.workdir}",
+        *(
+            [
+                f"in PostgreSQL     {report.sink_keys_checked:>10,}   keys checked, wrong "
+                f"{report.sink_keys_wrong} (lost {report.sink_lost:,}, duplicated "
+                f"{report.sink_duplicated:,}; {report.sink_keys_unlike_redis} unlike Redis)"
+            ]
+            if report.sink
+            else []
+        ),
         "RESULT            " + ("exact" if report.ok else "WRONG COUNTS"),
     ]
     for wrong in report.wrong_keys:
         lines.append(f"  {wrong}")
+    for wrong in report.sink_wrong_keys:
+        lines.append(f"  postgres: {wrong}")
     print("\n".join(lines), file=sys.stderr if as_json else sys.stdout, flush=True)
     if as_json:
         print(orjson.dumps(report.as_dict()).decode(), flush=True)

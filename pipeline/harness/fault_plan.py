@@ -24,6 +24,8 @@ class FaultKind(StrEnum):
     REMOVE_COALESCE = "remove_coalesce"  # a tier-1 worker stops gracefully for good (a rebalance)
     ADD_MERGE = "add_merge"  # a new root merger joins its group
     REMOVE_MERGE = "remove_merge"  # a root merger stops gracefully for good
+    KILL_SINK = "kill_sink"  # SIGKILL the PostgreSQL sink, restart it with the same --instance
+    RESTART_POSTGRES = "restart_postgres"  # stop PostgreSQL (fast shutdown), start it again
 
 
 # Relative weights: worker kills are the common case, server restarts and scale-out rarer.
@@ -47,13 +49,20 @@ CLUSTER_WEIGHTS: Mapping[FaultKind, float] = {
     FaultKind.KILL_FOR_GOOD: 1,
 }
 CLUSTER_REQUIRED: Mapping[FaultKind, int] = {FaultKind.KILL_BROKER: 3, FaultKind.KILL_FOR_GOOD: 2}
-SERVER_FAULTS = frozenset({FaultKind.RESTART_REDIS, FaultKind.RESTART_BROKER, FaultKind.KILL_BROKER})
+# With the PostgreSQL sink (`pipeline chaos --sink postgres`): its own kills and PostgreSQL restarts,
+# at least 3 and 1 of them in every run
+SINK_WEIGHTS: Mapping[FaultKind, float] = {FaultKind.KILL_SINK: 3, FaultKind.RESTART_POSTGRES: 1}
+SINK_REQUIRED: Mapping[FaultKind, int] = {FaultKind.KILL_SINK: 3, FaultKind.RESTART_POSTGRES: 1}
+SERVER_FAULTS = frozenset(
+    {FaultKind.RESTART_REDIS, FaultKind.RESTART_BROKER, FaultKind.KILL_BROKER, FaultKind.RESTART_POSTGRES}
+)
 # the tiers a kill for good alternates between (tier 1 first): their partitions must fail over
 FOR_GOOD_TIERS = ("coalesce", "merge")
 KILLS = {
     FaultKind.KILL_COALESCE: "coalesce",
     FaultKind.KILL_MERGE: "merge",
     FaultKind.KILL_BROADCAST: "broadcast",
+    FaultKind.KILL_SINK: "sink",
 }
 ADDS = {FaultKind.ADD_COALESCE: "coalesce", FaultKind.ADD_MERGE: "merge"}
 REMOVALS = {FaultKind.REMOVE_COALESCE: "coalesce", FaultKind.REMOVE_MERGE: "merge"}

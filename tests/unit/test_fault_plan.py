@@ -13,6 +13,8 @@ from pipeline.harness.fault_plan import (
     CLUSTER_REQUIRED,
     CLUSTER_WEIGHTS,
     DEFAULT_WEIGHTS,
+    SINK_REQUIRED,
+    SINK_WEIGHTS,
     FaultKind,
     breakdown,
     plan_faults,
@@ -127,3 +129,15 @@ def test_required_faults_that_do_not_fit_are_refused() -> None:
         assert "do not fit" in str(exc)
     else:
         raise AssertionError("5 required faults fitted in 4")
+
+
+def test_a_sink_run_plans_its_kills_and_postgres_restarts() -> None:
+    weights = {**DEFAULT_WEIGHTS, **SINK_WEIGHTS}
+    for seed in range(1, 6):
+        plan = plan_faults(seed, 20, 60.0, weights=weights, required=SINK_REQUIRED)
+        kinds = breakdown(plan)
+        assert kinds["kill_sink"] >= 3 and kinds["restart_postgres"] >= 1, kinds
+    # without the sink weights, a plan never holds them (old seeds plan what they planned)
+    plan = plan_faults(1, 20, 60.0)
+    assert breakdown(plan)["kill_sink"] == breakdown(plan)["restart_postgres"] == 0
+    assert plan == plan_faults(1, 20, 60.0, weights=DEFAULT_WEIGHTS)

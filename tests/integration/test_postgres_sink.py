@@ -11,12 +11,18 @@ from typing import Any
 
 import asyncpg
 import pytest
+import redis.asyncio as aioredis
 
+from pipeline.core.coalescer import root_partition
 from pipeline.core.merger import NOTHING_APPLIED, UNKNOWN, MergedBatch
 from pipeline.core.sink_plan import cutoffs, plan_rows
 from pipeline.harness.local_postgres import PostgresEndpoint
+from pipeline.harness.local_servers import Endpoints
 from pipeline.io import postgres_sink
+from pipeline.io.postgres_history import PostgresHistory
 from pipeline.io.postgres_sink import MIGRATIONS, SCHEMA_VERSION, PostgresSink
+from pipeline.io.redis_sink import RedisSink
+from pipeline.read import Reader
 from pipeline.topology import count, every, maximum, minimum, sum_of, topology, total
 
 pytestmark = pytest.mark.integration
@@ -183,3 +189,54 @@ async def test_the_hourly_series_of_a_page_is_one_index_range(
     )
     assert hourly == {7 * 3600: 1, 507 * 3600: 1}
     await conn.execute(f"DROP SCHEMA {s} CASCADE")
+
+
+async def test_the_reader_reads_what_redis_no_longer_holds_from_postgresql(
+    conn: asyncpg.Connection, servers: Endpoints, postgres: PostgresEndpoint, unique_name: str
+) -> None:
+    """Series of a key and of a channel: buckets Redis has come from Redis, the others from the
+    sink's rows; without a history they read 0."""
+    topo = make_topology(unique_name)
+    await postgres_sink.migrate(conn, topo)
+    sink = PostgresSink(conn, topo)
+    hours = [7200 * 100 + h * 3600 for h in range(4)]
+    cells = {(0, "site", "/home", f"3600:{h}"): 10 + i for i, h in enumerate(hours)}
+    cells |= {(0, "site", "/about", f"3600:{h}"): 1 for h in hours}
+    b = batch(cells, {0: (0, 0)}, {0: UNKNOWN})
+    assert (await sink.apply(b, plan_rows(topo, b))).applied
+    redis = aioredis.Redis.from_url(servers.redis_url)
+    history = PostgresHistory(topo, postgres.url)
+    try:
+        # Redis holds only the last hour (what the root wrote there, under its retention)
+        redis_only = Reader(topo, redis)
+        store = RedisSink(redis, topo)
+        home = root_partition("/home", topo.partitions.partials)  # the root's partition of the key
+        await store.apply(
+            MergedBatch(
+                cells={(0, "site", "/home", f"3600:{hours[-1]}"): 13},
+                ranges={home: (0, 0)},
+                expected={home: -1},
+            )
+        )
+        end = hours[-1]
+        assert await redis_only.series("views", "site", "/home", size_s=3600, points=4, end_s=end) == [
+            (hours[0], 0),
+            (hours[1], 0),
+            (hours[2], 0),
+            (hours[3], 13),
+        ]
+        reader = Reader(topo, redis, history)
+        assert await reader.series("views", "site", "/home", size_s=3600, points=4, end_s=end) == [
+            (h, 10 + i) for i, h in enumerate(hours)
+        ]
+        # the channel's sum per hour: Redis' hour as Redis has it, the older ones summed in PostgreSQL
+        assert await reader.series("views", "site", size_s=3600, points=4, end_s=end) == [
+            (hours[0], 11),
+            (hours[1], 12),
+            (hours[2], 13),
+            (hours[3], 13),
+        ]
+    finally:
+        await history.aclose()
+        await redis.aclose()
+        await conn.execute(f"DROP SCHEMA {topo.name} CASCADE")

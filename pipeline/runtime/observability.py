@@ -12,7 +12,7 @@ import sys
 from typing import Any
 
 import structlog
-from prometheus_client import Counter, Gauge, start_http_server
+from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
 LABELS = ("topology", "tier", "instance")
 
@@ -60,6 +60,23 @@ COALESCING_RATIO = Gauge(
     LABELS,
 )
 WINDOW_CELLS = Gauge("pipeline_window_cells", "Cells held in the open window", LABELS)
+# Durations, in Prometheus' default buckets (5 ms to 10 s)
+WINDOW_FLUSH_SECONDS = Histogram(
+    "pipeline_window_flush_seconds",
+    "Tier 1: closing a window, from the flush decision to its committed transaction (partials, offsets)",
+    LABELS,
+)
+TX_COMMIT_SECONDS = Histogram(
+    "pipeline_transaction_commit_seconds", "Tier 1: the Kafka transaction commit of a window alone", LABELS
+)
+ROOT_APPLY_SECONDS = Histogram(
+    "pipeline_root_apply_seconds", "Tier 2: one atomic apply to Redis (the Lua script's round trip)", LABELS
+)
+PUSH_AGE_SECONDS = Histogram(
+    "pipeline_broadcast_push_age_seconds",
+    "Tier 3: the age of an update when it is pushed to viewers, from the root's apply (by wall clocks)",
+    LABELS,
+)
 
 
 class _CurrentStderr:

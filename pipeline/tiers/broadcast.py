@@ -172,6 +172,7 @@ class BroadcastNode:
         self.max_lag = settings.broadcast_max_lag_bytes
         self.redis = redis_client.connect(settings)
         self.reader = Reader(topology, self.redis)  # snapshots (and the dashboard) read through it
+        self._update_ts: dict[str, int] = {}  # channel -> newest update not yet pushed (ms): the push age
         # the dashboard's series read buckets past Redis' retention from the sink's PostgreSQL
         self.history = PostgresHistory(topology, settings.postgres) if settings.postgres else None
         self.url = settings.broadcast_public_url
@@ -195,6 +196,7 @@ class BroadcastNode:
         self._resyncs_seen = 0
         self._m_pushes = {t: PUSHES.labels(*self.labels, t) for t in ("snapshot", "update", "comments")}
         self._m_viewers = {t: VIEWERS.labels(*self.labels, t) for t in ("ws", "sse")}
+        self._push_age = obs.PUSH_AGE_SECONDS.labels(*self.labels)
 
     # --- lifecycle -----------------------------------------------------------
 
@@ -567,6 +569,10 @@ class BroadcastNode:
             metric = self._m_pushes.get(out.type)
             if metric is not None:
                 metric.inc(len(viewers))
+            if out.type == "update":
+                ts_ms = self._update_ts.pop(out.channel, None)
+                if ts_ms is not None:  # the first push of the channel's newest update
+                    self._push_age.observe(max(0.0, time.time() - ts_ms / 1000))
             self.counts["pushes"] += len(viewers)
 
     def _drop_slow(self, viewer: Viewer) -> None:
@@ -600,6 +606,8 @@ class BroadcastNode:
                             continue
                         fanout.on_update(update, now)
                         newest = max(newest, update.ts_ms)
+                        if fanout.channel_seq(update.channel) is not None:  # watched here: its push is timed
+                            self._update_ts[update.channel] = update.ts_ms
                     if newest:
                         self.update_age_ms = time.time() * 1000 - newest
                         update_age.set(self.update_age_ms / 1000)

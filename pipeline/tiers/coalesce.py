@@ -147,6 +147,7 @@ class CoalesceWorker:
 
     async def _flush(self) -> None:
         """`flush`, the lock held."""
+        started = time.perf_counter()
         result = self.coalescer.flush(time.monotonic())
         dead, self._dead = self._dead, []
         if not result.next_offsets:
@@ -179,6 +180,7 @@ class CoalesceWorker:
                 # so that a failure aborts the window instead of committing its offsets alone
                 await asyncio.gather(*sent)
                 await self.producer.send_offsets_to_transaction(offsets, self.group)
+                committing = time.perf_counter()  # the commit runs as the block exits
         except KafkaError as exc:
             # Nothing of the window is visible; read it again from the committed offsets, with
             # a new producer: the old one may be fenced (a newer owner of some partition) or
@@ -188,6 +190,9 @@ class CoalesceWorker:
             self.coalescer.aborted()
             await self._carry_out(self.ownership.handle(own.Aborted()))
             return
+        done = time.perf_counter()
+        obs.TX_COMMIT_SECONDS.labels(*self.labels).observe(done - committing)
+        obs.WINDOW_FLUSH_SECONDS.labels(*self.labels).observe(done - started)
         self.coalescer.committed(result)
         self._count(result.events, len(result.partials), result.cells, dead)
 

@@ -149,7 +149,9 @@ class MergeWorker:
             for r in records:
                 merger.add(tp.partition, r.offset, r.value)
         merged = merger.take()
+        started = time.perf_counter()
         result = await self.sink.apply(merged)
+        obs.ROOT_APPLY_SECONDS.labels(*self.labels).observe(time.perf_counter() - started)
         if result.refused is not None:
             return merged, result
         if not result.applied:

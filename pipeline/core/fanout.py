@@ -27,7 +27,7 @@ import heapq
 import math
 import random
 from collections import OrderedDict
-from collections.abc import Callable, Hashable, Iterable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
@@ -395,6 +395,44 @@ class Fanout(Generic[V]):
         ch.fresh[key] = None
         self._dirty[channel] = None
         return True
+
+    def seed_comments(self, request: SnapshotRequest, items: Iterable[Mapping[str, Any]]) -> int:
+        """The channel's comment history (oldest first), read from Redis with its first snapshot: what this
+        node has not seen goes before what it has, so the introduction of every viewer, new or resuming,
+        holds the channel's recent comments whichever node serves it. Only on a channel's first snapshot
+        (all its viewers are new then): later, a comment is announced live from the feed. How many were
+        added."""
+        ch = self._channels.get(request.channel)
+        if ch is None or ch.ticket != request.ticket or ch.applied is not None:
+            return 0
+        seen = ch.recent
+        merged: OrderedDict[str, Comment] = OrderedDict()
+        for it in items:
+            key = it.get("key")
+            if not isinstance(key, str) or key in seen or key in merged:
+                continue
+            user, text, ts, cid = it.get("user"), it.get("text"), it.get("ts"), it.get("id")
+            merged[key] = Comment(
+                cid if isinstance(cid, str) else key,
+                key,
+                user if isinstance(user, str) else None,
+                text if isinstance(text, str) else None,
+                ts if isinstance(ts, int) else None,
+                ch.likes.get(key, 0),
+                0,
+            )
+        added = len(merged)
+        if not added:
+            return 0
+        merged.update(seen)
+        while len(merged) > self.config.recent_comments:
+            old, _ = merged.popitem(last=False)
+            ch.fresh.pop(old, None)
+        for order, comment in enumerate(merged.values()):
+            comment.order = order
+        ch.comments_seen = len(merged)
+        ch.recent = merged
+        return added
 
     def take_snapshot_requests(self) -> list[SnapshotRequest]:
         """Channels to read from Redis now (new viewers, or a gap to repair); one read per channel."""

@@ -60,6 +60,12 @@ COALESCING_RATIO = Gauge(
     LABELS,
 )
 WINDOW_CELLS = Gauge("pipeline_window_cells", "Cells held in the open window", LABELS)
+COMMENT_HISTORY = Counter(
+    "pipeline_comment_history_appended_total",
+    "Comments the root appended to the channels' histories in Redis (each once, replays skipped)",
+    LABELS,
+)
+
 # Durations, in Prometheus' default buckets (5 ms to 10 s)
 WINDOW_FLUSH_SECONDS = Histogram(
     "pipeline_window_flush_seconds",

@@ -115,6 +115,11 @@ class Settings(BaseSettings):
     broadcast_dev_tokens: bool = Field(
         False, description="Serve /api/dev-token to operators (development only)"
     )
+    # the comment history: written by the root tiers, read by broadcast nodes (docs/BROADCAST.md)
+    comment_history_count: int = Field(100, ge=1, description="Recent comments kept per channel in Redis")
+    comment_history_age_s: float = Field(
+        3600, gt=0, description="Comments older than this leave a channel's history (a quiet channel's goes)"
+    )
     # the dashboard and its query API on the broadcast nodes (pipeline/web/auth.py)
     operator_api_keys: SecretStr = Field(
         SecretStr(""),

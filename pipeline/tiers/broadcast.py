@@ -45,6 +45,7 @@ from pipeline.core.frames import http_chunk, sse_comment, sse_event, text_frame
 from pipeline.core.model import ChannelUpdate
 from pipeline.core.topology import Topology
 from pipeline.io import kafka, redis_client
+from pipeline.io.comment_history import CommentHistory, history_policy
 from pipeline.io.node_registry import NodeRegistry, Ring
 from pipeline.io.postgres_history import PostgresHistory
 from pipeline.io.redis_retry import retrying
@@ -172,6 +173,8 @@ class BroadcastNode:
         self.max_lag = settings.broadcast_max_lag_bytes
         self.redis = redis_client.connect(settings)
         self.reader = Reader(topology, self.redis)  # snapshots (and the dashboard) read through it
+        # the channels' recent comments, read with a channel's first snapshot (written by the root)
+        self.comment_history = CommentHistory(self.redis, topology.name, history_policy(settings))
         self._update_ts: dict[str, int] = {}  # channel -> newest update not yet pushed (ms): the push age
         # the dashboard's series read buckets past Redis' retention from the sink's PostgreSQL
         self.history = PostgresHistory(topology, settings.postgres) if settings.postgres else None
@@ -650,12 +653,18 @@ class BroadcastNode:
     async def _read_snapshot(self, request: SnapshotRequest) -> None:
         try:
             snapshot = await self.reader.snapshot(request.channel)
+            comments = (
+                await self.comment_history.recent(request.channel, self.fanout.config.recent_comments)
+                if self.topology.feed_types and self.fanout.channel_seq(request.channel) is None
+                else []
+            )
         except (RedisError, OSError) as exc:
             self.log.warning("snapshot read failed; retrying", channel=request.channel, error=repr(exc))
             await asyncio.sleep(SNAPSHOT_RETRY_S)
             self.fanout.on_snapshot_failed(request)
             self._wake.set()
             return
+        self.fanout.seed_comments(request, comments)
         self._deliver(self.fanout.on_snapshot(request, snapshot, time.monotonic()))
         self._wake.set()
 

@@ -32,6 +32,7 @@ from pipeline.io.redis_retry import retrying
 from pipeline.io.redis_sink import ApplyResult, RedisSink, Refusal
 from pipeline.runtime import observability as obs
 from pipeline.runtime.settings import Settings
+from pipeline.tiers.comment_feed import CommentFeed
 
 LAG_EVERY_S = 2.0
 PROGRESS_EVERY_S = 10.0
@@ -93,12 +94,15 @@ class MergeWorker:
         await kafka.start(self.consumer)
         self.log.info("started", group=self.group)
         lag_task = asyncio.create_task(self._report_lag(stop))
+        # the root's second job: the feed's comments into each channel's history, exactly once
+        feed_task = asyncio.create_task(CommentFeed(self.topology, self.settings, self.redis).run(stop))
         member = None
         try:
             await self._loop(stop)
             member = kafka.member_id(self.consumer)
         finally:
             lag_task.cancel()
+            await asyncio.gather(feed_task, return_exceptions=True)
             await self.consumer.stop()
             await self.producer.stop()
             if member and self.settings.leave_group_on_stop:

@@ -50,6 +50,7 @@ TRAFFIC = {
     "pipeline_dead_letters_total",
     "pipeline_broadcast_viewers",
     "pipeline_broadcast_pushes_total",
+    "pipeline_comment_history_appended_total",
     "pipeline_window_flush_seconds_bucket",
     "pipeline_transaction_commit_seconds_bucket",
     "pipeline_root_apply_seconds_bucket",
@@ -149,6 +150,12 @@ async def test_every_metric_the_dashboard_and_the_rules_name_is_exported_by_runn
             assert got == dict(want), pipe.logs()
             await read_until_update(ws)
             await asyncio.sleep(2.5)  # lag gauges refresh every 2 s
+            deadline = time.monotonic() + 30  # and the root's feed group may still be joining
+            while not has_samples(
+                "pipeline_comment_history_appended_total", [scrape(ports["merge"])], unique_name
+            ):
+                assert time.monotonic() < deadline, pipe.logs()
+                await asyncio.sleep(0.5)
             scrapes = [scrape(port) for port in ports.values()]
             await ws.close()
     finally:

@@ -49,6 +49,7 @@ from pipeline.core.hotkeys import HotKeySplitter, SplitPolicy, SubKeyRouter
 from pipeline.core.model import MAX_ID_CHARS, MAX_TS, EventFields, InvalidEvent, check_event, message_key
 from pipeline.core.split_history import Entry, SplitHistory, reconcile
 from pipeline.core.topology import Topology
+from pipeline.io import redis_client
 from pipeline.io.kafka import KafkaConnection, check_access
 from pipeline.io.kafka import connection as kafka_connection
 from pipeline.io.splits import SharedRates, SplitAnnouncer, SplitHistoryStore
@@ -192,7 +193,7 @@ class PipelineClient:
         self._producer = producer
         self._partitions = sorted(partitions)
         if self._redis_url:
-            self._redis = aioredis.Redis.from_url(self._redis_url, **self._redis_options)
+            self._redis = redis_client.from_url(self._redis_url, **self._redis_options)
             lead_ms = int(self._policy.lead_s * 1000)
             self._store = SplitHistoryStore(
                 self._redis,

@@ -35,6 +35,7 @@ from pipeline.core.aggregates import Kind
 from pipeline.core.fanout import Snapshot
 from pipeline.core.topology import Metric, Topology
 from pipeline.core.windows import TOTAL, Rollup
+from pipeline.io import redis_client
 from pipeline.io.postgres_history import PostgresHistory
 from pipeline.io.redis_reader import RedisStore
 from pipeline.runtime.loop_thread import PerProcess
@@ -103,7 +104,7 @@ class Reader:
     ) -> Reader:
         """A reader with a Redis client of its own (and a PostgreSQL history when `postgres_url` is
         given), closed by `aclose()`."""
-        client = aioredis.Redis.from_url(redis_url, **redis_options)
+        client = redis_client.from_url(redis_url, **redis_options)  # `redis+cluster://`: a Redis Cluster
         history = PostgresHistory(topology, postgres_url) if postgres_url else None
         reader = cls(topology, client, history)
         reader._owned = client

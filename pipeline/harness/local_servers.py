@@ -28,7 +28,7 @@ from typing import Any, Protocol
 from pipeline.harness.server_process import ServerProcess, free_port, probe_metadata
 from pipeline.runtime import extras
 
-__all__ = ["Broker", "Endpoints", "LocalServers", "RedisServer", "free_port"]
+__all__ = ["Broker", "Endpoints", "LocalRedisCluster", "LocalServers", "RedisServer", "free_port"]
 
 
 class Broker(ServerProcess):
@@ -108,9 +108,14 @@ class RedisServer(ServerProcess):
         *,
         appendonly: bool = True,
         acl_user: tuple[str, str] | None = None,
+        cluster_node_timeout_ms: int | None = None,
     ) -> None:
         super().__init__(data_dir, port)
         self.appendonly = appendonly
+        # a node of a Redis Cluster (cluster-enabled; its nodes.conf in the data dir) when set, with its
+        # cluster bus on a port of its own (the default, port + 10000, may not exist)
+        self.cluster_node_timeout_ms = cluster_node_timeout_ms
+        self.cluster_port = free_port() if cluster_node_timeout_ms is not None else 0
         # (user, password): that ACL user may do everything, and the passwordless default user is off
         self.acl_user = acl_user
 
@@ -147,6 +152,24 @@ class RedisServer(ServerProcess):
             "--daemonize",
             "no",
             *self._acl(),
+            *self._cluster(),
+        ]
+
+    def _cluster(self) -> list[str]:
+        if self.cluster_node_timeout_ms is None:
+            return []
+        return [
+            "--cluster-enabled",
+            "yes",
+            "--cluster-config-file",
+            "nodes.conf",
+            "--cluster-node-timeout",
+            str(self.cluster_node_timeout_ms),
+            "--cluster-port",
+            str(self.cluster_port),
+            # a replica takes over whatever its lag (the root re-applies what it lost from Kafka)
+            "--cluster-replica-validity-factor",
+            "0",
         ]
 
     def _acl(self) -> list[str]:
@@ -164,6 +187,170 @@ class RedisServer(ServerProcess):
             client.ping()
         finally:
             client.close()
+
+
+CLUSTER_SLOTS = 16384
+
+
+def slot_ranges(masters: int) -> list[tuple[int, int]]:
+    """Equal ranges of the 16,384 slots, first and last: master i holds the slots s with
+    s * masters // 16384 == i, the ranges `core.redis_layout.partition_tag` spreads the partitions by."""
+    starts = [(i * CLUSTER_SLOTS + masters - 1) // masters for i in range(masters + 1)]
+    return [(starts[i], starts[i + 1] - 1) for i in range(masters)]
+
+
+class LocalRedisCluster:
+    """A Redis Cluster on loopback from the bundled server: `masters` masters holding equal slot ranges
+    (assigned with CLUSTER ADDSLOTSRANGE, nodes introduced with CLUSTER MEET), each with `replicas`
+    replicas (CLUSTER REPLICATE). AOF on every node. A killed master's replica is promoted after the
+    node timeout; the master, restarted, comes back as a replica of its successor. Without replicas a
+    killed master must be restarted, from its AOF, before its slots answer again."""
+
+    def __init__(
+        self, root: Path | str, masters: int = 3, replicas: int = 1, node_timeout_ms: int = 2000
+    ) -> None:
+        if masters < 3:
+            raise ValueError("a Redis Cluster needs at least 3 masters to elect a replica")
+        self.root = Path(root)
+        self.masters = masters
+        self.replicas = replicas
+        self.node_timeout_ms = node_timeout_ms
+        self.nodes = [
+            RedisServer(self.root / f"node{i}", cluster_node_timeout_ms=node_timeout_ms)
+            for i in range(masters * (1 + replicas))
+        ]
+
+    @property
+    def url(self) -> str:
+        """`redis+cluster://` and one node: the pipeline's clients find the others."""
+        return f"redis+cluster://127.0.0.1:{self.nodes[0].port}"
+
+    def start(self, timeout: float = 60.0) -> LocalRedisCluster:
+        for node in self.nodes:
+            node.launch()
+        try:
+            for node in self.nodes:
+                node.wait_ready(timeout)
+            self._form(time.monotonic() + timeout)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            with contextlib.suppress(Exception):
+                node.stop()
+
+    def __enter__(self) -> LocalRedisCluster:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def _client(self, node: RedisServer) -> Any:
+        import redis
+
+        return redis.Redis(host="127.0.0.1", port=node.port, socket_timeout=5, decode_responses=True)
+
+    def _form(self, deadline: float) -> None:
+        """Introduce the nodes, give each master its slots and each replica its master; wait until every
+        node says the cluster is ok (a restarted cluster already is: its nodes.conf remembers)."""
+        first = self._client(self.nodes[0])
+        try:
+            if first.execute_command("CLUSTER INFO").get("cluster_state") == "ok":
+                return self._wait_ok(deadline)
+            for node in self.nodes[1:]:
+                first.execute_command("CLUSTER MEET", "127.0.0.1", str(node.port), str(node.cluster_port))
+        finally:
+            first.close()
+        masters = self.nodes[: self.masters]
+        for node, (low, high) in zip(masters, slot_ranges(self.masters), strict=True):
+            c = self._client(node)
+            try:
+                c.execute_command("CLUSTER ADDSLOTSRANGE", str(low), str(high))
+            finally:
+                c.close()
+        ids = [self._node_id(n) for n in masters]
+        for i, node in enumerate(self.nodes[self.masters :]):
+            master_id = ids[i % self.masters]
+            c = self._client(node)
+            try:
+                while True:  # the replica must have learned of its master through the gossip first
+                    try:
+                        c.execute_command("CLUSTER REPLICATE", master_id)
+                        break
+                    except Exception:
+                        if time.monotonic() > deadline:
+                            raise
+                        time.sleep(0.1)
+            finally:
+                c.close()
+        self._wait_ok(deadline)
+
+    def _node_id(self, node: RedisServer) -> str:
+        c = self._client(node)
+        try:
+            return str(c.execute_command("CLUSTER MYID"))
+        finally:
+            c.close()
+
+    def _wait_ok(self, deadline: float) -> None:
+        want = len(self.nodes)
+        while True:
+            ready = 0
+            for node in self.nodes:
+                if not node.running:
+                    continue
+                c = self._client(node)
+                try:
+                    info = c.execute_command("CLUSTER INFO")
+                    if info.get("cluster_state") == "ok" and int(info.get("cluster_known_nodes", 0)) >= want:
+                        ready += 1
+                except Exception:
+                    pass
+                finally:
+                    c.close()
+            if ready == sum(n.running for n in self.nodes) and self._masters_with_slots() == self.masters:
+                return
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the Redis Cluster under {self.root} did not become ok in time")
+            time.sleep(0.2)
+
+    def _roles(self) -> dict[int, tuple[str, bool]]:
+        """port -> (role, holds slots), as the first running node sees the cluster."""
+        for node in self.nodes:
+            if not node.running:
+                continue
+            c = self._client(node)
+            try:
+                text = c.execute_command("CLUSTER NODES")
+            except Exception:
+                continue
+            finally:
+                c.close()
+            if isinstance(text, dict):  # redis-py parses it into {address: {...}}
+                out: dict[int, tuple[str, bool]] = {}
+                for address, facts in text.items():
+                    port = int(str(address).split("@")[0].rsplit(":", 1)[1])
+                    flags = str(facts.get("flags", ""))
+                    failed = "fail" in flags.split(",")
+                    role = "master" if "master" in flags and not failed else "replica"
+                    out[port] = (role, bool(facts.get("slots")))
+                return out
+        return {}
+
+    def _masters_with_slots(self) -> int:
+        return sum(1 for role, slots in self._roles().values() if role == "master" and slots)
+
+    def master_nodes(self) -> list[RedisServer]:
+        """The running nodes that are masters holding slots now (a promoted replica among them)."""
+        roles = self._roles()
+        return [n for n in self.nodes if n.running and roles.get(n.port, ("", False)) == ("master", True)]
+
+    def wait_ok(self, timeout: float = 30.0) -> None:
+        """Until every slot is served again (after a master was killed, or restarted)."""
+        self._wait_ok(time.monotonic() + timeout)
 
 
 def _sigterm_to_keyboard_interrupt(signum: int, frame: FrameType | None) -> None:

@@ -41,13 +41,14 @@ return out
 
 
 def nodes_key(topology: str) -> str:
-    """ZSET of node id -> expiry (ms since the epoch, Redis clock)."""
-    return f"{topology}:broadcast:nodes"
+    """ZSET of node id -> expiry (ms since the epoch, Redis clock). Both keys of the heartbeat script
+    carry the hash tag `{T}`: one slot on a Redis Cluster."""
+    return f"{topology}:{{{topology}}}:broadcast:nodes"
 
 
 def urls_key(topology: str) -> str:
     """HASH of node id -> the URL viewers connect to."""
-    return f"{topology}:broadcast:urls"
+    return f"{topology}:{{{topology}}}:broadcast:urls"
 
 
 class Ring:

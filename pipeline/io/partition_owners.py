@@ -77,17 +77,19 @@ FENCED_KEPT_S = 7 * 86400  # how long an id is remembered as fenced (forgotten: 
 
 
 def owners_key(group: str) -> str:
-    return f"{group}:owners"
+    """Partition -> the transactional id that may commit it. The claim script's three keys carry the
+    hash tag `{<group>}`: one slot on a Redis Cluster."""
+    return f"{group}:{{{group}}}:owners"
 
 
 def holders_key(group: str) -> str:
     """Per partition, the ids that held it and are not known fenced yet."""
-    return f"{group}:owners:unfenced"
+    return f"{group}:{{{group}}}:owners:unfenced"
 
 
 def fenced_key(group: str) -> str:
     """Transactional ids fenced for good (sorted set, scored by when)."""
-    return f"{group}:fenced"
+    return f"{group}:{{{group}}}:fenced"
 
 
 class PartitionOwners:

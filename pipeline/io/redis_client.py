@@ -1,11 +1,18 @@
-"""Connecting to Redis as the settings say: URL, ACL user and password, TLS; secrets kept out of logs."""
+"""Connecting to Redis as the settings say: URL, ACL user and password, TLS; secrets kept out of logs.
+
+A URL whose scheme is `redis+cluster://` (or `rediss+cluster://` with TLS) names a Redis Cluster by
+any of its nodes: the client is redis-py's `RedisCluster`, which learns the slots and sends each
+command, script and transaction to the shard of its keys' slot (every key the pipeline writes in one
+step shares a hash tag: docs/CONTRACT.md, key layout 2). Everything else is one Redis.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 from urllib.parse import urlsplit, urlunsplit
 
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
 
 from pipeline.runtime.settings import Settings
 
@@ -23,9 +30,40 @@ def options(settings: Settings) -> dict[str, Any]:
     return kwargs
 
 
+CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
+
+
+def is_cluster(url: str) -> bool:
+    """Whether the URL names a Redis Cluster (`redis+cluster://host:port`, `rediss+cluster://...`)."""
+    return urlsplit(url).scheme in CLUSTER_SCHEMES
+
+
+def cluster_url(nodes: list[tuple[str, int]]) -> str:
+    """The URL of a cluster, by its first node (the client discovers the others)."""
+    host, port = nodes[0]
+    return f"redis+cluster://{host}:{port}"
+
+
+def from_url(url: str, **kwargs: Any) -> aioredis.Redis:
+    """A redis.asyncio client for one Redis, or a `RedisCluster` for a `redis+cluster://` URL.
+
+    The cluster client is typed as a Redis client: it has the same commands, pipelines (a transaction
+    only over keys of one slot) and scripts (sent to the slot of their first key)."""
+    parts = urlsplit(url)
+    plain = CLUSTER_SCHEMES.get(parts.scheme)
+    if plain is None:
+        return aioredis.Redis.from_url(url, **kwargs)
+    # a cluster has database 0 only: drop a path, and the options a single server takes alone
+    node_url = urlunsplit(parts._replace(scheme=plain, path="", query=""))
+    for single_only in ("db", "single_connection_client", "connection_pool"):
+        kwargs.pop(single_only, None)
+    return cast(aioredis.Redis, RedisCluster.from_url(node_url, **kwargs))
+
+
 def connect(settings: Settings, **kwargs: Any) -> aioredis.Redis:
-    """An asyncio Redis client for the configured server (credentials in the URL win over settings)."""
-    return aioredis.Redis.from_url(settings.redis, **(kwargs | options(settings)))
+    """An asyncio Redis client for the configured server or cluster (credentials in the URL win over
+    settings)."""
+    return from_url(settings.redis, **(kwargs | options(settings)))
 
 
 def redact(url: str) -> str:

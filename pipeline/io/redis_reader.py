@@ -145,9 +145,10 @@ class RedisStore:
     async def distinct_per_bucket(self, metric: str, channel: str, key: str, buckets: list[str]) -> list[int]:
         """Distinct users of one (channel, key) in each bucket (HyperLogLog estimates; 0 when empty)."""
         tag = self.tag(key)
-        async with self.client.pipeline(transaction=False) as pipe:
+        async with self.client.pipeline(transaction=False) as pipe:  # PFCOUNT of one key (a cluster pipeline
+            # refuses pfcount(), which may take many)
             for bucket in buckets:
-                pipe.pfcount(uniq_key(tag, metric, bucket, channel, key))
+                pipe.execute_command("PFCOUNT", uniq_key(tag, metric, bucket, channel, key))
             return [int(n) for n in await pipe.execute()]
 
     # -- the topology -----------------------------------------------------------------------------------

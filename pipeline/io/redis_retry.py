@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
-from redis.exceptions import AuthenticationError
+from redis.exceptions import AuthenticationError, ClusterDownError, TryAgainError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -17,9 +17,14 @@ from pipeline.io.server_wait import retry_while_unavailable
 
 T = TypeVar("T")
 
-# a refused password is a ConnectionError to redis-py, but no wait will cure it
+# a refused password is a ConnectionError to redis-py, but no wait will cure it. On a Redis Cluster a
+# master that fails makes its slots answer CLUSTERDOWN (or MASTERDOWN, TRYAGAIN) until its replica is
+# promoted or it restarts: waited out like a restart
 redis_retry = retry_while_unavailable(
-    (RedisConnectionError, RedisTimeoutError), "redis", 0.05, final=(AuthenticationError,)
+    (RedisConnectionError, RedisTimeoutError, ClusterDownError, TryAgainError),
+    "redis",
+    0.05,
+    final=(AuthenticationError,),
 )
 
 

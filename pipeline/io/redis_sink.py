@@ -339,6 +339,8 @@ class RedisSink:
     async def check_server(self) -> str:
         """The server's version; refuse one older than 7.0 (the apply uses `EXPIRE ... NX`)."""
         info = await self.client.info("server")
+        if "redis_version" not in info:  # a cluster client answers per node: the oldest decides
+            info = min(info.values(), key=lambda i: _version(str(i.get("redis_version", "0"))))
         version = str(info.get("redis_version", "0"))
         numbers = tuple(int(part) for part in version.split(".")[:2] if part.isdigit())
         if numbers < MIN_REDIS:
@@ -384,6 +386,10 @@ class RedisSink:
         seqs = {ch: int(s) for ch, s in zip(plan.channels, reply[1 : 1 + n], strict=True)}
         values = [_text(v) for v in reply[1 + n :]]
         return ApplyResult(True, plan, seqs, values)
+
+
+def _version(text: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in text.split(".")[:2] if part.isdigit())
 
 
 def _text(value: bytes | int | str) -> str:

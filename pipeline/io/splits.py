@@ -224,7 +224,8 @@ def _bytes(value: bytes | str | int) -> bytes:
 
 def hot_rates_keys(topology: str) -> list[str]:
     """The summed rates (HASH key -> events/s), the writers' reports (HASH), their expiries (ZSET)."""
-    return [f"{topology}:hot-rates", f"{topology}:hot-rates:reports", f"{topology}:hot-rates:writers"]
+    tag = f"{topology}:{{{topology}}}"  # the script's three keys share a slot on a Redis Cluster
+    return [f"{tag}:hot-rates", f"{tag}:hot-rates:reports", f"{tag}:hot-rates:writers"]
 
 
 class SharedRates:

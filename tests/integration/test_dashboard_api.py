@@ -25,12 +25,20 @@ from pipeline.core.model import Partial
 from pipeline.core.redis_layout import splits_key
 from pipeline.core.topology import Topology
 from pipeline.harness.local_servers import Endpoints
+from pipeline.io import redis_client
 from pipeline.io.redis_sink import RedisSink
 from pipeline.web import dashboard
+from tests.integration.redis_cluster import STORES, on_store
 from topologies.analytics import TOPOLOGY as ANALYTICS
 from topologies.live_likes import TOPOLOGY as LIVE_LIKES
 
 pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(params=STORES)
+def servers(request: pytest.FixtureRequest, servers: Endpoints) -> Endpoints:
+    """Every test here on one Redis and on a 3-master Redis Cluster (key layout 2 on both)."""
+    return on_store(request, servers)
 
 T0 = 1_700_000_000_000 // 3_600_000 * 3_600_000  # the start of an hour, in ms
 MIN = 60_000
@@ -55,7 +63,7 @@ async def apply_events(
     by_root: dict[int, list[Partial]] = {}
     for partial in coalescer.flush(1.0).partials:
         by_root.setdefault(partial.root_partition, []).append(partial)
-    client = aioredis.Redis.from_url(redis_url)
+    client = redis_client.from_url(redis_url)  # one Redis, or a `redis+cluster://` cluster
     try:
         sink = RedisSink(client, topology)
         for root, partials in sorted(by_root.items()):
@@ -75,7 +83,7 @@ async def api(servers: Endpoints) -> AsyncIterator[Any]:
 
     async def make(topology: Topology) -> TestClient[web.Request, web.Application]:
         app = web.Application()
-        client = aioredis.Redis.from_url(servers.redis_url)
+        client = redis_client.from_url(servers.redis_url)
         redis_clients.append(client)
         dashboard.setup(app, topology, client)
         test_client = TestClient(TestServer(app, host="127.0.0.1"))
@@ -153,11 +161,11 @@ async def test_live_likes_totals_top_channels_stats_and_splits(
     assert stats["channels"] == 2
 
     assert (await get(client, "/api/splits")) == {"splits": {}}
-    redis_client = aioredis.Redis.from_url(servers.redis_url)
+    writer = redis_client.from_url(servers.redis_url)
     try:
-        await redis_client.hset(splits_key(unique_name), mapping={"comment-1": 8})
+        await writer.hset(splits_key(unique_name), mapping={"comment-1": 8})
     finally:
-        await redis_client.aclose()
+        await writer.aclose()
     assert (await get(client, "/api/splits")) == {"splits": {"comment-1": 8}}
 
 

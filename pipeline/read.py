@@ -219,6 +219,10 @@ class Reader:
             if key is None:
                 raise QueryError(f"a series of the distinct metric {m.name!r} needs a 'key'")
             values = list(await self.store.distinct_per_bucket(m.name, channel, key, buckets))
+            if self.history is not None:  # the sink's registers' estimate, for buckets Redis dropped
+                missing = [s for s, v in zip(starts, values, strict=True) if not v]
+                old = await self.history.key_buckets(m.name, channel, key, rollup.size_s, missing)
+                values = [old.get(s, v) for s, v in zip(starts, values, strict=True)]
         elif key is None:
             if m.kind is not Kind.COUNT and m.kind is not Kind.SUM:
                 raise QueryError(f"a series of the {m.kind.value} metric {m.name!r} needs a 'key'")

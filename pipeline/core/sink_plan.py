@@ -7,9 +7,9 @@ root's `Merger`, so a batch is already one delta per cell. Here a cell becomes o
 
 - `count` and `sum` are added to the row, `min` and `max` compared with it (the kind travels with the
   row, so one upsert statement serves every metric);
-- `distinct` is left out: a distinct count is not additive, so a row would have to hold mergeable
-  registers (a HyperLogLog) merged inside the upsert. Redis keeps those within its retention; the
-  PostgreSQL rollups hold the additive and the comparable kinds only (docs/ARCHITECTURE.md).
+- `distinct` is not additive: the row holds HyperLogLog registers (core/hll.py), merged register by
+  register with the row's (`merge_distinct`, on the registers the sink read under the row's lock in
+  the same transaction), and `value` is the merged registers' estimate.
 
 Exactly once: every batch is one PostgreSQL transaction that writes its rows and the last offset of
 every partials partition it covers. `check_ranges` refuses a batch whose range starts at or before
@@ -24,19 +24,16 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
 
+from pipeline.core import hll
 from pipeline.core.aggregates import Kind
 from pipeline.core.merger import NOTHING_APPLIED, UNKNOWN, MergedBatch
 from pipeline.core.topology import Topology
 from pipeline.core.windows import TOTAL
 
 # kind codes stored with each row (smallint): what the upsert does with a new value
-KIND_CODES: dict[Kind, int] = {Kind.COUNT: 0, Kind.SUM: 1, Kind.MIN: 2, Kind.MAX: 3}
+KIND_CODES: dict[Kind, int] = {Kind.COUNT: 0, Kind.SUM: 1, Kind.MIN: 2, Kind.MAX: 3, Kind.DISTINCT: 4}
 CODE_KINDS: dict[int, Kind] = {v: k for k, v in KIND_CODES.items()}
-
-DISTINCT_LEFT_OUT = (
-    "distinct is not additive: a row would need mergeable registers (a HyperLogLog) merged inside the "
-    "upsert; Redis keeps distinct counts within its retention, PostgreSQL holds count, sum, min and max"
-)
+DISTINCT_CODE = KIND_CODES[Kind.DISTINCT]
 
 # Default retention in PostgreSQL per bucket size: buckets under an hour for 7 days, hours and
 # longer (and the all-time totals) for good. `parse_retention` reads the setting that overrides it.
@@ -44,15 +41,17 @@ DEFAULT_SHORT_RETENTION_S = 7 * 24 * 3600
 FOREVER = 0
 
 
-# One row: (metric, size_s, bucket start in epoch seconds (0: total), channel, key, kind code, value).
-# The value is a Decimal, so nothing is rounded on the way (a float's shortest repr, an int exactly).
-Row = tuple[str, int, int, str, str, int, Decimal]
+# One row: (metric, size_s, bucket start in epoch seconds (0: total), channel, key, kind code, value,
+# registers). The value is a Decimal, so nothing is rounded on the way (a float's shortest repr, an
+# int exactly); registers only for distinct metrics (HyperLogLog, core/hll.py), else None.
+Row = tuple[str, int, int, str, str, int, Decimal, bytes | None]
+RowKey = tuple[str, int, str, str, int]  # (metric, size_s, channel, key, bucket): the primary key
 
 
 @dataclass(slots=True)
 class RowPlan:
     rows: list[Row] = field(default_factory=list)
-    distinct_cells: int = 0  # cells of distinct metrics, left out
+    distinct_cells: int = 0  # cells of distinct metrics (rows with registers)
     expired_cells: int = 0  # cells of buckets retention already dropped from PostgreSQL
 
 
@@ -84,16 +83,40 @@ def plan_rows(topology: Topology, batch: MergedBatch, cutoffs: Mapping[int, int]
     cutoffs = cutoffs or {}
     for (index, channel, key, bucket), value in batch.cells.items():
         metric = metrics[index]
-        if metric.kind is Kind.DISTINCT:
-            plan.distinct_cells += 1
-            continue
         size_s, start = split_bucket(bucket)
         cutoff = cutoffs.get(size_s)
         if cutoff is not None and start < cutoff:
             plan.expired_cells += 1
             continue
-        rows.append((metric.name, size_s, start, channel, key, KIND_CODES[metric.kind], to_decimal(value)))
+        if metric.kind is Kind.DISTINCT:
+            plan.distinct_cells += 1
+            regs = hll.registers(value)
+            rows.append(
+                (metric.name, size_s, start, channel, key, DISTINCT_CODE, Decimal(hll.estimate(regs)), regs)
+            )
+            continue
+        rows.append(
+            (metric.name, size_s, start, channel, key, KIND_CODES[metric.kind], to_decimal(value), None)
+        )
     return plan
+
+
+def row_key(row: Row) -> RowKey:
+    return (row[0], row[1], row[3], row[4], row[2])
+
+
+def merge_distinct(rows: list[Row], held: Mapping[RowKey, bytes | None]) -> list[Row]:
+    """The rows with each distinct row's registers merged with those PostgreSQL holds for it (read
+    under the row's lock), and its value the merged estimate; the other rows as they are."""
+    out: list[Row] = []
+    for row in rows:
+        if row[5] == DISTINCT_CODE:
+            old = held.get(row_key(row))
+            if old is not None:
+                regs = hll.merge(old, row[7])
+                row = (*row[:6], Decimal(hll.estimate(regs)), regs)
+        out.append(row)
+    return out
 
 
 def merge_value(kind: Kind, old: Decimal | None, new: Decimal) -> Decimal:
@@ -165,7 +188,7 @@ def parse_retention(text: str) -> dict[int, int]:
 def retention_policy(topology: Topology, overrides: Mapping[int, int] | None = None) -> dict[int, int]:
     """Seconds each bucket size of the topology is kept in PostgreSQL (0: for good). Default: under an
     hour for 7 days, an hour or more for good; `overrides` (from the setting) win."""
-    sizes = {r.size_s for m in topology.metrics if m.kind is not Kind.DISTINCT for r in m.rollups if r.size_s}
+    sizes = {r.size_s for m in topology.metrics for r in m.rollups if r.size_s}
     policy = {s: (DEFAULT_SHORT_RETENTION_S if s < 3600 else FOREVER) for s in sorted(sizes)}
     for size_s, keep in (overrides or {}).items():
         if size_s in policy:

@@ -5,9 +5,10 @@ Each topology has its own schema, named after it (topology names are lower-case 
 
 - `rollups`: one row per (metric, size_s, bucket, channel, key); `size_s` 0 and `bucket` 0 for the
   all-time total, else the bucket's size and start (epoch seconds); `kind` 0 count, 1 sum, 2 min,
-  3 max; `value` numeric (exact). The primary key (metric, size_s, channel, key, bucket) serves "the
-  hourly views of /home over 30 days" as one index range; `rollups_by_bucket` (size_s, bucket,
-  metric) serves a whole bucket and the retention deletes;
+  3 max, 4 distinct; `value` numeric (exact; for distinct the estimate of `registers`, HyperLogLog
+  registers merged with the row's under its lock). The primary key (metric, size_s, channel, key,
+  bucket) serves "the hourly views of /home over 30 days" as one index range; `rollups_by_bucket`
+  (size_s, bucket, metric) serves a whole bucket and the retention deletes;
 - `positions`: the last applied offset of every partials partition, written in the same transaction
   as the rows;
 - `retention`: seconds each bucket size is kept (0: for good), as the sink applies it;
@@ -31,13 +32,17 @@ from pipeline.core.merger import MergedBatch
 from pipeline.core.sink_plan import (
     KIND_CODES,
     RangeRefusal,
+    Row,
+    RowKey,
     RowPlan,
     check_ranges,
+    merge_distinct,
     new_positions,
+    row_key,
 )
 from pipeline.core.topology import Topology
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 # (version, statements); {s} is the topology's schema. Never edit an applied one: add a version.
 MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = (
@@ -72,11 +77,13 @@ MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = (
             )""",
         ),
     ),
+    # distinct metrics: HyperLogLog registers (core/hll.py) beside their estimate in `value`
+    (3, ("ALTER TABLE {s}.rollups ADD COLUMN IF NOT EXISTS registers bytea",)),
 )
 
-COLUMNS = ("metric", "size_s", "bucket", "channel", "key", "kind", "value")
+COLUMNS = ("metric", "size_s", "bucket", "channel", "key", "kind", "value", "registers")
 STAGE = "pipeline_sink_rows"  # the temporary table rows are copied into (one per connection)
-MIN, MAX = KIND_CODES[Kind.MIN], KIND_CODES[Kind.MAX]
+MIN, MAX, DISTINCT = KIND_CODES[Kind.MIN], KIND_CODES[Kind.MAX], KIND_CODES[Kind.DISTINCT]
 
 # what a lost or refused connection raises: the sink reconnects and seeks to the applied positions
 CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
@@ -161,7 +168,10 @@ class PostgresSink:
         self._staged = False
         set_value = (
             f"value = CASE r.kind WHEN {MIN} THEN least(r.value, EXCLUDED.value) "
-            f"WHEN {MAX} THEN greatest(r.value, EXCLUDED.value) ELSE r.value + EXCLUDED.value END, "
+            f"WHEN {MAX} THEN greatest(r.value, EXCLUDED.value) "
+            f"WHEN {DISTINCT} THEN EXCLUDED.value ELSE r.value + EXCLUDED.value END, "
+            # distinct: the registers were merged with the row's (read under its lock) before the COPY
+            f"registers = CASE WHEN r.kind = {DISTINCT} THEN EXCLUDED.registers ELSE r.registers END, "
             "updated_at = now()"
         )
         conflict = f"ON CONFLICT (metric, size_s, channel, key, bucket) DO UPDATE SET {set_value}"
@@ -171,7 +181,7 @@ class PostgresSink:
             + conflict
         )
         self._upsert_one = (
-            f"INSERT INTO {s}.rollups AS r ({', '.join(COLUMNS)}) VALUES ($1, $2, $3, $4, $5, $6, $7) "
+            f"INSERT INTO {s}.rollups AS r ({', '.join(COLUMNS)}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) "
             + conflict
         )
         # lock the batch's positions and read them: an upsert that leaves a held position as it is
@@ -180,6 +190,13 @@ class PostgresSink:
             "SELECT unnest($1::integer[]), -1 "
             "ON CONFLICT (partition) DO UPDATE SET last_offset = p.last_offset "
             "RETURNING partition, last_offset"
+        )
+        # the registers the distinct rows of a batch hold, locked until the commit
+        self._held_registers = (
+            f"SELECT r.metric, r.size_s, r.channel, r.key, r.bucket, r.registers FROM {s}.rollups AS r "
+            "JOIN unnest($1::text[], $2::integer[], $3::text[], $4::text[], $5::bigint[]) "
+            "AS w(metric, size_s, channel, key, bucket) USING (metric, size_s, channel, key, bucket) "
+            "FOR UPDATE OF r"
         )
         self._store_positions = (
             f"UPDATE {s}.positions AS p SET last_offset = v.last, updated_at = now() "
@@ -191,7 +208,7 @@ class PostgresSink:
         await self.conn.execute(
             f"CREATE TEMPORARY TABLE IF NOT EXISTS {STAGE} ("
             "metric text, size_s integer, bucket bigint, channel text, key text, kind smallint, "
-            "value numeric) ON COMMIT DELETE ROWS"
+            "value numeric, registers bytea) ON COMMIT DELETE ROWS"
         )
         self._staged = True
 
@@ -217,6 +234,9 @@ class PostgresSink:
                 refusal = check_ranges(batch.ranges, held, batch.expected)
                 if refusal is not None:
                     raise _Refused(refusal)
+                if plan.distinct_cells:
+                    rows = merge_distinct(rows, await self._registers_held(rows))
+                    statements += 1
                 if rows:
                     if self.naive:
                         for row in rows:
@@ -232,6 +252,18 @@ class PostgresSink:
         except _Refused as refused:
             return SinkResult(False, refused.refusal, statements=statements)
         return SinkResult(True, None, rows=len(rows), statements=statements)
+
+    async def _registers_held(self, rows: list[Row]) -> dict[RowKey, bytes | None]:
+        keys = [row_key(row) for row in rows if row[5] == DISTINCT]
+        if not keys:
+            return {}
+        found = await self.conn.fetch(
+            self._held_registers, *(list(column) for column in zip(*keys, strict=True))
+        )
+        return {
+            (r["metric"], int(r["size_s"]), r["channel"], r["key"], int(r["bucket"])): r["registers"]
+            for r in found
+        }
 
     async def record_retention(self, policy: Mapping[int, int]) -> None:
         async with self.conn.transaction():

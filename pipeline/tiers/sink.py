@@ -22,7 +22,6 @@ from aiokafka.errors import KafkaError
 
 from pipeline.core.merger import Merger
 from pipeline.core.sink_plan import (
-    DISTINCT_LEFT_OUT,
     cutoffs,
     parse_retention,
     plan_rows,
@@ -81,7 +80,6 @@ class SinkWorker:
             group=self.group,
             postgres=postgres_sink.redact(self.settings.postgres),
             retention={str(k): v for k, v in self.policy.items()},
-            distinct=DISTINCT_LEFT_OUT if self.topology.distinct_metrics else None,
         )
         lag_task = asyncio.create_task(self._report_lag(stop))
         member = None

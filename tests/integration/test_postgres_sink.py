@@ -13,6 +13,7 @@ import asyncpg
 import pytest
 import redis.asyncio as aioredis
 
+from pipeline.core import hll
 from pipeline.core.coalescer import root_partition
 from pipeline.core.merger import NOTHING_APPLIED, UNKNOWN, MergedBatch
 from pipeline.core.sink_plan import cutoffs, plan_rows
@@ -23,7 +24,7 @@ from pipeline.io.postgres_history import PostgresHistory
 from pipeline.io.postgres_sink import MIGRATIONS, SCHEMA_VERSION, PostgresSink
 from pipeline.io.redis_sink import RedisSink
 from pipeline.read import Reader
-from pipeline.topology import count, every, maximum, minimum, sum_of, topology, total
+from pipeline.topology import count, distinct_users, every, maximum, minimum, sum_of, topology, total
 
 pytestmark = pytest.mark.integration
 
@@ -240,3 +241,36 @@ async def test_the_reader_reads_what_redis_no_longer_holds_from_postgresql(
         await history.aclose()
         await redis.aclose()
         await conn.execute(f"DROP SCHEMA {topo.name} CASCADE")
+
+
+async def test_distinct_users_merge_as_registers(
+    conn: asyncpg.Connection, servers: Endpoints, postgres: PostgresEndpoint, unique_name: str
+) -> None:
+    """A distinct row holds HyperLogLog registers merged with each batch's under the row's lock, and
+    their estimate as its value; batched and naive alike. The reader's history serves them."""
+    topo = topology(unique_name, metrics=[distinct_users("users", "v", total(), HOUR)], priorities={"v": 0})
+    for naive in (False, True):
+        await conn.execute(f"DROP SCHEMA IF EXISTS {topo.name} CASCADE")
+        await postgres_sink.migrate(conn, topo)
+        sink = PostgresSink(conn, topo, naive=naive)
+        first = batch(
+            {(0, "s", "k", "total"): {"u1", "u2"}, (0, "s", "k", "3600:0"): {"u1"}}, {0: (0, 0)}, {}
+        )
+        second = batch(
+            {(0, "s", "k", "total"): {"u2", "u3"}, (0, "s", "k", "3600:0"): {"u9"}}, {0: (1, 1)}, {}
+        )
+        for b in (first, second):
+            assert (await sink.apply(b, plan_rows(topo, b))).applied
+        assert not (await sink.apply(second, plan_rows(topo, second))).applied  # a replay: refused
+        assert await postgres_sink.all_rows(conn, topo, "users") == {
+            (0, 0, "s", "k"): Decimal(3),
+            (3600, 0, "s", "k"): Decimal(2),
+        }
+        regs = await conn.fetchval(f"SELECT registers FROM {topo.name}.rollups WHERE size_s = 0")
+        assert regs == hll.registers({"u1", "u2", "u3"})
+    async with Reader.from_url(topo, servers.redis_url, postgres_url=postgres.url) as reader:
+        assert await reader.series("users", "s", "k", size_s=3600, points=2, end_s=3600) == [
+            (0, 2),
+            (3600, 0),
+        ]
+    await conn.execute(f"DROP SCHEMA {topo.name} CASCADE")

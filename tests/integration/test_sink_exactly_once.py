@@ -44,23 +44,36 @@ def _events(t0_ms: int, start: int, n: int) -> list[dict[str, object]]:
     ]
 
 
-def _buckets(events: list[dict[str, object]]) -> Counter[BucketKey]:
+def _buckets(
+    events: list[dict[str, object]], users: dict[BucketKey, set[str]] | None = None
+) -> Counter[BucketKey]:
+    """Views per (size, bucket, channel, key); `users` gets their distinct visitors (size 0: all time)."""
     out: Counter[BucketKey] = Counter()
     for e in events:
         ts_s = int(e["ts"]) // 1000  # type: ignore[call-overload]
+        channel, key = str(e["channel"]), str(e["key"])
         for size in (60, 3600):
-            out[(size, ts_s // size * size, str(e["channel"]), str(e["key"]))] += 1
+            out[(size, ts_s // size * size, channel, key)] += 1
+        if users is not None:
+            for size in (0, 60, 3600):
+                start = ts_s // size * size if size else 0
+                users.setdefault((size, start, channel, key), set()).add(str(e["user"]))
     return out
 
 
 async def _stream(
-    bootstrap: str, topic: str, t0_ms: int, ledger: Counter[LedgerKey], buckets: Counter[BucketKey]
+    bootstrap: str,
+    topic: str,
+    t0_ms: int,
+    ledger: Counter[LedgerKey],
+    buckets: Counter[BucketKey],
+    users: dict[BucketKey, set[str]],
 ) -> None:
     """The events, paced: a chunk every CHUNK_EVERY_S; the ledger and the buckets get what was acked."""
     for start in range(0, EVENTS, CHUNK):
         chunk = _events(t0_ms, start, CHUNK)
         await send_events(bootstrap, topic, chunk, ledger)
-        buckets += _buckets(chunk)
+        buckets += _buckets(chunk, users)
         await asyncio.sleep(CHUNK_EVERY_S)
 
 
@@ -69,10 +82,10 @@ async def _applied(url: str, topology_name: str) -> int:
     return sum(v for k, v in (await _postgres_rows(url, topology_name)).items() if k[0] == 0)
 
 
-async def _postgres_rows(url: str, topology_name: str) -> dict[BucketKey, int]:
+async def _postgres_rows(url: str, topology_name: str, metric: str = "views") -> dict[BucketKey, int]:
     conn = await asyncpg.connect(url)
     try:
-        rows = await postgres_sink.all_rows(conn, TOPOLOGY.renamed(topology_name), "views")
+        rows = await postgres_sink.all_rows(conn, TOPOLOGY.renamed(topology_name), metric)
     finally:
         await conn.close()
     return {k: int(v) for k, v in rows.items()}
@@ -109,13 +122,14 @@ async def test_sink_killed_mid_stream_counts_every_key_and_bucket_once(
     t0_ms = (int(time.time()) - 6 * 3600) // 3600 * 3600 * 1000  # six hours ago: within the 7 days of minutes
     ledger: Counter[LedgerKey] = Counter()
     buckets: Counter[BucketKey] = Counter()
+    users: dict[BucketKey, set[str]] = {}
     try:
         pipe.add("coalesce", "c1")
         pipe.add("coalesce", "c2")
         pipe.add("merge", "m1")
         sink = pipe.add("sink", "s1")
         stream = asyncio.create_task(
-            _stream(servers.kafka_bootstrap, topology.topic("events"), t0_ms, ledger, buckets)
+            _stream(servers.kafka_bootstrap, topology.topic("events"), t0_ms, ledger, buckets, users)
         )
         applied_at_kill: list[int] = []
         for _ in range(KILLS):
@@ -140,6 +154,10 @@ async def test_sink_killed_mid_stream_counts_every_key_and_bucket_once(
         totals = {(c, k): v for (size, _b, c, k), v in rows.items() if size == 0}
         assert totals == dict(ledger), pipe.logs()
         assert {k: v for k, v in rows.items() if k[0] != 0} == dict(buckets), pipe.logs()
+        # distinct visitors per key, minute and hour: HyperLogLog registers, merged across the kills
+        # (a few users a row: counted exactly)
+        visitors = await _postgres_rows(postgres.url, topology.name, "visitors")
+        assert visitors == {k: len(v) for k, v in users.items()}, pipe.logs()
         # the kills came mid-stream: each after the sink had applied more of the stream, none at its end
         assert all(0 < n < total for n in applied_at_kill), applied_at_kill
         assert applied_at_kill == sorted(applied_at_kill), applied_at_kill

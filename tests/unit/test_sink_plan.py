@@ -8,6 +8,7 @@ from typing import Any
 from hypothesis import given
 from hypothesis import strategies as st
 
+from pipeline.core import hll
 from pipeline.core.aggregates import Kind, aggregate
 from pipeline.core.merger import NOTHING_APPLIED, UNKNOWN, MergedBatch, Merger
 from pipeline.core.model import Partial
@@ -18,11 +19,13 @@ from pipeline.core.sink_plan import (
     bucket_name,
     check_ranges,
     cutoffs,
+    merge_distinct,
     merge_value,
     new_positions,
     parse_retention,
     plan_rows,
     retention_policy,
+    row_key,
     split_bucket,
     to_decimal,
 )
@@ -63,14 +66,15 @@ def test_one_row_per_cell_with_its_kind_and_an_exact_value() -> None:
     )
     assert sorted(plan.rows) == sorted(
         [
-            ("views", 0, 0, "site", "/home", KIND_CODES[Kind.COUNT], Decimal(7)),
-            ("views", 3600, 1732269600, "site", "/home", KIND_CODES[Kind.COUNT], Decimal(3)),
-            ("spent", 0, 0, "site", "/home", KIND_CODES[Kind.SUM], Decimal("0.1")),
-            ("lo", 0, 0, "site", "/home", KIND_CODES[Kind.MIN], Decimal(-2)),
-            ("hi", 0, 0, "site", "/home", KIND_CODES[Kind.MAX], Decimal(2**60)),
+            ("views", 0, 0, "site", "/home", KIND_CODES[Kind.COUNT], Decimal(7), None),
+            ("views", 3600, 1732269600, "site", "/home", KIND_CODES[Kind.COUNT], Decimal(3), None),
+            ("spent", 0, 0, "site", "/home", KIND_CODES[Kind.SUM], Decimal("0.1"), None),
+            ("lo", 0, 0, "site", "/home", KIND_CODES[Kind.MIN], Decimal(-2), None),
+            ("hi", 0, 0, "site", "/home", KIND_CODES[Kind.MAX], Decimal(2**60), None),
+            ("users", 0, 0, "site", "/home", KIND_CODES[Kind.DISTINCT], Decimal(1), hll.registers({"u1"})),
         ]
     )
-    assert plan.distinct_cells == 1  # left out, with a stated reason (DISTINCT_LEFT_OUT)
+    assert plan.distinct_cells == 1
 
 
 def test_cells_of_buckets_retention_dropped_are_not_written() -> None:
@@ -114,8 +118,8 @@ def test_the_merger_feeds_the_plan_as_the_root_merges() -> None:
         m.add(1, 10 + offset, Partial(0, 1, 1, 0, 0, cells, n).to_json())
     merged = m.take()
     plan = plan_rows(TOPO, merged)
-    assert ("views", 60, 60, "s", "/home", KIND_CODES[Kind.COUNT], Decimal(7)) in plan.rows
-    assert ("hi", 0, 0, "s", "/home", KIND_CODES[Kind.MAX], Decimal("4.0")) in plan.rows
+    assert ("views", 60, 60, "s", "/home", KIND_CODES[Kind.COUNT], Decimal(7), None) in plan.rows
+    assert ("hi", 0, 0, "s", "/home", KIND_CODES[Kind.MAX], Decimal("4.0"), None) in plan.rows
     assert new_positions(merged.ranges) == [(1, 11)]
 
 
@@ -141,7 +145,7 @@ def test_a_position_other_than_expected_is_refused() -> None:
 
 
 def test_retention_defaults_and_overrides() -> None:
-    assert retention_policy(TOPO) == {60: DEFAULT_SHORT_RETENTION_S, 3600: FOREVER}
+    assert retention_policy(TOPO) == {60: DEFAULT_SHORT_RETENTION_S, 3600: FOREVER}  # distinct's too
     assert retention_policy(TOPO, parse_retention("60=3600, 3600=2592000, 5=1")) == {60: 3600, 3600: 2592000}
     assert parse_retention("") == {}
     for bad in ("60", "0=5", "60=-1"):
@@ -157,3 +161,17 @@ def test_cutoffs_keep_a_bucket_until_it_ended_keep_seconds_ago() -> None:
     cut = cutoffs(policy, now_s=10_000)
     assert cut == {60: 9360}  # 10,000 - 600 = 9,400: the bucket [9,360, 9,420) is still kept
     assert 3600 not in cut
+
+
+def test_distinct_rows_merge_their_registers_with_what_postgresql_holds() -> None:
+    plan = plan_rows(TOPO, batch({(4, "s", "k", "60:60"): {"u1", "u2"}, (0, "s", "k", "60:60"): 2}))
+    (distinct,) = [r for r in plan.rows if r[5] == KIND_CODES[Kind.DISTINCT]]
+    assert distinct[6] == 2 and distinct[7] == hll.registers({"u1", "u2"})
+    held = {row_key(distinct): hll.registers({"u2", "u3", "u4"})}
+    merged = merge_distinct(plan.rows, held)
+    (after,) = [r for r in merged if r[5] == KIND_CODES[Kind.DISTINCT]]
+    assert after[6] == 4 and after[7] == hll.registers({"u1", "u2", "u3", "u4"})
+    assert [r for r in merged if r[5] != KIND_CODES[Kind.DISTINCT]] == [
+        r for r in plan.rows if r[5] != KIND_CODES[Kind.DISTINCT]
+    ]
+    assert merge_distinct(plan.rows, {}) == plan.rows  # a new row: its own registers

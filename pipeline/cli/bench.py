@@ -39,7 +39,10 @@ def register(sub: Subparsers) -> None:
     bc.add_argument("--faust-events", type=int, default=15_000, help="events the Faust baseline gets")
     bc.add_argument("--keys", type=int, default=10_000)
     bc.add_argument(
-        "--rounds", type=int, default=5, help="rounds, each phase once per round, in alternating order (default 5)"
+        "--rounds",
+        type=int,
+        default=5,
+        help="rounds, each phase once per round, in alternating order (default 5)",
     )
     bc.add_argument("--json", action="store_true")
     server_flags(bc, "both")  # both: the whole benchmark on Apache Kafka, then on the embedded broker

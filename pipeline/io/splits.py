@@ -11,10 +11,10 @@ routing of events already sent.
 
 `SharedRates` is how writers agree on what is hot (`core/hotkeys.py`): every writer
 puts the rates it measured in its last interval, and gets back the sum over every
-writer, in one Lua script over three keys: `{topology}:hot-rates` (HASH key -> the
-summed events/s), `{topology}:hot-rates:reports` (HASH writer -> its report,
-MessagePack `[key, rate, ...]`) and `{topology}:hot-rates:writers` (ZSET writer ->
-expiry, ms by the Redis clock). A report replaces the writer's previous one in the
+writer, in one Lua script over three keys of one hash tag (one shard of a Redis
+Cluster): `T:{T}:hot-rates` (HASH key -> the summed events/s), `T:{T}:hot-rates:reports`
+(HASH writer -> its report, MessagePack `[key, rate, ...]`) and `T:{T}:hot-rates:writers`
+(ZSET writer -> expiry, ms by the Redis clock). A report replaces the writer's previous one in the
 sum; a report that expires (a writer that died) is taken out of it by the next
 writer's call; a writer that stops withdraws its own.
 

@@ -55,6 +55,7 @@ class RedisStore:
             self.partitions = partitions or Partitions().partials
         self.parts = range(self.partitions)
         self.tags = [partition_tag(self.name, p, self.partitions) for p in self.parts]
+        self._snapshot = client.register_script(SNAPSHOT_LUA)
 
     def tag(self, key: str) -> str:
         """The hash tag of the root partition holding `key`'s cells."""
@@ -183,18 +184,17 @@ class RedisStore:
         self, channel: str, metrics: list[str], board: tuple[str, int] | None
     ) -> tuple[dict[int, int], list[tuple[str, str, float]], list[tuple[str, float]]]:
         """A channel's seq in each root partition, the all-time values of `metrics` and its leaderboard
-        (metric, n). Each partition is read in one MULTI/EXEC (its keys share a slot): the root raises a
-        partition's seq in the same atomic step that writes its values, so each seq names exactly the
-        state read in its partition."""
+        (metric, n). Each partition is read by one script (its keys share a slot, so a cluster runs it on
+        one shard): the root raises a partition's seq in the same atomic step that writes its values, so
+        each seq names exactly the state read in its partition. (A script, not MULTI/EXEC: redis-py's
+        cluster transactions keep a connection across event loops.)"""
 
         async def one(tag: str) -> list[Any]:
-            async with self.client.pipeline(transaction=True) as pipe:
-                pipe.hget(seq_key(tag), channel)
-                for m in metrics:
-                    pipe.hgetall(agg_key(tag, m, TOTAL, channel))
-                if board is not None:
-                    pipe.zrevrange(top_key(tag, board[0], channel), 0, board[1] - 1, withscores=True)
-                return await pipe.execute()
+            keys = [seq_key(tag), *(agg_key(tag, m, TOTAL, channel) for m in metrics)]
+            if board is not None:
+                keys.append(top_key(tag, board[0], channel))
+            reply = await self._snapshot(keys=keys, args=[channel, len(metrics), board[1] if board else 0])
+            return list(reply)
 
         replies = await asyncio.gather(*(one(t) for t in self.tags))
         seqs = {p: int(r[0] or 0) for p, r in zip(self.parts, replies, strict=True)}
@@ -202,10 +202,26 @@ class RedisStore:
             (m, text(key), number(value))
             for r in replies
             for m, totals in zip(metrics, r[1 : 1 + len(metrics)], strict=True)
-            for key, value in totals.items()
+            for key, value in _pairs(totals)
         ]
         top = _best([r[-1] for r in replies], board[1]) if board is not None else []
         return seqs, values, top
+
+
+# KEYS: a partition's seq hash, the metrics' all-time hashes of the channel, then its leaderboard (when
+# ARGV[3] > 0). ARGV: the channel, how many metrics, the leaderboard's n (0: none). Read-only.
+SNAPSHOT_LUA = """
+local out = {redis.call('HGET', KEYS[1], ARGV[1]) or false}
+local n = tonumber(ARGV[2])
+for i = 2, n + 1 do
+  out[#out + 1] = redis.call('HGETALL', KEYS[i])
+end
+local top = tonumber(ARGV[3])
+if top > 0 then
+  out[#out + 1] = redis.call('ZREVRANGE', KEYS[n + 2], 0, top - 1, 'WITHSCORES')
+end
+return out
+"""
 
 
 def _pairs(raw: Any) -> list[tuple[Any, Any]]:

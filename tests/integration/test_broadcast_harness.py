@@ -12,7 +12,6 @@ from typing import Any
 
 import aiohttp
 import orjson
-import redis.asyncio as aioredis
 
 from pipeline.core import tokens
 from pipeline.core.model import ChannelUpdate
@@ -21,10 +20,16 @@ from pipeline.core.topology import Topology
 from pipeline.core.windows import TOTAL
 from pipeline.harness.local_servers import Endpoints, free_port
 from pipeline.harness.supervisor import WorkerProcess
-from pipeline.io import kafka
+from pipeline.io import kafka, redis_client
 
 SECRET = "integration-test-secret"
 ROOT = 0  # the root partition the stand-in writes as
+# KEYS: the partition's seq hash, the channel's likes hash. ARGV: the channel, then key, total, ...
+_WRITE_LUA = """
+local seq = redis.call('HINCRBY', KEYS[1], ARGV[1], 1)
+redis.call('HSET', KEYS[2], unpack(ARGV, 2))
+return seq
+"""
 
 
 def token(viewer: str, channels: list[str], ttl_s: int = 600, secret: str = SECRET) -> str:
@@ -83,7 +88,7 @@ class RootStandIn:
         self.topology = topology
         self.bootstrap = servers.kafka_bootstrap
         self.producer = kafka.producer(servers.kafka_bootstrap, f"{topology.name}.test-root", linger_ms=0)
-        self.redis = aioredis.Redis.from_url(servers.redis_url)
+        self.redis_url = servers.redis_url  # one Redis, or a cluster
         self.totals: dict[tuple[str, str], int] = {}
 
     async def start(self) -> RootStandIn:
@@ -99,11 +104,16 @@ class RootStandIn:
             total = self.totals[(channel, key)] = self.totals.get((channel, key), 0) + n
             values.append(("likes", key, float(total)))
         # as the root of partition ROOT would (the stand-in is one root partition: its keys carry its tag)
-        pipe = self.redis.pipeline(transaction=True)
-        tag = partition_tag(name, ROOT, self.topology.partitions.partials)
-        pipe.hincrby(seq_key(tag), channel, 1)
-        pipe.hset(agg_key(tag, "likes", TOTAL, channel), mapping={k: int(v) for _, k, v in values})
-        seq = int((await pipe.execute())[0])
+        # in one script, atomically (a client per call: the tests' event loops differ, and a cluster
+        # client keeps its loop's sockets)
+        client = redis_client.from_url(self.redis_url)
+        try:
+            tag = partition_tag(name, ROOT, self.topology.partitions.partials)
+            flat = [str(x) for _, k, v in values for x in (k, int(v))]
+            keys = [seq_key(tag), agg_key(tag, "likes", TOTAL, channel)]
+            seq = int(await client.eval(_WRITE_LUA, 2, *keys, channel, *flat))
+        finally:
+            await client.aclose()
         if publish:
             update = ChannelUpdate(
                 channel, seq, int(time.time() * 1000), [(m, k, int(v)) for m, k, v in values], ROOT
@@ -128,7 +138,6 @@ class RootStandIn:
 
     async def stop(self) -> None:
         await self.producer.stop()
-        await self.redis.aclose()
 
 
 class ViewerState:

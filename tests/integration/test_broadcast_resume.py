@@ -12,6 +12,7 @@ import pytest
 
 from pipeline.harness.local_servers import Endpoints
 from tests.integration.pipeline_harness import LedgerKey, Pipeline, send_events, wait_for_totals
+from tests.integration.redis_cluster import STORES, on_store
 from tests.integration.test_broadcast_harness import (
     Node,
     ViewerState,
@@ -24,6 +25,12 @@ from tests.integration.test_broadcast_harness import (
 from topologies.live_likes import TOPOLOGY as LIVE
 
 pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(params=STORES)
+def servers(request: pytest.FixtureRequest, servers: Endpoints) -> Endpoints:
+    """On one Redis and on a 3-master Redis Cluster (key layout 2 on both)."""
+    return on_store(request, servers)
 
 CHANNEL = "video-1"
 

@@ -13,6 +13,7 @@ import pytest
 
 from pipeline.core.topology import Topology
 from pipeline.harness.local_servers import Endpoints
+from tests.integration.redis_cluster import STORES, on_store
 from tests.integration.test_broadcast_harness import (
     Node,
     RootStandIn,
@@ -26,6 +27,12 @@ from tests.integration.test_broadcast_harness import (
 from topologies.live_likes import TOPOLOGY as LIVE
 
 pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module", params=STORES)
+def servers(request: pytest.FixtureRequest, servers: Endpoints) -> Endpoints:
+    """Every test here on one Redis and on a 3-master Redis Cluster (the node reads its snapshots there)."""
+    return on_store(request, servers)
 
 
 @pytest.fixture(scope="module")

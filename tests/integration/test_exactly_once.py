@@ -23,16 +23,23 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import redis.asyncio as aioredis
 
 from pipeline.client import PipelineClient, SendResult
 from pipeline.core.hotkeys import HotKeySplitter, SplitPolicy
 from pipeline.harness.local_servers import Endpoints
+from pipeline.io import redis_client
 from pipeline.read import Reader
 from tests.integration.pipeline_harness import LedgerKey, Pipeline, wait_for_totals
+from tests.integration.redis_cluster import STORES, on_store
 from topologies.live_likes import TOPOLOGY
 
 pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(params=STORES)
+def servers(request: pytest.FixtureRequest, servers: Endpoints) -> Endpoints:
+    """On one Redis and on a 3-master Redis Cluster (key layout 2 on both)."""
+    return on_store(request, servers)
 
 EVENTS = 60_000
 CHUNKS = 12
@@ -129,7 +136,7 @@ async def test_sigkill_mid_stream_counts_every_event_once(
         assert forced > 50, f"only {forced} retries were sent under another split than their original"
         got = await wait_for_totals(servers.redis_url, topology, "likes", ledger, timeout_s=120)
         await asyncio.sleep(2.0)  # settle: a retry counted late would show now
-        client = aioredis.Redis.from_url(servers.redis_url)
+        client = redis_client.from_url(servers.redis_url)
         got = await Reader(topology, client).key_totals("likes")
         stats = await Reader(topology, client).stats()
         await client.aclose()

@@ -463,6 +463,28 @@ async def lag(consumer: AIOKafkaConsumer) -> dict[int, int]:
     return out
 
 
+async def report_lag(
+    consumer: AIOKafkaConsumer, gauge: Any, labels: tuple[str, ...], stop: asyncio.Event, every_s: float = 2.0
+) -> None:
+    """Set `gauge` (labels, then the partition) to each assigned partition's lag, every `every_s`."""
+    while not stop.is_set():
+        await asyncio.sleep(every_s)
+        for partition, behind in (await lag(consumer)).items():
+            gauge.labels(*labels, str(partition)).set(behind)
+
+
+async def seek_after(
+    consumer: AIOKafkaConsumer, partitions: Iterable[TopicPartition], applied: dict[int, int]
+) -> None:
+    """Seek each partition just past its applied offset, or to its beginning when none was applied."""
+    for tp in partitions:
+        last = applied.get(tp.partition)
+        if last is None:
+            await consumer.seek_to_beginning(tp)
+        else:
+            consumer.seek(tp, last + 1)
+
+
 IDLE_PROBE_MS = 5
 IDLE_PROBES = 3
 

@@ -88,7 +88,9 @@ class CoalesceWorker:
         self.consumer.subscribe([self.events_topic], listener=_FlushOnRevoke(self))
         await kafka.start(self.consumer)
         self.log.info("started", group=self.group, transactional_id=self.transactional_id)
-        lag_task = asyncio.create_task(self._report_lag(stop))
+        lag_task = asyncio.create_task(
+            kafka.report_lag(self.consumer, obs.LAG, self.labels, stop, LAG_EVERY_S)
+        )
         member = None
         try:
             await self._loop(stop)
@@ -379,12 +381,6 @@ class CoalesceWorker:
             records=sum(len(r) for r in logs.values()),
             seconds=round(time.monotonic() - started, 2),
         )
-
-    async def _report_lag(self, stop: asyncio.Event) -> None:
-        while not stop.is_set():
-            await asyncio.sleep(LAG_EVERY_S)
-            for partition, behind in (await kafka.lag(self.consumer)).items():
-                obs.LAG.labels(*self.labels, str(partition)).set(behind)
 
 
 def _dead_headers(worker: CoalesceWorker, d: DeadLetter) -> list[tuple[str, bytes]]:

@@ -93,7 +93,9 @@ class MergeWorker:
         self.consumer.subscribe([self.partials_topic], listener=_SeekToApplied(self))
         await kafka.start(self.consumer)
         self.log.info("started", group=self.group)
-        lag_task = asyncio.create_task(self._report_lag(stop))
+        lag_task = asyncio.create_task(
+            kafka.report_lag(self.consumer, obs.LAG, self.labels, stop, LAG_EVERY_S)
+        )
         # the root's second job: the feed's comments into each channel's history, exactly once
         feed_task = asyncio.create_task(CommentFeed(self.topology, self.settings, self.redis).run(stop))
         member = None
@@ -340,23 +342,12 @@ class MergeWorker:
     async def seek_to_applied(self, partitions: set[TopicPartition] | list[TopicPartition]) -> None:
         positions = await self.sink.positions()
         self.merger.resume({tp.partition: positions.get(tp.partition) for tp in partitions})
-        for tp in partitions:
-            last = positions.get(tp.partition)
-            if last is None:
-                await self.consumer.seek_to_beginning(tp)
-            else:
-                self.consumer.seek(tp, last + 1)
+        await kafka.seek_after(self.consumer, partitions, positions)
         if partitions:
             self.log.info(
                 "resuming from applied positions",
                 positions={tp.partition: positions.get(tp.partition) for tp in partitions},
             )
-
-    async def _report_lag(self, stop: asyncio.Event) -> None:
-        while not stop.is_set():
-            await asyncio.sleep(LAG_EVERY_S)
-            for partition, behind in (await kafka.lag(self.consumer)).items():
-                obs.LAG.labels(*self.labels, str(partition)).set(behind)
 
 
 class _SeekToApplied(ConsumerRebalanceListener):

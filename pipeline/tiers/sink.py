@@ -81,7 +81,9 @@ class SinkWorker:
             postgres=postgres_sink.redact(self.settings.postgres),
             retention={str(k): v for k, v in self.policy.items()},
         )
-        lag_task = asyncio.create_task(self._report_lag(stop))
+        lag_task = asyncio.create_task(
+            kafka.report_lag(self.consumer, obs.LAG, self.labels, stop, LAG_EVERY_S)
+        )
         member = None
         try:
             await self._loop(stop)
@@ -216,22 +218,11 @@ class SinkWorker:
         assert sink is not None
         positions = await sink.positions()
         self.merger.resume({tp.partition: positions.get(tp.partition) for tp in partitions})
-        for tp in partitions:
-            last = positions.get(tp.partition)
-            if last is None:
-                await self.consumer.seek_to_beginning(tp)
-            else:
-                self.consumer.seek(tp, last + 1)
+        await kafka.seek_after(self.consumer, partitions, positions)
         self.log.info(
             "resuming from applied positions",
             positions={tp.partition: positions.get(tp.partition) for tp in partitions},
         )
-
-    async def _report_lag(self, stop: asyncio.Event) -> None:
-        while not stop.is_set():
-            await asyncio.sleep(LAG_EVERY_S)
-            for partition, behind in (await kafka.lag(self.consumer)).items():
-                obs.LAG.labels(*self.labels, str(partition)).set(behind)
 
 
 class _SeekToApplied(ConsumerRebalanceListener):

@@ -58,6 +58,11 @@ class Merger:
         for partition, last in positions.items():
             self._applied[partition] = NOTHING_APPLIED if last is None else last
 
+    def position(self, partition: int) -> int | None:
+        """The last offset this merger saw applied for the partition (None: it does not know)."""
+        last = self._applied.get(partition)
+        return None if last is None or last == NOTHING_APPLIED else last
+
     def applied(self, batch: MergedBatch) -> None:
         """The batch is in Redis: its ranges are now the positions to expect."""
         for partition, (_, last) in batch.ranges.items():

@@ -30,7 +30,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +40,7 @@ import orjson
 import redis.asyncio as aioredis
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError
+from redis.exceptions import RedisClusterException
 
 from pipeline.client import BrokerUnavailable, PipelineClient
 from pipeline.core.hotkeys import HotKeySplitter, SplitPolicy
@@ -50,6 +51,8 @@ from pipeline.harness.fault_plan import (
     CLUSTER_WEIGHTS,
     DEFAULT_WEIGHTS,
     KILLS,
+    REDIS_CLUSTER_REQUIRED,
+    REDIS_CLUSTER_WEIGHTS,
     REMOVALS,
     SERVER_FAULTS,
     SINK_REQUIRED,
@@ -61,10 +64,10 @@ from pipeline.harness.fault_plan import (
 )
 from pipeline.harness.local_kafka import KafkaCluster, KafkaNode
 from pipeline.harness.local_postgres import LocalPostgres, PostgresEndpoint
-from pipeline.harness.local_servers import Endpoints, LocalServers, free_port
+from pipeline.harness.local_servers import Endpoints, LocalRedisCluster, LocalServers, free_port
 from pipeline.harness.supervisor import WorkerProcess
 from pipeline.harness.zipf import Zipf
-from pipeline.io import incarnation, kafka, postgres_sink, redis_query
+from pipeline.io import incarnation, kafka, postgres_sink, redis_client, redis_query
 from pipeline.io.lag import Tier1Lag
 from pipeline.io.partition_owners import owners_key
 from pipeline.runtime.worker import load_topology
@@ -72,6 +75,8 @@ from pipeline.runtime.worker import load_topology
 LedgerKey = tuple[str, str]  # (channel, key)
 
 BASE_TOPOLOGY = "live_likes"
+# what a read of Redis may meet while a server restarts or a cluster master fails over
+REDIS_DOWN = (aioredis.RedisError, RedisClusterException, OSError)  # ConnectionError, TimeoutError among them
 METRIC = "likes"
 # The local broker snapshots ~0.4 s after a change, and a SIGTERM while writes still arrive can
 # lose the last acknowledged ones (measured: a committed transaction gone after the restart).
@@ -118,6 +123,8 @@ class ChaosConfig:
     retry_share: float = 0.05
     retry_delay_s: float = 5.0
     plan: list[Fault] | None = None  # explicit faults instead of the seeded plan (tests)
+    # "cluster": Redis is a 3-master Redis Cluster (one replica each) and masters are SIGKILLed
+    redis: str = "single"
     # "postgres": a sink tier writes the rollups to PostgreSQL too (killed, PostgreSQL restarted), and
     # every key's total there is checked against the ledger and Redis
     sink: str = ""
@@ -148,6 +155,8 @@ class ChaosReport:
     topology: str
     broker: str  # apache-kafka, embedded, or external
     brokers: int
+    redis: str  # single or cluster
+    redis_masters: int  # masters serving slots at the start (1: one Redis)
     rate_eps: float  # events accepted per second of load, achieved
     events_accepted: int
     events_counted: int
@@ -496,7 +505,12 @@ async def run_chaos(
         weights[FaultKind.RESTART_BROKER] = 0
     if endpoints.redis is None:
         weights[FaultKind.RESTART_REDIS] = 0
+    redis_cluster = endpoints.redis_cluster
+    if redis_cluster is not None:
+        weights.update(REDIS_CLUSTER_WEIGHTS)
     required = dict(CLUSTER_REQUIRED) if cluster else {}
+    if redis_cluster is not None:
+        required.update(REDIS_CLUSTER_REQUIRED)
     if cfg.sink:
         if postgres is None:
             raise ValueError("a chaos run with a sink needs a PostgreSQL")
@@ -530,7 +544,8 @@ async def run_chaos(
     gate.set()
     injected: list[Fault] = []
     skipped: list[Fault] = []
-    redis = aioredis.Redis.from_url(endpoints.redis_url, socket_timeout=5)
+    redis = redis_client.from_url(endpoints.redis_url, socket_timeout=5)
+    masters = len(redis_cluster.master_nodes()) if redis_cluster is not None else 1
     tasks: list[asyncio.Task[None]] = []
     sink_got: dict[LedgerKey, float] = {}
     _say(
@@ -600,6 +615,8 @@ async def run_chaos(
         topology=topology.name,
         broker=endpoints.broker_kind,
         brokers=len(endpoints.kafka_bootstrap.split(",")),
+        redis="cluster" if redis_cluster is not None else "single",
+        redis_masters=masters,
         rate_eps=round(load_accepted / load_s, 1) if load_s > 0 else 0.0,
         events_accepted=sum(ledger.values()),
         events_counted=int(sum(got.values())),
@@ -694,6 +711,11 @@ async def _inject(
         await asyncio.sleep(fault.pause_s)
         await asyncio.to_thread(server.start, 60.0)
         return True
+    if kind is FaultKind.KILL_REDIS_MASTER:
+        if endpoints.redis_cluster is None:
+            return False
+        await _kill_redis_master(endpoints.redis_cluster, fault)
+        return True
     if kind is FaultKind.RESTART_REDIS:
         if endpoints.redis is None:
             return False
@@ -730,6 +752,22 @@ async def _inject(
     raise ValueError(f"unknown fault {kind}")
 
 
+async def _kill_redis_master(cluster: LocalRedisCluster, fault: Fault) -> None:
+    """SIGKILL one master of the Redis Cluster. With replicas, its replica is promoted once the others
+    see it fail (the node timeout, 2 s), and the killed node, restarted after the pause, comes back as
+    the replica of its successor; without, its slots are down until it restarts from its AOF. Whatever
+    an async replica had not received is lost: the root finds its positions behind and applies those
+    partials again from Kafka, as after a Redis restart. The next fault waits for every slot."""
+    masters = await asyncio.to_thread(cluster.master_nodes)
+    victim = masters[fault.target % len(masters)]
+    victim.kill()
+    if cluster.replicas:
+        await asyncio.to_thread(cluster.wait_promoted, 30.0)  # its replica took over its slots
+    await asyncio.sleep(fault.pause_s)
+    await asyncio.to_thread(victim.start)
+    await asyncio.to_thread(cluster.wait_ok, 30.0)
+
+
 async def _tier1_ready(
     redis: aioredis.Redis, topology: Topology, workers: Workers, timeout_s: float = 60.0
 ) -> None:
@@ -738,7 +776,7 @@ async def _tier1_ready(
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         workers.revive()
-        with contextlib.suppress(aioredis.ConnectionError, aioredis.TimeoutError, OSError):
+        with contextlib.suppress(*REDIS_DOWN):
             if await redis.hlen(owners) >= topology.partitions.events:
                 return
         await asyncio.sleep(0.2)
@@ -812,11 +850,10 @@ async def _tier1_transactional_ids(workers: Workers) -> list[str]:
     """The transactional ids the running tier-1 workers commit with (recorded in Redis at start)."""
     group = workers.topology.group("coalesce")
     keys = [incarnation.key(group, w.instance) for w in workers.active("coalesce")]
-    redis = aioredis.Redis.from_url(workers.endpoints.redis_url, socket_timeout=5)
+    redis = redis_client.from_url(workers.endpoints.redis_url, socket_timeout=5)
     try:
-        return [
-            v.decode() if isinstance(v, bytes) else str(v) for v in await redis.mget(keys) if v is not None
-        ]
+        found = [await redis.get(k) for k in keys]  # one GET each: on a cluster they are in different slots
+        return [v.decode() if isinstance(v, bytes) else str(v) for v in found if v is not None]
     finally:
         await redis.aclose()
 
@@ -874,6 +911,8 @@ def _describe(fault: Fault, workers: Workers) -> str:
         return (
             f"{fault.kind}: SIGKILL {workers.killed_for_good[-1]}, never restarted (its partitions fail over)"
         )
+    if fault.kind is FaultKind.KILL_REDIS_MASTER:
+        return f"{fault.kind}: SIGKILL a master of the Redis Cluster, restarted after {fault.pause_s:.2f} s"
     if fault.kind in SERVER_FAULTS:
         return f"{fault.kind}, down {fault.pause_s:.2f} s"
     if fault.kind in ADDS:
@@ -890,7 +929,7 @@ async def _counted(redis: aioredis.Redis, topology: Topology, last: float) -> fl
     """Events counted so far (the last known value while Redis is down)."""
     try:
         return await redis_query.metric_sum(redis, topology, METRIC)
-    except (aioredis.ConnectionError, aioredis.TimeoutError, OSError):
+    except REDIS_DOWN:
         return last
 
 
@@ -910,7 +949,7 @@ async def _drain(
     next_progress = time.monotonic() + PROGRESS_EVERY_S
     while True:
         workers.revive()
-        with contextlib.suppress(aioredis.ConnectionError, aioredis.TimeoutError, OSError):
+        with contextlib.suppress(*REDIS_DOWN):
             got = await redis_query.key_totals(redis, topology, METRIC)
         if got == want or time.monotonic() > deadline:
             return got
@@ -980,6 +1019,8 @@ def main(args: argparse.Namespace) -> int:
     cfg = ChaosConfig.for_cluster(**overrides) if args.brokers > 1 else ChaosConfig(**overrides)
     if args.rate is not None:
         cfg.rate = args.rate / cfg.writers  # --rate is for all writers together
+    if args.redis in ("cluster", "single"):  # `--redis cluster`: a local Redis Cluster, not a URL
+        cfg.redis, args.redis = args.redis, None
     cfg.sink = getattr(args, "sink", None) or ""
     # the writers' producers complain on every broker restart; the progress lines say what happens
     logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
@@ -997,6 +1038,12 @@ def main(args: argparse.Namespace) -> int:
                     args.redis or local.redis_url,
                     None if args.kafka else local.broker,
                     None if args.redis else local.redis,
+                )
+            if cfg.redis == "cluster" and not args.redis:
+                _say("starting a local Redis Cluster: 3 masters, one replica each ...")
+                redis_cluster = stack.enter_context(LocalRedisCluster(workdir / "redis-cluster"))
+                endpoints = replace(
+                    endpoints, redis_url=redis_cluster.url, redis=None, redis_cluster=redis_cluster
                 )
             postgres: PostgresEndpoint | None = None
             if cfg.sink and getattr(args, "postgres", None):
@@ -1025,6 +1072,7 @@ def _print_report(report: ChaosReport, as_json: bool) -> None:
         f"lost              {report.lost:>10,}   duplicated {report.duplicated:,}",
         f"faults injected   {report.faults_injected:>10}   ({kinds})",
         f"broker            {report.broker:>10}   x{report.brokers}, {report.rate_eps:,.0f} events/s",
+        f"redis             {report.redis:>10}   {report.redis_masters} master(s)",
         f"resent events     {report.events_resent:>10,}   after {report.send_failures} failed sends",
         f"client retries    {report.retries_sent:>10,}   (same id, by another writer; "
         f"{report.retries_forced:,} under another split than their original)",

@@ -24,6 +24,9 @@ class FaultKind(StrEnum):
     REMOVE_COALESCE = "remove_coalesce"  # a tier-1 worker stops gracefully for good (a rebalance)
     ADD_MERGE = "add_merge"  # a new root merger joins its group
     REMOVE_MERGE = "remove_merge"  # a root merger stops gracefully for good
+    # SIGKILL a master of a Redis Cluster: its replica is promoted (or, without one, it restarts from its
+    # AOF); restarted after the pause, it comes back as a replica
+    KILL_REDIS_MASTER = "kill_redis_master"
     KILL_SINK = "kill_sink"  # SIGKILL the PostgreSQL sink, restart it with the same --instance
     RESTART_POSTGRES = "restart_postgres"  # stop PostgreSQL (fast shutdown), start it again
 
@@ -49,6 +52,9 @@ CLUSTER_WEIGHTS: Mapping[FaultKind, float] = {
     FaultKind.KILL_FOR_GOOD: 1,
 }
 CLUSTER_REQUIRED: Mapping[FaultKind, int] = {FaultKind.KILL_BROKER: 3, FaultKind.KILL_FOR_GOOD: 2}
+# On a Redis Cluster (`pipeline chaos --redis cluster`): masters die by SIGKILL, at least twice a run
+REDIS_CLUSTER_WEIGHTS: Mapping[FaultKind, float] = {FaultKind.KILL_REDIS_MASTER: 2}
+REDIS_CLUSTER_REQUIRED: Mapping[FaultKind, int] = {FaultKind.KILL_REDIS_MASTER: 2}
 # With the PostgreSQL sink (`pipeline chaos --sink postgres`): its own kills and PostgreSQL restarts,
 # at least 3 and 1 of them in every run
 SINK_WEIGHTS: Mapping[FaultKind, float] = {FaultKind.KILL_SINK: 3, FaultKind.RESTART_POSTGRES: 1}

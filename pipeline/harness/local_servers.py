@@ -222,8 +222,9 @@ class LocalRedisCluster:
 
     @property
     def url(self) -> str:
-        """`redis+cluster://` and one node: the pipeline's clients find the others."""
-        return f"redis+cluster://127.0.0.1:{self.nodes[0].port}"
+        """`redis+cluster://` and every node: a client starts from the first that answers (one that
+        started while a node was down still finds the cluster)."""
+        return "redis+cluster://" + ",".join(f"127.0.0.1:{n.port}" for n in self.nodes)
 
     def start(self, timeout: float = 60.0) -> LocalRedisCluster:
         for node in self.nodes:
@@ -348,6 +349,15 @@ class LocalRedisCluster:
         roles = self._roles()
         return [n for n in self.nodes if n.running and roles.get(n.port, ("", False)) == ("master", True)]
 
+    def wait_promoted(self, timeout: float = 30.0) -> None:
+        """Until every slot range has a running master again: after a master was killed, until the
+        others saw it fail (the node timeout) and promoted its replica."""
+        deadline = time.monotonic() + timeout
+        while len(self.master_nodes()) < self.masters:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"no replica of the Redis Cluster under {self.root} took over in time")
+            time.sleep(0.1)
+
     def wait_ok(self, timeout: float = 30.0) -> None:
         """Until every slot is served again (after a master was killed, or restarted)."""
         self._wait_ok(time.monotonic() + timeout)
@@ -402,6 +412,7 @@ class Endpoints:
     redis_url: str
     broker: BrokerHandle | None = None
     redis: RedisServer | None = None
+    redis_cluster: LocalRedisCluster | None = None  # a local Redis Cluster we started (redis_url is its)
 
     @property
     def broker_kind(self) -> str:

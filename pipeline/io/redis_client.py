@@ -12,7 +12,7 @@ from typing import Any, cast
 from urllib.parse import urlsplit, urlunsplit
 
 import redis.asyncio as aioredis
-from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.cluster import ClusterNode, RedisCluster
 
 from pipeline.runtime.settings import Settings
 
@@ -34,14 +34,14 @@ CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
 
 
 def is_cluster(url: str) -> bool:
-    """Whether the URL names a Redis Cluster (`redis+cluster://host:port`, `rediss+cluster://...`)."""
+    """Whether the URL names a Redis Cluster: `redis+cluster://host:port` (`rediss+cluster://` with
+    TLS), or several nodes, `redis+cluster://host:port,host:port,...`, any of which may be down."""
     return urlsplit(url).scheme in CLUSTER_SCHEMES
 
 
 def cluster_url(nodes: list[tuple[str, int]]) -> str:
-    """The URL of a cluster, by its first node (the client discovers the others)."""
-    host, port = nodes[0]
-    return f"redis+cluster://{host}:{port}"
+    """The URL of a cluster by its nodes (the client starts from the first that answers)."""
+    return "redis+cluster://" + ",".join(f"{host}:{port}" for host, port in nodes)
 
 
 def from_url(url: str, **kwargs: Any) -> aioredis.Redis:
@@ -54,9 +54,13 @@ def from_url(url: str, **kwargs: Any) -> aioredis.Redis:
     if plain is None:
         return aioredis.Redis.from_url(url, **kwargs)
     # a cluster has database 0 only: drop a path, and the options a single server takes alone
-    node_url = urlunsplit(parts._replace(scheme=plain, path="", query=""))
+    userinfo, at, hosts = parts.netloc.rpartition("@")
+    first, *others = hosts.split(",")  # several nodes: the client starts from any that answers
+    node_url = urlunsplit(parts._replace(scheme=plain, netloc=userinfo + at + first, path="", query=""))
     for single_only in ("db", "single_connection_client", "connection_pool"):
         kwargs.pop(single_only, None)
+    if others:
+        kwargs["startup_nodes"] = [ClusterNode(h.rsplit(":", 1)[0], int(h.rsplit(":", 1)[1])) for h in others]
     return cast(aioredis.Redis, RedisCluster.from_url(node_url, **kwargs))
 
 

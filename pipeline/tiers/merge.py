@@ -37,6 +37,7 @@ from pipeline.tiers.comment_feed import CommentFeed
 LAG_EVERY_S = 2.0
 PROGRESS_EVERY_S = 10.0
 BLOCKED_RETRY_S = 2.0  # how often a refused batch is tried again, and a quarantine looked up
+VERIFY_EVERY_S = 2.0  # how often the applied positions are compared with what Redis holds
 
 Records = dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]]
 
@@ -116,12 +117,16 @@ class MergeWorker:
     async def _loop(self, stop: asyncio.Event) -> None:
         next_progress = time.monotonic() + PROGRESS_EVERY_S
         next_lookup = 0.0
+        next_verify = time.monotonic() + VERIFY_EVERY_S
         poller = kafka.Poller(self.consumer, 2_000, self.settings.idle_backoff_ms / 1000, held=self.held)
         while not stop.is_set():
             batch = await poller.poll()
             if batch:
                 await self._apply(batch)
             now = time.monotonic()
+            if now >= next_verify:
+                next_verify = now + VERIFY_EVERY_S
+                await self._verify_positions()
             if self.blocked:
                 await self._retry_due(now)
             if self.quarantined and now >= next_lookup:
@@ -135,6 +140,26 @@ class MergeWorker:
                     cells_in=self.cells_in,
                     redis_commands=self.commands,
                 )
+
+    async def _verify_positions(self) -> None:
+        """Redis may lose applied batches without a later apply to notice it: a promoted replica of a
+        Redis Cluster that had not received them, or a master that restarts, accepts writes and then
+        learns it was replaced. A partition whose position in Redis is behind what this root applied is
+        sought back and applied again from Kafka (as a refused range would be)."""
+        held = await self.sink.positions()
+        behind = []
+        for tp in self.consumer.assignment():
+            mine = self.merger.position(tp.partition)
+            if tp not in self.held and mine is not None and held.get(tp.partition, -1) < mine:
+                behind.append(tp)
+        if behind:
+            obs.STALE_APPLIES.labels(*self.labels).inc(len(behind))
+            self.log.warning(
+                "Redis lost applied batches; re-applying them from Kafka",
+                redis_positions={tp.partition: held.get(tp.partition) for tp in behind},
+                applied={tp.partition: self.merger.position(tp.partition) for tp in behind},
+            )
+            await self.seek_to_applied(behind)
 
     async def _apply(self, batch: Records) -> None:
         # one apply per partials (root) partition: its keys share one hash tag, so that on Redis Cluster

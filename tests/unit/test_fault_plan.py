@@ -13,6 +13,8 @@ from pipeline.harness.fault_plan import (
     CLUSTER_REQUIRED,
     CLUSTER_WEIGHTS,
     DEFAULT_WEIGHTS,
+    REDIS_CLUSTER_REQUIRED,
+    REDIS_CLUSTER_WEIGHTS,
     SINK_REQUIRED,
     SINK_WEIGHTS,
     FaultKind,
@@ -141,3 +143,15 @@ def test_a_sink_run_plans_its_kills_and_postgres_restarts() -> None:
     plan = plan_faults(1, 20, 60.0)
     assert breakdown(plan)["kill_sink"] == breakdown(plan)["restart_postgres"] == 0
     assert plan == plan_faults(1, 20, 60.0, weights=DEFAULT_WEIGHTS)
+
+
+def test_a_redis_cluster_run_kills_masters_at_least_twice() -> None:
+    """`pipeline chaos --redis cluster`: kill_redis_master in every plan, 2 or more of 20 faults; no
+    restart_redis (the single server is not there)."""
+    weights = {**DEFAULT_WEIGHTS, FaultKind.RESTART_REDIS: 0, **REDIS_CLUSTER_WEIGHTS}
+    for seed in range(1, 8):
+        plan = plan_faults(seed, 20, 60.0, weights=weights, required=REDIS_CLUSTER_REQUIRED)
+        kinds = breakdown(plan)
+        assert kinds["kill_redis_master"] >= 2 and kinds["restart_redis"] == 0, kinds
+        assert all(f.pause_s > 0 for f in plan if f.kind is FaultKind.KILL_REDIS_MASTER)
+    assert breakdown(plan_faults(1, 20, 60.0))["kill_redis_master"] == 0

@@ -122,6 +122,10 @@ def test_each_batch_names_the_position_it_expects_redis_to_hold() -> None:
     m.resume({0: 30})
     m.add(0, 31, one)
     assert m.take().expected == {0: 30}
+    # what the root compares with Redis while idle: None where it knows nothing applied
+    assert (m.position(0), m.position(1), m.position(7)) == (30, 3, None)
+    m.resume({1: None})
+    assert m.position(1) is None
 
 
 def test_add_partial_does_not_touch_ranges_or_mutate_inputs() -> None:

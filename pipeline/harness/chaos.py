@@ -766,6 +766,9 @@ async def _kill_redis_master(cluster: LocalRedisCluster, fault: Fault) -> None:
     await asyncio.sleep(fault.pause_s)
     await asyncio.to_thread(victim.start)
     await asyncio.to_thread(cluster.wait_ok, 30.0)
+    # the next fault only once every replica caught up (a replica promoted mid-resync would serve an
+    # old copy of its slots: one failure at a time, as the cluster's fail-over assumes)
+    await asyncio.to_thread(cluster.wait_synced, 60.0)
 
 
 async def _tier1_ready(

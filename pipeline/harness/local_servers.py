@@ -358,6 +358,33 @@ class LocalRedisCluster:
                 raise RuntimeError(f"no replica of the Redis Cluster under {self.root} took over in time")
             time.sleep(0.1)
 
+    def wait_synced(self, timeout: float = 60.0) -> None:
+        """Until every running replica is linked to its master and done with any full resync: a replica
+        promoted before that would serve an old copy of its slots (a killed master restarts from its own
+        AOF and must first catch up with the replica that replaced it)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            behind = 0
+            for node in self.nodes:
+                if not node.running:
+                    continue
+                c = self._client(node)
+                try:
+                    info = c.info("replication")
+                    if info.get("role") == "slave" and (
+                        info.get("master_link_status") != "up" or int(info.get("master_sync_in_progress", 0))
+                    ):
+                        behind += 1
+                except Exception:
+                    behind += 1
+                finally:
+                    c.close()
+            if not behind:
+                return
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"replicas of the Redis Cluster under {self.root} did not catch up")
+            time.sleep(0.2)
+
     def wait_ok(self, timeout: float = 30.0) -> None:
         """Until every slot is served again (after a master was killed, or restarted)."""
         self._wait_ok(time.monotonic() + timeout)

@@ -18,9 +18,13 @@ from pipeline.core import coalescer, dedup
 TIER1_EVENTS_PER_WORKER = 75_000.0
 MERGE_CELLS_PER_WORKER = 50_000.0
 # Draining a backlog on the 2-core reference machine, tier 1 + root + broker + Redis together
-# (`pipeline bench cardinality`, docs/BENCHMARKS.md): a cost per event and one per cell.
-DRAIN_US_PER_EVENT = 4.5
-DRAIN_US_PER_CELL = 24.5
+# (`pipeline bench cardinality`, docs/BENCHMARKS.md): a cost per event and one per cell, fitted to
+# the run of 2026-11-30 17:30 (one apply per partials partition, counts added in the script).
+DRAIN_US_PER_EVENT = 3.4
+DRAIN_US_PER_CELL = 16.9
+# At high cardinality the root falls behind and each apply takes the windows that arrived during
+# the last one: measured, an apply then carries the cells of about this many events
+ROOT_LAG_EVENTS = 33_000.0
 
 
 
@@ -150,13 +154,15 @@ def drain(
     so their costs add up: DRAIN_US_PER_EVENT for each event (fetching, parsing, folding it) and
     DRAIN_US_PER_CELL for each cell (a partial's entry, the root's merge and apply, Redis's
     command). A window holds what arrives in the flush interval (at most `max_cells` cells); the
-    root applies each window on its own when it keeps up.
+    root applies each window on its own when it keeps up, and the windows of about ROOT_LAG_EVENTS
+    events together when it does not (at one or two events per key).
     """
     per_event_us = DRAIN_US_PER_EVENT + DRAIN_US_PER_CELL / per_key
     eps = 1e6 / per_event_us
     cells = float(keys)  # a key's events are together: one cell each (rarely two, cut by a window)
     # a window's cells go to the root partitions by key, each applied on its own (one hash tag)
-    cells_per_apply = min(float(max_cells), eps * flush_interval_s / per_key, cells) / partials_partitions
+    arrived = max(eps * flush_interval_s, ROOT_LAG_EVENTS) / per_key
+    cells_per_apply = min(float(max_cells), arrived, cells) / partials_partitions
     applies = cells / cells_per_apply
     commands = applies * apply_commands(cells_per_apply, channels, 1, leaderboard)
     return Drain(eps, cells, applies, commands / cells)

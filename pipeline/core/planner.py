@@ -22,9 +22,11 @@ MERGE_CELLS_PER_WORKER = 50_000.0
 # the run of 2026-11-30 17:30 (one apply per partials partition, counts added in the script).
 DRAIN_US_PER_EVENT = 3.4
 DRAIN_US_PER_CELL = 16.9
-# At high cardinality the root falls behind and each apply takes the windows that arrived during
-# the last one: measured, an apply then carries the cells of about this many events
-ROOT_LAG_EVENTS = 33_000.0
+# The root's wall time per cell on those shared cores; when cells arrive faster than that, it falls
+# behind and drains the backlog in a few rounds, each apply taking what arrived during the last
+# (measured: about four rounds at one and two events per key)
+ROOT_US_PER_CELL = 25.0
+ROOT_CATCH_UP_ROUNDS = 4.0
 
 
 
@@ -154,14 +156,16 @@ def drain(
     so their costs add up: DRAIN_US_PER_EVENT for each event (fetching, parsing, folding it) and
     DRAIN_US_PER_CELL for each cell (a partial's entry, the root's merge and apply, Redis's
     command). A window holds what arrives in the flush interval (at most `max_cells` cells); the
-    root applies each window on its own when it keeps up, and the windows of about ROOT_LAG_EVENTS
-    events together when it does not (at one or two events per key).
+    root applies each window on its own when it keeps up, and when cells arrive faster than
+    ROOT_US_PER_CELL lets it apply them, it drains them in about ROOT_CATCH_UP_ROUNDS rounds.
     """
     per_event_us = DRAIN_US_PER_EVENT + DRAIN_US_PER_CELL / per_key
     eps = 1e6 / per_event_us
     cells = float(keys)  # a key's events are together: one cell each (rarely two, cut by a window)
     # a window's cells go to the root partitions by key, each applied on its own (one hash tag)
-    arrived = max(eps * flush_interval_s, ROOT_LAG_EVENTS) / per_key
+    arrived = eps * flush_interval_s / per_key  # a window's cells
+    if eps / per_key * ROOT_US_PER_CELL > 1e6:  # the root cannot keep up
+        arrived = max(arrived, cells / ROOT_CATCH_UP_ROUNDS)
     cells_per_apply = min(float(max_cells), arrived, cells) / partials_partitions
     applies = cells / cells_per_apply
     commands = applies * apply_commands(cells_per_apply, channels, 1, leaderboard)

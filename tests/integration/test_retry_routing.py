@@ -211,8 +211,9 @@ async def test_two_writers_route_a_retry_alike_though_only_one_sees_the_key_hot(
                 "both follow the split",
             )
             hot = await b.send_many([like(f"hot-{i}") for i in range(24)])
-            # b itself sees the key cold, and follows the writers' sums
-            assert all(rate < POLICY.threshold_eps / 2 for _, rate in cold_writer.top_rates())
+            # b alone sees the key under the threshold (24 events in a 0.2 s interval at most: 120/s),
+            # and follows the writers' sums
+            assert all(rate < POLICY.threshold_eps for _, rate in cold_writer.top_rates())
             assert cold_writer.k(KEY) > 1
             assert len({r.sub for r in hot}) > 1
             # a resends b's events with b's ts, no sub: where b put them

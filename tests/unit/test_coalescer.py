@@ -951,3 +951,124 @@ def test_lateness_does_not_depend_on_batch_boundaries(earlier: Rec, later: Rec) 
     record_by_record = _bucketed([[earlier], [later]], ORDER)
     assert record_by_record[1] == 0  # in offset order the earlier event is on time ...
     assert one_batch == record_by_record  # ... whatever the batching
+
+
+# --------------------------------------------------------------------------- the batch decoder
+
+_good_shapes = st.builds(
+    lambda etype, key, channel, eid, ts, sub: orjson.dumps(
+        {
+            "type": etype,
+            "key": key,
+            **({} if channel is OMIT else {"channel": channel}),
+            **({} if eid is OMIT else {"id": eid}),
+            **({} if ts is OMIT else {"ts": ts}),
+            **({} if sub is OMIT else {"sub": sub}),
+        }
+    ),
+    st.sampled_from(["a", "c"]),
+    st.sampled_from(["k1", "k2", "ü"]),
+    st.sampled_from(["", "v1", OMIT]),
+    st.sampled_from(["i1", "i2", "i3", "x" * 128, None, OMIT]),
+    st.sampled_from([5, 70_000, 2**53 - 1, None, OMIT]),
+    st.sampled_from([0, 3, 1023, OMIT]),
+)
+_odd_values = st.sampled_from(
+    [
+        None,
+        b"",
+        b" ",
+        b"[]",
+        b"not json",
+        b'{"type": "a",\n "key": "k1"}',  # valid, but a line of its own would not be one event
+        b'{"type":"a","key":"k1"}{"type":"a","key":"k2"}',
+        b'{"type":"a","key":"k1"},{"type":"a","key":"k2"}',
+        b'{"type":"a","key":"k1"',
+        b'"channel":"v"}',
+        b'{"type":"a","key":"k1","channel":null}',
+        b'{"type":"a","key":"k1","sub":null}',
+        b'{"type":"a","key":"k1","id":""}',
+        b'{"type":"a","key":"k1","ts":1.0}',
+        b'{"type":"a","key":"k1","ts":true}',
+        b'{"type":"a","key":"k1","ts":-1}',
+        b'{"type":"a","key":"k1","sub":1024}',
+        b'{"type":"b","key":"k1","channel":"v1"}',
+        b'{"type":"a","key":"k1","value":2}',
+        b'{"type":"a","key":"k1","key":"k2"}',
+        b'{"type":"a","key":"\\ud800"}',
+        b'{"type":"a","key":"\xff"}',
+        b'{"type":"a","key":"k1"}' + b" " * MAX_EVENT_BYTES,
+    ]
+)
+MIXED = topology(
+    "mixed",
+    [count("n", "a"), count("m", "a", leaderboard=3), count("nb", "b", total(), every(60, 600, grace_s=30))],
+    {"a": 0, "b": 0, "c": 0},
+)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    data=st.data(),
+    topo=st.sampled_from([PLAIN, MIXED]),
+    values=st.lists(st.one_of(_good_shapes, _good_shapes, _good_shapes, _odd_values), max_size=60),
+)
+def test_the_batch_decoder_decides_like_the_per_event_path(
+    data: st.DataObject, topo: Any, values: list[Any]
+) -> None:
+    """A batch read by the typed decoder (the writers' shapes only) ends in the same state as the same batch
+    read event by event: the same cells, counters, dead letters, watermark and dedup changelog, across
+    windows; a batch with anything else in it falls back without a trace."""
+    batched, single = Coalescer(topo, 2, now=0.0), Coalescer(topo, 2, now=0.0)
+    single._decoder = None  # the per-event path only
+    cuts = sorted(data.draw(st.sets(st.integers(0, len(values)))) | {0, len(values)})
+    flush_after = data.draw(st.sets(st.integers(0, len(cuts))))
+    for n, (lo, hi) in enumerate(itertools.pairwise(cuts)):
+        records = [Rec(i, values[i], 1000 * i) for i in range(lo, hi)]
+        batched._fast_skip = 0  # try the batch decoder on every batch
+        dead = batched.add_batch(0, records)
+        assert [vars_of(d) for d in dead] == [vars_of(d) for d in single.add_batch(0, records)]
+        event("typed decoder" if records and batched._fast_misses == 0 else "event by event")
+        assert batched.size == single.size
+        if batched._tracks_time:  # (without buckets no event is ever late: the watermark is not kept up)
+            assert batched._watermark == single._watermark
+        if n in flush_after:
+            a, b = batched.flush(float(n)), single.flush(float(n))
+            assert flushed(a) == flushed(b)
+            batched.committed(a)
+            single.committed(b)
+    assert flushed(batched.flush(99.0)) == flushed(single.flush(99.0))
+
+
+def test_the_batch_decoder_is_used_for_the_writers_events() -> None:
+    c = Coalescer(PLAIN, 1, now=0.0)
+    records = [Rec(i, ev("a", key=f"k{i % 3}", channel="v", id=f"e{i % 7}"), i) for i in range(20)]
+    assert c.add_batch(0, records) == []
+    assert (c._fast_misses, c._fast_skip) == (0, 0)  # read by the typed decoder
+    f = c.flush(1.0)
+    assert (f.events, f.duplicates) == (7, 13)
+    c.add_batch(0, [Rec(20, b"not json")])
+    assert c._fast_skip == 2  # the next two batches go event by event
+
+
+def vars_of(d: DeadLetter) -> tuple[Any, ...]:
+    return (d.partition, d.offset, d.raw, d.reason, d.field)
+
+
+def flushed(f: Flush) -> tuple[Any, ...]:
+    return (
+        f.window,
+        sorted(
+            (
+                *(p.source_partition, p.root_partition, sorted(p.cells.items(), key=repr), p.events),
+                *(p.late_dropped, p.dead, p.duplicates, p.first_offset, p.last_offset),
+            )
+            for p in f.partials
+        ),
+        f.next_offsets,
+        f.events,
+        f.cells,
+        f.duplicates,
+        f.feed,
+        f.changelog,
+    )

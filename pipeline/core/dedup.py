@@ -3,17 +3,19 @@
 Tier 1 asks, for every event that carries an id, whether the partition already
 counted that id within the horizon. The answer costs no remote call:
 
-- **Pending ids** (the open window's) sit in a set of the ids themselves
-  (the strings the events already hold: no new object per id), and as hash
-  columns per fetched batch. They become committed when the window's
-  transaction commits (`commit`), and vanish when it aborts (`abort`):
-  exactly like the window's counts.
+- **Pending ids** (the open window's) are kept like the committed ones: a
+  batch's ids are hashed, sorted (which also finds the batch's own repeats)
+  and kept as a segment, merged size-tiered with the window's others, and set
+  in the Bloom filter at once. They become committed when the window's
+  transaction commits (`commit`: the segments move to their buckets) and
+  vanish when it aborts (`abort`: the filter is rebuilt without them):
+  exactly like the window's counts. No object per id outlives its batch.
 - **Committed ids** are kept per time bucket (`horizon / BUCKETS` wide) as
   sorted arrays of 96-bit hashes: a `uint64` and a `uint32` column, 12 bytes
-  per id. A blocked Bloom filter over all of them (16 to 32 bits per id, up
-  to 5 bits in one 64-bit word: 0.1 to 0.4 % false positives) answers most
-  lookups with one vectorised gather; only its positives are searched in the
-  sorted arrays.
+  per id. A blocked Bloom filter over all of them and the pending ones (16 to
+  32 bits per id, up to 5 bits in one 64-bit word: 0.1 to 0.4 % false
+  positives) answers most lookups with one vectorised gather; only its
+  positives are searched, vectorised, in the sorted arrays.
 - **Expiry by record time.** A batch's ids go to the bucket of the batch's
   newest record time (when the broker received them), and a bucket is dropped
   once the partition's watermark (the newest record time it saw) is a whole
@@ -35,7 +37,7 @@ Sans-I/O: no Kafka, no Redis; numpy and xxhash only.
 from __future__ import annotations
 
 import struct
-from collections.abc import Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Literal
 
@@ -154,16 +156,21 @@ class PartitionIds:
         self.bucket_ms = max(1, -(-horizon_ms // BUCKETS))
         self.watermark_ms = 0
         self.next_offset = -1  # offset after the last committed window (-1: unknown, rebuild to use)
-        self.pending: set[str] = set()  # the open window's ids
-        # the same ids as columns, per batch: (bucket start, hi, lo)
-        self._pending_columns: list[tuple[int, np.ndarray, np.ndarray]] = []
+        # the open window's ids: sorted segments per bucket start, merged like the committed ones
+        self._open: list[tuple[int, _Segment]] = []
+        self._pending = 0
         self._buckets: dict[int, list[_Segment]] = {}
         self._committed = 0
-        self._bloom = _Bloom(0)
+        self._bloom = _Bloom(0)  # over the committed and the open window's ids
 
     @property
     def committed(self) -> int:
         return self._committed
+
+    @property
+    def pending(self) -> int:
+        """The open window's ids (counted once its transaction commits)."""
+        return self._pending
 
     @property
     def memory_bytes(self) -> int:
@@ -181,55 +188,89 @@ class PartitionIds:
         """
         if now_ms > self.watermark_ms:
             self.watermark_ms = now_ms
-        pending = self.pending
-        before = len(pending)
-        repeats: list[int] = []
-        if pending.isdisjoint(ids):
-            pending.update(ids)  # the common case: all new to the window, and to each other
-            if len(pending) - before == len(ids):
-                fresh = ids
-                where: Sequence[int] = range(len(ids))
-            else:  # a repeat inside the batch: take the batch back out and go one by one
-                pending.difference_update(ids)
-        if len(pending) == before:
-            fresh, where = [], []
-            for i, d in enumerate(ids):
-                if d in pending:
-                    repeats.append(i)
-                else:
-                    pending.add(d)
-                    fresh.append(d)
-                    where.append(i)
-        if not fresh:
-            return repeats
-        hi, lo = _columns(b"".join(map(digest, map(str.encode, fresh))))
-        if self._committed:
-            hits = np.flatnonzero(self._bloom.may_hold(hi)).tolist()
-            held = [j for j in hits if self._holds(int(hi[j]), int(lo[j]))]
-            if held:
-                for j in held:
-                    repeats.append(where[j])
-                    pending.discard(fresh[j])
-                repeats.sort()
-                keep = np.ones(len(hi), dtype=bool)
-                keep[held] = False
-                hi, lo = hi[keep], lo[keep]
-        self._pending_columns.append((now_ms - now_ms % self.bucket_ms, hi, lo))
+        if not ids:
+            return []
+        hi, lo = _columns(b"".join(map(digest, map(str.encode, ids))))
+        order = np.argsort(hi)
+        hi, lo = hi[order], lo[order]
+        repeat = np.zeros(len(hi), dtype=bool)  # in hash order
+        same = np.flatnonzero(hi[1:] == hi[:-1])
+        if len(same):  # equal hashes within the batch: the first of each id, in offset order, is new
+            for run in np.split(same, np.flatnonzero(np.diff(same) != 1) + 1):
+                first_of: dict[int, int] = {}
+                for j in range(int(run[0]), int(run[-1]) + 2):
+                    key, at = int(lo[j]), int(order[j])
+                    if key in first_of:
+                        earlier = first_of[key]
+                        if at < int(order[earlier]):
+                            repeat[earlier], first_of[key] = True, j
+                        else:
+                            repeat[j] = True
+                    else:
+                        first_of[key] = j
+        if self._committed or self._pending:
+            maybe = self._bloom.may_hold(hi)
+            maybe &= ~repeat
+            candidates = np.flatnonzero(maybe)
+            if len(candidates):
+                repeat[candidates[self._holds(hi[candidates], lo[candidates])]] = True
+        if repeat.any():
+            repeats = np.sort(order[repeat]).tolist()
+            keep = ~repeat
+            hi, lo = hi[keep], lo[keep]
+        else:
+            repeats = []
+        if len(hi):
+            self._pending += len(hi)
+            if self._committed + self._pending > self._bloom.capacity:
+                self._open.append((now_ms - now_ms % self.bucket_ms, _Segment(hi, lo)))
+                self._rebuild_bloom()
+            else:
+                self._bloom.add(hi)
+                self._open.append((now_ms - now_ms % self.bucket_ms, _Segment(hi, lo)))
+            self._settle_open()
         return repeats
 
-    def _holds(self, hi: int, lo: int) -> bool:
-        return any(seg.holds(hi, lo) for segs in self._buckets.values() for seg in segs)
+    def _settle_open(self) -> None:
+        """Merge the newest open segment into its elder of the same bucket while it is as large."""
+        segs = self._open
+        while len(segs) > 1 and segs[-1][0] == segs[-2][0] and len(segs[-1][1]) >= len(segs[-2][1]):
+            start, b = segs.pop()
+            segs[-1] = (start, _merge(segs[-1][1], b))
+
+    def _segments(self) -> Iterator[_Segment]:
+        for segs in self._buckets.values():
+            yield from segs
+        for _, seg in self._open:
+            yield seg
+
+    def _holds(self, hi: np.ndarray, lo: np.ndarray) -> np.ndarray:
+        """Which of these ids (hashes) are committed or pending: a mask."""
+        found = np.zeros(len(hi), dtype=bool)
+        for seg in self._segments():
+            h = seg.hi
+            at = np.searchsorted(h, hi)
+            inside = at < len(h)
+            at = np.where(inside, at, 0)
+            same_hi = inside & (h[at] == hi)
+            if not same_hi.any():
+                continue
+            found |= same_hi & (seg.lo[at] == lo)
+            # two ids of one segment with the same 64 high bits: look past the first (all but never)
+            for j in np.flatnonzero(same_hi & ~found).tolist():
+                found[j] = seg.holds(int(hi[j]), int(lo[j]))
+        return found
 
     def changelog(self, max_bytes: int = 1 << 20) -> list[bytes]:
         """The pending ids as changelog records of at most `max_bytes` each (none when there are none)."""
         records: list[bytes] = []
-        if not self.pending:
+        if not self._pending:
             return records
         room = max(1, (max_bytes - len(CHANGELOG_MAGIC) - _BUCKET_HEAD.size) // BYTES_PER_ID)
         out, size = [CHANGELOG_MAGIC], len(CHANGELOG_MAGIC)
-        for start, hi, lo in self._pending_by_bucket():
-            for at in range(0, len(hi), room):
-                h, low = hi[at : at + room], lo[at : at + room]
+        for start, seg in self._open:
+            for at in range(0, len(seg), room):
+                h, low = seg.hi[at : at + room], seg.lo[at : at + room]
                 part = _BUCKET_HEAD.size + BYTES_PER_ID * len(h)
                 if size + part > max_bytes and size > len(CHANGELOG_MAGIC):
                     records.append(b"".join(out))
@@ -243,35 +284,21 @@ class PartitionIds:
         records.append(b"".join(out))
         return records
 
-    def _pending_by_bucket(self) -> list[tuple[int, np.ndarray, np.ndarray]]:
-        """The pending columns merged per bucket (a window's batches mostly share one)."""
-        parts = self._pending_columns
-        starts = sorted({start for start, _, _ in parts})
-        if len(parts) > 1:
-            parts = [
-                (
-                    start,
-                    np.concatenate([h for s, h, _ in parts if s == start]),
-                    np.concatenate([low for s, _, low in parts if s == start]),
-                )
-                for start in starts
-            ]
-            self._pending_columns = parts
-        return [p for p in parts if len(p[1])]
-
     def commit(self, next_offset: int) -> None:
         """The window's transaction committed (resuming at `next_offset`): its ids are counted for good."""
         self.next_offset = next_offset
-        if self.pending:
-            for start, hi, lo in self._pending_by_bucket():
-                self._add(start, hi, lo)
-        self.abort()
+        opened, self._open = self._open, []
+        self._pending = 0
+        for start, seg in opened:
+            self._add(start, seg, in_bloom=True)
         self._expire()
 
     def abort(self) -> None:
         """The window's transaction aborted: its events will be read, and their ids seen, again."""
-        self.pending = set()
-        self._pending_columns = []
+        if self._open:
+            self._open = []
+            self._pending = 0
+            self._rebuild_bloom()  # without the open window's ids
 
     def load(self, record: bytes) -> int:
         """Take back a changelog record of a committed window; returns the ids it held."""
@@ -285,27 +312,28 @@ class PartitionIds:
             at += 8 * n
             lo = np.frombuffer(record, dtype=">u4", count=n, offset=at).astype(np.uint32)
             at += 4 * n
-            self._add(start, hi, lo)
+            if n:
+                self._add(start, _segment(hi, lo), in_bloom=False)
             self.watermark_ms = max(self.watermark_ms, start)
             ids += n
         self._expire()
         return ids
 
-    def _add(self, start: int, hi: np.ndarray, lo: np.ndarray) -> None:
-        if not len(hi):
-            return
+    def _add(self, start: int, seg: _Segment, *, in_bloom: bool) -> None:
         segs = self._buckets.setdefault(start, [])
-        segs.append(_segment(hi, lo))
+        segs.append(seg)
         # size-tiered, like a binary counter: merge while the newest is at least as large as its elder,
         # so a bucket holds O(log n) segments and each id is merged O(log n) times
         while len(segs) > 1 and len(segs[-1]) >= len(segs[-2]):
             b = segs.pop()
             segs[-1] = _merge(segs[-1], b)
-        self._committed += len(hi)
-        if self._committed > self._bloom.capacity:
+        self._committed += len(seg)
+        if in_bloom:
+            return
+        if self._committed + self._pending > self._bloom.capacity:
             self._rebuild_bloom()
         else:
-            self._bloom.add(hi)
+            self._bloom.add(seg.hi)
 
     def _expire(self) -> None:
         horizon_start = self.watermark_ms - self.horizon_ms
@@ -317,7 +345,6 @@ class PartitionIds:
         self._rebuild_bloom()
 
     def _rebuild_bloom(self) -> None:
-        self._bloom = _Bloom(self._committed)
-        for segs in self._buckets.values():
-            for seg in segs:
-                self._bloom.add(seg.hi)
+        self._bloom = _Bloom(self._committed + self._pending)
+        for seg in self._segments():
+            self._bloom.add(seg.hi)

@@ -21,7 +21,7 @@ def test_pending_ids_become_committed_only_when_the_window_commits() -> None:
     p.abort()
     assert p.seen(ids("a"), 1) == []
     p.commit(next_offset=7)
-    assert (p.committed, p.next_offset, p.pending) == (1, 7, set())
+    assert (p.committed, p.next_offset, p.pending) == (1, 7, 0)
     assert p.seen(ids("a", "c"), 2) == [0]
 
 
@@ -107,3 +107,41 @@ def test_memory_per_id_is_the_stated_bound() -> None:
     # the Bloom filter rounds up to a power of two: at most twice its share
     assert p.memory_bytes / n <= BYTES_PER_ID + 2 * (bytes_per_id() - BYTES_PER_ID) + 0.5
     assert bytes_per_id() <= 16
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    windows=st.lists(
+        st.tuples(st.lists(st.lists(st.integers(0, 40), max_size=12), max_size=3), st.booleans()),
+        max_size=8,
+    )
+)
+def test_ids_whose_hashes_share_their_high_bits_are_still_told_apart(
+    windows: list[tuple[list[list[int]], bool]],
+) -> None:
+    """Lookups sort and search by the hash's high 64 bits: ids equal there (here all of them, with a
+    hash made so) must still be told apart by the rest, within a batch and across segments."""
+    import xxhash
+
+    from pipeline.core import dedup
+
+    real = dedup.digest
+    dedup.digest = lambda b: bytes(8) + xxhash.xxh3_64_digest(b)
+    try:
+        p = PartitionIds(HORIZON_MS)
+        committed: set[int] = set()
+        for batches, commits in windows:
+            pending: set[int] = set()
+            for names in batches:
+                before = committed | pending
+                expected = [i for i, n in enumerate(names) if n in before or n in names[:i]]
+                pending.update(names)
+                assert p.seen(ids(*map(str, names)), 5) == expected
+            if commits:
+                p.commit(0)
+                committed |= pending
+            else:
+                p.abort()
+            assert p.committed == len(committed)
+    finally:
+        dedup.digest = real

@@ -347,8 +347,6 @@ def transactional_producer(bootstrap: KafkaTarget, transactional_id: str) -> AIO
         transaction_timeout_ms=30_000,
         enable_idempotence=True,
         acks="all",
-        # not 0: without a linger the first records of a transaction race its AddPartitionsToTxn,
-        # and Apache Kafka 4 answers them NOT_ENOUGH_REPLICAS (retried after 100 ms; measured)
         linger_ms=5,
         max_batch_size=512 * 1024,
         max_request_size=8 * 1024 * 1024,

@@ -180,9 +180,10 @@ class CoalesceWorker:
                 # aiokafka commits a transaction even if a record in it failed (e.g.
                 # OutOfOrderSequenceNumber after a broker restart): wait for every delivery
                 # so that a failure aborts the window instead of committing its offsets alone.
-                # The offsets join the transaction meanwhile (one round trip less): they only
-                # count if it commits.
-                await asyncio.gather(*sent, self.producer.send_offsets_to_transaction(offsets, self.group))
+                # (Not meanwhile: adding the offsets while the records are in flight made Apache
+                # Kafka 4.1 answer some of them NOT_ENOUGH_REPLICAS, retried after 100 ms.)
+                await asyncio.gather(*sent)
+                await self.producer.send_offsets_to_transaction(offsets, self.group)
                 committing = time.perf_counter()  # the commit runs as the block exits
         except KafkaError as exc:
             # Nothing of the window is visible; read it again from the committed offsets, with

@@ -7,11 +7,14 @@ tiers and the dashboards agree on one contract (docs/CONTRACT.md). No I/O.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from itertools import repeat
 from typing import Any
 
 import orjson
 
 FORMAT_VERSION = 1
+# partials (T.partials) are at v2: cells grouped by (metric, channel, bucket); roots read v1 and v2
+PARTIAL_VERSION = 2
 
 MAX_EVENT_BYTES = 64 * 1024
 MAX_KEY_CHARS = 256
@@ -353,25 +356,40 @@ class Partial:
     dead: int = 0
     duplicates: int = 0
 
-    def to_json(self) -> bytes:
-        cells = [
-            [m, ch, k, b, sorted(v) if isinstance(v, set) else v] for (m, ch, k, b), v in self.cells.items()
-        ]
-        return orjson.dumps(
-            {
-                "v": FORMAT_VERSION,
-                "src": self.source_partition,
-                "root": self.root_partition,
-                "win": self.window,
-                "first": self.first_offset,
-                "last": self.last_offset,
-                "events": self.events,
-                "late": self.late_dropped,
-                "dead": self.dead,
-                "dup": self.duplicates,
-                "cells": cells,
-            }
-        )
+    def to_json(self, version: int = PARTIAL_VERSION) -> bytes:
+        """The partial's message: format v2 (cells grouped by metric, channel and bucket) unless told
+        v1 (a list per cell, what roots before v2 read)."""
+        head: dict[str, Any] = {
+            "v": version,
+            "src": self.source_partition,
+            "root": self.root_partition,
+            "win": self.window,
+            "first": self.first_offset,
+            "last": self.last_offset,
+            "events": self.events,
+            "late": self.late_dropped,
+            "dead": self.dead,
+            "dup": self.duplicates,
+        }
+        if version == 1:
+            head["cells"] = [
+                [m, ch, k, b, sorted(v) if isinstance(v, set) else v]
+                for (m, ch, k, b), v in self.cells.items()
+            ]
+            return orjson.dumps(head)
+        if version != PARTIAL_VERSION:
+            raise ValueError(f"no partial format version {version!r}")
+        # v2: one [metric, channel, bucket, [keys], [values]] per group, so that a cell costs its key and
+        # its value only, on both sides (the root merges and plans a group's keys in bulk)
+        groups: dict[tuple[int, str, str], tuple[list[str], list[Any]]] = {}
+        for (m, ch, k, b), v in self.cells.items():
+            g = groups.get((m, ch, b))
+            if g is None:
+                g = groups[(m, ch, b)] = ([], [])
+            g[0].append(k)
+            g[1].append(sorted(v) if isinstance(v, set) else v)
+        head["groups"] = [[m, ch, b, keys, values] for (m, ch, b), (keys, values) in groups.items()]
+        return orjson.dumps(head)
 
     def encode(self, max_bytes: int) -> list[bytes]:
         """The partial as messages of at most `max_bytes` each: one, or its cells split over several.
@@ -404,12 +422,26 @@ class Partial:
 
     @classmethod
     def from_json(cls, raw: bytes, distinct_metrics: frozenset[int] = frozenset()) -> Partial:
-        obj = orjson.loads(raw)
-        if obj.get("v") != FORMAT_VERSION:
-            raise ValueError(f"unsupported partial format version {obj.get('v')!r}")
+        """A partial message of format v1 or v2."""
+        return cls.from_obj(orjson.loads(raw), distinct_metrics)
+
+    @classmethod
+    def from_obj(cls, obj: dict[str, Any], distinct_metrics: frozenset[int] = frozenset()) -> Partial:
+        """A partial from its decoded message (v1 or v2)."""
+        version = obj.get("v")
         cells: dict[Cell, Any] = {}
-        for m, ch, k, b, v in obj["cells"]:
-            cells[(m, ch, k, b)] = set(v) if m in distinct_metrics else v
+        if version == PARTIAL_VERSION:
+            for m, ch, b, keys, values in obj["groups"]:
+                if type(keys) is not list or type(values) is not list or len(keys) != len(values):
+                    raise ValueError("a group's keys and values must be lists of one length")
+                if m in distinct_metrics:
+                    values = [set(v) for v in values]
+                cells.update(zip(zip(repeat(m), repeat(ch), keys, repeat(b)), values, strict=True))
+        elif version == 1:
+            for m, ch, k, b, v in obj["cells"]:
+                cells[(m, ch, k, b)] = set(v) if m in distinct_metrics else v
+        else:
+            raise ValueError(f"unsupported partial format version {version!r}")
         return cls(
             obj["src"],
             obj["root"],
@@ -444,7 +476,7 @@ class ChannelUpdate:
                 "root": self.root,
                 "seq": self.seq,
                 "ts": self.ts_ms,
-                "values": [list(v) for v in self.values],
+                "values": self.values,  # each (metric, key, total) an array
             }
         )
 

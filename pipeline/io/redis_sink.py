@@ -84,6 +84,16 @@ local function hset(key, pairs_)
   end
 end
 local function hmget(key, fields)
+  if #fields == 0 then
+    return {}
+  end
+  if #fields <= BATCH then  -- one HMGET: its reply as it is, not copied a field at a time
+    local part = redis.pcall('HMGET', key, unpack(fields))
+    if failed(part) then
+      return nil
+    end
+    return part
+  end
   local got = {}
   for i = 1, #fields, BATCH do
     local part = redis.pcall('HMGET', key, unpack(fields, i, math.min(i + BATCH - 1, #fields)))
@@ -142,6 +152,7 @@ if #a.channels > 0 then
   end
 end
 local before = {}  -- per op, what its fields held
+local fit = {}  -- per increment's text, whether a count can take it (a batch's increments repeat: 1, 2, ...)
 local cards = {}  -- per op with a leaderboard, its members before the apply
 for n, op in ipairs(a.ops) do
   local kind, key = op.kind, op.key
@@ -158,15 +169,22 @@ for n, op in ipairs(a.ops) do
     for i = 1, #op.fields do
       local v, add = cur[i], op.values[i]
       if kind == 'count' then
-        if not integer(add) or math.abs(tonumber(add)) >= INT_ROOM then
+        local ok = fit[add]
+        if ok == nil then
+          ok = integer(add) and math.abs(tonumber(add)) < INT_ROOM
+          fit[add] = ok
+        end
+        if not ok then
           return {-1, key, 'field ' .. cjson.encode(op.fields[i]) .. ' and an increment of ' .. shown(add),
                   'an increment that is a 64-bit integer'}
         end
-        if v and not integer(v) then
-          return {-1, key, held(op.fields[i], v), 'an integer'}
-        end
-        if v and math.abs(tonumber(v)) + math.abs(tonumber(add)) >= INT_ROOM then
-          return {-1, key, held(op.fields[i], v), 'room for +' .. add .. ' in 64 bits'}
+        if v then
+          if not integer(v) then
+            return {-1, key, held(op.fields[i], v), 'an integer'}
+          end
+          if math.abs(tonumber(v)) + math.abs(tonumber(add)) >= INT_ROOM then
+            return {-1, key, held(op.fields[i], v), 'room for +' .. add .. ' in 64 bits'}
+          end
         end
       else
         if not number(add) then
@@ -194,14 +212,25 @@ end
 -- HINCRBY per field: each command a script calls costs Redis its dispatch. A sum a Lua number
 -- cannot hold exactly (2^53 or more) goes through HINCRBY instead.
 local out = {1}
+local vals = {}  -- every op's new values, answered as one string (see the reply, in core/redis_layout.py)
 local function add_all(key, fields, held_now, adds, new)
-  local pairs_, slow = {}, {}
+  local pairs_, slow, np = {}, {}, 0
   for i = 1, #fields do
-    local s = sum(held_now[i], adds[i])
-    if s then
-      new[i] = s
-      pairs_[#pairs_ + 1] = fields[i]
-      pairs_[#pairs_ + 1] = string.format('%d', s)
+    local c, add = held_now[i], adds[i]
+    local text
+    if not c and type(add) == 'string' then
+      text = add  -- a new field: the increment, already checked to be a decimal integer, is its value
+    else
+      local s = sum(c, add)
+      if s then
+        text = string.format('%d', s)
+      end
+    end
+    if text then
+      new[i] = text
+      pairs_[np + 1] = fields[i]
+      pairs_[np + 2] = text
+      np = np + 2
     else
       slow[#slow + 1] = i
     end
@@ -237,7 +266,7 @@ for n, op in ipairs(a.ops) do
     for i = 1, #members, BATCH do
       redis.call('PFADD', key, unpack(members, i, math.min(i + BATCH - 1, #members)))
     end
-    out[#out + 1] = redis.call('PFCOUNT', key)
+    vals[#vals + 1] = string.format('%d', redis.call('PFCOUNT', key))
   else
     local fields, values = op.fields, op.values
     local new = {}
@@ -266,14 +295,15 @@ for n, op in ipairs(a.ops) do
         redis.call('HSET', key, unpack(pairs_, i, math.min(i + 2 * BATCH - 1, #pairs_)))
       end
     end
+    local nv = #vals
     for i = 1, #new do
-      out[#out + 1] = new[i]
+      vals[nv + i] = new[i]
     end
     if op.board then
       local scored, added = {}, 0
       for i = 1, #fields do
-        scored[#scored + 1] = new[i]
-        scored[#scored + 1] = fields[i]
+        scored[2 * i - 1] = new[i]
+        scored[2 * i] = fields[i]
       end
       for i = 1, #scored, 2 * BATCH do
         added = added + redis.call('ZADD', op.board, unpack(scored, i, math.min(i + 2 * BATCH - 1, #scored)))
@@ -300,6 +330,9 @@ for i, r in ipairs(a.ranges) do
   applied[#applied + 1] = string.format('%d', r.last)
 end
 hset(a.positions, applied)
+-- the values joined by commas in one reply string: a reply element per value cost the client far more
+-- to read than the apply itself (no value holds a comma: each is a number the checks above passed)
+out[#out + 1] = table.concat(vals, ',')
 return out
 """
 
@@ -384,7 +417,8 @@ class RedisSink:
             )
         n = len(plan.channels)
         seqs = {ch: int(s) for ch, s in zip(plan.channels, reply[1 : 1 + n], strict=True)}
-        values = [_text(v) for v in reply[1 + n :]]
+        joined = _text(reply[1 + n])
+        values = joined.split(",") if joined else []
         return ApplyResult(True, plan, seqs, values)
 
 

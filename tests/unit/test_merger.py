@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from pipeline.core.aggregates import Kind, aggregate
 from pipeline.core.merger import NOTHING_APPLIED, UNKNOWN, MergedBatch, Merger
 from pipeline.core.model import Partial
+from pipeline.core.redis_layout import plan_apply
 from pipeline.topology import count, distinct_users, maximum, minimum, sum_of, topology
 
 TOPO = topology(
@@ -144,6 +145,10 @@ def test_add_partial_does_not_touch_ranges_or_mutate_inputs() -> None:
     assert batch.partials == 3
 
 
+V1 = orjson.loads(partial(0, {}).to_json(version=1))
+V2 = orjson.loads(partial(0, {}).to_json())
+
+
 MALFORMED: list[Any] = [
     None,
     b"",
@@ -155,32 +160,65 @@ MALFORMED: list[Any] = [
     b'"partial"',
     b"{}",
     b'{"v": 1}',
-    orjson.dumps({**orjson.loads(partial(0, {}).to_json()), "v": 2}),
-    orjson.dumps({**orjson.loads(partial(0, {}).to_json()), "cells": 5}),
-    orjson.dumps({**orjson.loads(partial(0, {}).to_json()), "cells": [[0, "c", "k"]]}),
-    orjson.dumps({**orjson.loads(partial(0, {}).to_json()), "cells": [[[0], "c", "k", "total", 1]]}),
+    orjson.dumps({**V1, "v": 3}),
+    orjson.dumps({**V1, "v": 2}),  # a v1 body under v2: no groups
+    orjson.dumps({**V1, "cells": 5}),
+    orjson.dumps({**V1, "cells": [[0, "c", "k"]]}),
+    orjson.dumps({**V1, "cells": [[[0], "c", "k", "total", 1]]}),
     # a metric this topology does not have (e.g. a tier 1 running a newer topology)
-    orjson.dumps({**orjson.loads(partial(0, {}).to_json()), "cells": [[99, "c", "k", "total", 1]]}),
-    orjson.dumps({**orjson.loads(partial(0, {}).to_json()), "cells": [[-1, "c", "k", "total", 1]]}),
-    orjson.dumps({**orjson.loads(partial(0, {}).to_json()), "cells": [["0", "c", "k", "total", 1]]}),
-    orjson.dumps({**orjson.loads(partial(0, {}).to_json()), "cells": [[True, "c", "k", "total", 1]]}),
+    orjson.dumps({**V1, "cells": [[99, "c", "k", "total", 1]]}),
+    orjson.dumps({**V1, "cells": [[-1, "c", "k", "total", 1]]}),
+    orjson.dumps({**V1, "cells": [["0", "c", "k", "total", 1]]}),
+    orjson.dumps({**V1, "cells": [[True, "c", "k", "total", 1]]}),
     # values the metric's kind cannot hold
-    orjson.dumps({**orjson.loads(partial(0, {}).to_json()), "cells": [[0, "c", "k", "total", "1"]]}),
-    orjson.dumps({**orjson.loads(partial(0, {}).to_json()), "cells": [[0, "c", "k", "total", ["u1"]]]}),
-    orjson.dumps({**orjson.loads(partial(0, {}).to_json()), "cells": [[0, "c", "k", "total", None]]}),
-    orjson.dumps({**orjson.loads(partial(0, {}).to_json()), "cells": [[1, "c", "k", "total", True]]}),
-    orjson.dumps({**orjson.loads(partial(0, {}).to_json()), "cells": [[4, "c", "k", "total", 3]]}),
-    orjson.dumps({**orjson.loads(partial(0, {}).to_json()), "cells": [[4, "c", "k", "total", [1, 2]]]}),
-    orjson.dumps({**orjson.loads(partial(0, {}).to_json()), "cells": [[4, "c", "k", "total", [["u"]]]]}),
+    orjson.dumps({**V1, "cells": [[0, "c", "k", "total", "1"]]}),
+    orjson.dumps({**V1, "cells": [[0, "c", "k", "total", ["u1"]]]}),
+    orjson.dumps({**V1, "cells": [[0, "c", "k", "total", None]]}),
+    orjson.dumps({**V1, "cells": [[1, "c", "k", "total", True]]}),
+    orjson.dumps({**V1, "cells": [[4, "c", "k", "total", 3]]}),
+    orjson.dumps({**V1, "cells": [[4, "c", "k", "total", [1, 2]]]}),
+    orjson.dumps({**V1, "cells": [[4, "c", "k", "total", [["u"]]]]}),
     # names that are not strings, and a bucket size this metric does not have
-    orjson.dumps({**orjson.loads(partial(0, {}).to_json()), "cells": [[0, 5, "k", "total", 1]]}),
-    orjson.dumps({**orjson.loads(partial(0, {}).to_json()), "cells": [[0, "c", None, "total", 1]]}),
-    orjson.dumps({**orjson.loads(partial(0, {}).to_json()), "cells": [[0, "c", "k", 60, 1]]}),
-    orjson.dumps({**orjson.loads(partial(0, {}).to_json()), "cells": [[0, "c", "k", "60:0", 1]]}),
+    orjson.dumps({**V1, "cells": [[0, 5, "k", "total", 1]]}),
+    orjson.dumps({**V1, "cells": [[0, "c", None, "total", 1]]}),
+    orjson.dumps({**V1, "cells": [[0, "c", "k", 60, 1]]}),
+    orjson.dumps({**V1, "cells": [[0, "c", "k", "60:0", 1]]}),
     # counters that are not integers
-    orjson.dumps({**orjson.loads(partial(0, {}).to_json()), "events": "3"}),
-    orjson.dumps({**orjson.loads(partial(0, {}).to_json()), "dead": None}),
-    orjson.dumps({**orjson.loads(partial(0, {}).to_json()), "dup": [1]}),
+    orjson.dumps({**V1, "events": "3"}),
+    orjson.dumps({**V1, "dead": None}),
+    orjson.dumps({**V1, "dup": [1]}),
+    # the same in format v2 (cells grouped by metric, channel and bucket)
+    orjson.dumps({**V2, "v": 1}),  # a v2 body under v1: no cells
+    orjson.dumps({**V2, "groups": 5}),
+    orjson.dumps({**V2, "groups": {"a": 1}}),
+    orjson.dumps({**V2, "groups": [[0, "c", "total", ["k"]]]}),
+    orjson.dumps({**V2, "groups": [[0, "c", "total", ["k"], [1, 2]]]}),
+    orjson.dumps({**V2, "groups": [[0, "c", "total", "k", [1]]]}),
+    orjson.dumps({**V2, "groups": [[0, "c", "total", ["k"], 1]]}),
+    orjson.dumps({**V2, "groups": [[[0], "c", "total", ["k"], [1]]]}),
+    orjson.dumps({**V2, "groups": [[99, "c", "total", ["k"], [1]]]}),
+    orjson.dumps({**V2, "groups": [[-1, "c", "total", ["k"], [1]]]}),
+    orjson.dumps({**V2, "groups": [["0", "c", "total", ["k"], [1]]]}),
+    orjson.dumps({**V2, "groups": [[True, "c", "total", ["k"], [1]]]}),
+    orjson.dumps({**V2, "groups": [[0, "c", "total", ["k"], ["1"]]]}),
+    orjson.dumps({**V2, "groups": [[0, "c", "total", ["k"], [["u1"]]]]}),
+    orjson.dumps({**V2, "groups": [[0, "c", "total", ["k"], [None]]]}),
+    orjson.dumps({**V2, "groups": [[1, "c", "total", ["k"], [True]]]}),
+    orjson.dumps({**V2, "groups": [[0, "c", "total", ["k", "l"], [1, True]]]}),
+    orjson.dumps({**V2, "groups": [[4, "c", "total", ["k"], [3]]]}),
+    orjson.dumps({**V2, "groups": [[4, "c", "total", ["k"], [[1, 2]]]]}),
+    orjson.dumps({**V2, "groups": [[4, "c", "total", ["k"], [[["u"]]]]]}),
+    orjson.dumps({**V2, "groups": [[0, 5, "total", ["k"], [1]]]}),
+    orjson.dumps({**V2, "groups": [[0, "c", "total", [None], [1]]]}),
+    orjson.dumps({**V2, "groups": [[0, "c", "total", ["k", 7], [1, 1]]]}),
+    orjson.dumps({**V2, "groups": [[0, "c", 60, ["k"], [1]]]}),
+    orjson.dumps({**V2, "groups": [[0, "c", "60:0", ["k"], [1]]]}),
+    # a good group first, then a bad one: nothing of the partial is merged
+    orjson.dumps({**V2, "groups": [[0, "c", "total", ["k"], [5]], [0, "c", "total", ["k"], ["x"]]]}),
+    orjson.dumps({**V2, "events": "3"}),
+    orjson.dumps({**V2, "dead": None}),
+    orjson.dumps({**V2, "dup": [1]}),
+    orjson.dumps({key: v for key, v in V2.items() if key != "win"}),
 ]
 
 
@@ -252,10 +290,21 @@ def test_merge_is_order_independent_and_equals_the_fold(ps: list[Partial], data:
         else:
             expected[cell] = aggregate(kind, [(v, None) for v in values])
     order = data.draw(st.permutations(ps))
+    versions = data.draw(st.lists(st.sampled_from([1, 2]), min_size=len(ps), max_size=len(ps)))
     m = Merger(TOPO)
-    for offset, p in enumerate(order):
-        m.add(p.source_partition, offset, p.to_json())
+    for offset, (p, version) in enumerate(zip(order, versions, strict=True)):
+        assert m.add(p.source_partition, offset, p.to_json(version=version)) == p
     batch = m.take()
     assert batch.cells == expected
+    if 1 not in versions:  # all v2: the batch knows its groups, each cell once
+        assert batch.groups is not None
+        listed = [(i, ch, k, b) for (i, ch, b), keys in batch.groups.items() for k in keys]
+        assert sorted(listed) == sorted(expected)
+    # the apply planned from the groups the merger kept is the one planned from the cells alone
+    one = copy.copy(batch)
+    one.ranges, one.expected = {0: (0, 0)}, {0: -1}
+    regrouped = copy.copy(one)
+    regrouped.groups = None
+    assert plan_apply(TOPO, one) == plan_apply(TOPO, regrouped)
     assert batch.events == sum(p.events for p in ps)
     assert batch.partials == len(ps)

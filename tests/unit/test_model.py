@@ -337,14 +337,26 @@ def test_partial_round_trip_with_distinct_sets() -> None:
         late_dropped=2,
         dead=1,
     )
-    raw = partial.to_json()
-    back = Partial.from_json(raw, frozenset({2}))
-    assert back == partial
-    assert isinstance(back.cells[(2, "video", "c2", "total")], set)
+    for version in (1, 2):
+        raw = partial.to_json(version=version)
+        back = Partial.from_json(raw, frozenset({2}))
+        assert back == partial
+        assert isinstance(back.cells[(2, "video", "c2", "total")], set)
+        # the same bytes decode the same way every time
+        assert Partial.from_json(raw, frozenset({2})).to_json(version=version) == raw
+    assert partial.to_json() == partial.to_json(version=2)
     # distinct members are serialised in a stable (sorted) order
-    assert orjson.loads(raw)["cells"][3][4] == ["u1", "u2", "ü"]
-    # the same bytes decode the same way every time
-    assert Partial.from_json(raw, frozenset({2})).to_json() == raw
+    assert orjson.loads(partial.to_json(version=1))["cells"][3][4] == ["u1", "u2", "ü"]
+    groups = orjson.loads(partial.to_json())["groups"]
+    assert [2, "video", "total", ["c2"], [["u1", "u2", "ü"]]] in groups
+    # v2: one group per (metric, channel, bucket), its keys and values in two lists
+    assert sorted(tuple(g[:3]) for g in groups) == [
+        (0, "", "60:120"),
+        (0, "video", "total"),
+        (1, "video", "total"),
+        (2, "video", "60:60"),
+        (2, "video", "total"),
+    ]
 
 
 def test_partial_without_distinct_metrics_declared_keeps_lists() -> None:
@@ -353,7 +365,7 @@ def test_partial_without_distinct_metrics_declared_keeps_lists() -> None:
     assert back.cells[(2, "c", "k", "total")] == ["a"]
 
 
-@pytest.mark.parametrize("version", [None, 0, 2, "1"])
+@pytest.mark.parametrize("version", [None, 0, 3, "1", "2"])
 def test_partial_rejects_other_versions(version: Any) -> None:
     obj = orjson.loads(Partial(0, 0, 1, 0, 0, {}).to_json())
     if version is None:

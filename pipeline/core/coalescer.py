@@ -96,6 +96,8 @@ class Flush:
     feed: list[tuple[str, bytes]] = field(default_factory=list)
     # source partition -> records of the ids this window counted (the dedup changelog)
     changelog: dict[int, list[bytes]] = field(default_factory=dict)
+    # source partition -> its watermark as the window closed (what a rewind to its end goes back to)
+    watermarks: dict[int, int] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -203,6 +205,7 @@ class Coalescer:
         self._feed: list[tuple[str, bytes]] = []
         self._parts: dict[int, _PartitionState] = {}
         self._watermark: dict[int, int] = {}
+        self._committed_watermark: dict[int, int] = {}  # as of each partition's last committed window
         self._size = 0
 
     @property
@@ -473,16 +476,26 @@ class Coalescer:
         return ids is not None and not ids.pending and ids.next_offset == committed
 
     def committed(self, result: Flush) -> None:
-        """The window's transaction committed: its ids are counted for good."""
+        """The window's transaction committed: its ids are counted for good. (The next window may
+        be open already: tier 1 reads on while a closed window commits.)"""
         for partition, offset in result.next_offsets.items():
             ids = self._ids.get(partition)
             if ids is not None:
                 ids.commit(offset)
+        self._committed_watermark.update(result.watermarks)
 
     def aborted(self) -> None:
-        """The window's transaction aborted: its events will be read, and their ids seen, again."""
+        """The window's transaction aborted: its events, and any read after them, will be read again
+        from the committed offsets. Everything since the last committed window goes: the open
+        window's cells, feed and ids, the closed one's ids, and the watermarks move back to where
+        the committed windows left them (so the events read again are judged late or not exactly
+        as they will be counted)."""
         for ids in self._ids.values():
             ids.abort()
+        self._parts = {}
+        self._feed = []
+        self._size = 0
+        self._watermark = dict(self._committed_watermark)
 
     def ids_held(self) -> list[int]:
         """The partitions whose dedup state this coalescer holds."""
@@ -562,9 +575,13 @@ class Coalescer:
             result.events += part.events
             result.duplicates += part.duplicates
             result.cells += len(part.cells)
-            ids = self._ids.get(partition)
-            if ids is not None and ids.pending:
-                result.changelog[partition] = ids.changelog(self.changelog_max_bytes)
+            result.watermarks[partition] = self._watermark.get(partition, 0)
+            if self._horizon_ms > 0:
+                # sealed even without ids, so that its commit never takes ids of the next window
+                ids = self.ids(partition)
+                ids.seal()
+                if ids.pending:
+                    result.changelog[partition] = ids.changelog(self.changelog_max_bytes)
         result.feed, self._feed = self._feed, []
         self._parts = {}
         self._size = 0
@@ -575,6 +592,7 @@ class Coalescer:
         for p in partitions:
             self._parts.pop(p, None)
             self._watermark.pop(p, None)
+            self._committed_watermark.pop(p, None)
             ids = self._ids.get(p)
             if ids is not None:
                 ids.abort()

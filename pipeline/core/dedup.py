@@ -6,10 +6,12 @@ counted that id within the horizon. The answer costs no remote call:
 - **Pending ids** (the open window's) are kept like the committed ones: a
   batch's ids are hashed, sorted (which also finds the batch's own repeats)
   and kept as a segment, merged size-tiered with the window's others, and set
-  in the Bloom filter at once. They become committed when the window's
-  transaction commits (`commit`: the segments move to their buckets) and
-  vanish when it aborts (`abort`: the filter is rebuilt without them):
-  exactly like the window's counts. No object per id outlives its batch.
+  in the Bloom filter at once. When the window closes they are sealed
+  (`seal`): the next window's ids go on apart while the closed one's
+  transaction is under way. They become committed when it commits (`commit`:
+  the segments move to their buckets) and vanish when it aborts (`abort`,
+  with the next window's: the filter is rebuilt without them), exactly like
+  the windows' counts. No object per id outlives its batch.
 - **Committed ids** are kept per time bucket (`horizon / BUCKETS` wide) as
   sorted arrays of 96-bit hashes: a `uint64` and a `uint32` column, 12 bytes
   per id. A blocked Bloom filter over all of them and the pending ones (16 to
@@ -159,6 +161,10 @@ class PartitionIds:
         # the open window's ids: sorted segments per bucket start, merged like the committed ones
         self._open: list[tuple[int, _Segment]] = []
         self._pending = 0
+        # a closed window's, whose transaction is under way (None: no window closed since the last
+        # commit); tier 1 reads the next window meanwhile
+        self._sealed: list[tuple[int, _Segment]] | None = None
+        self._sealed_ids = 0
         self._buckets: dict[int, list[_Segment]] = {}
         self._committed = 0
         self._bloom = _Bloom(0)  # over the committed and the open window's ids
@@ -169,8 +175,8 @@ class PartitionIds:
 
     @property
     def pending(self) -> int:
-        """The open window's ids (counted once its transaction commits)."""
-        return self._pending
+        """Ids not committed yet: the open window's and a closed one's whose transaction is under way."""
+        return self._pending + self._sealed_ids
 
     @property
     def memory_bytes(self) -> int:
@@ -208,7 +214,7 @@ class PartitionIds:
                             repeat[j] = True
                     else:
                         first_of[key] = j
-        if self._committed or self._pending:
+        if self._committed or self.pending:
             maybe = self._bloom.may_hold(hi)
             maybe &= ~repeat
             candidates = np.flatnonzero(maybe)
@@ -222,7 +228,7 @@ class PartitionIds:
             repeats = []
         if len(hi):
             self._pending += len(hi)
-            if self._committed + self._pending > self._bloom.capacity:
+            if self._committed + self.pending > self._bloom.capacity:
                 self._open.append((now_ms - now_ms % self.bucket_ms, _Segment(hi, lo)))
                 self._rebuild_bloom()
             else:
@@ -241,6 +247,8 @@ class PartitionIds:
     def _segments(self) -> Iterator[_Segment]:
         for segs in self._buckets.values():
             yield from segs
+        for _, seg in self._sealed or ():
+            yield seg
         for _, seg in self._open:
             yield seg
 
@@ -261,14 +269,23 @@ class PartitionIds:
                 found[j] = seg.holds(int(hi[j]), int(lo[j]))
         return found
 
+    def seal(self) -> None:
+        """The open window closed: its ids are the ones the next `commit` commits (or `abort` drops),
+        and the ids seen from now on belong to the next window."""
+        # (a window closed before the last one's commit answered, which tier 1 never does, joins it)
+        self._sealed = (self._sealed or []) + self._open
+        self._sealed_ids += self._pending
+        self._open, self._pending = [], 0
+
     def changelog(self, max_bytes: int = 1 << 20) -> list[bytes]:
-        """The pending ids as changelog records of at most `max_bytes` each (none when there are none)."""
+        """The ids not committed yet as changelog records of at most `max_bytes` each (none when
+        there are none): at a window's close, that window's."""
         records: list[bytes] = []
-        if not self._pending:
+        if not self.pending:
             return records
         room = max(1, (max_bytes - len(CHANGELOG_MAGIC) - _BUCKET_HEAD.size) // BYTES_PER_ID)
         out, size = [CHANGELOG_MAGIC], len(CHANGELOG_MAGIC)
-        for start, seg in self._open:
+        for start, seg in (self._sealed or []) + self._open:
             for at in range(0, len(seg), room):
                 h, low = seg.hi[at : at + room], seg.lo[at : at + room]
                 part = _BUCKET_HEAD.size + BYTES_PER_ID * len(h)
@@ -285,20 +302,24 @@ class PartitionIds:
         return records
 
     def commit(self, next_offset: int) -> None:
-        """The window's transaction committed (resuming at `next_offset`): its ids are counted for good."""
+        """The closed window's transaction committed (resuming at `next_offset`): its ids are counted
+        for good. Without a `seal` since the last commit, the open window is the one committed."""
+        if self._sealed is None:
+            self.seal()
         self.next_offset = next_offset
-        opened, self._open = self._open, []
-        self._pending = 0
-        for start, seg in opened:
+        sealed, self._sealed, self._sealed_ids = self._sealed or [], None, 0
+        for start, seg in sealed:
             self._add(start, seg, in_bloom=True)
         self._expire()
 
     def abort(self) -> None:
-        """The window's transaction aborted: its events will be read, and their ids seen, again."""
-        if self._open:
-            self._open = []
-            self._pending = 0
-            self._rebuild_bloom()  # without the open window's ids
+        """The window's transaction aborted: its events, and all read after them, will be read (and
+        their ids seen) again: the closed window's ids and the open one's are dropped."""
+        dropped = self.pending
+        self._open, self._pending = [], 0
+        self._sealed, self._sealed_ids = None, 0
+        if dropped:
+            self._rebuild_bloom()  # without them
 
     def load(self, record: bytes) -> int:
         """Take back a changelog record of a committed window; returns the ids it held."""
@@ -330,7 +351,7 @@ class PartitionIds:
         self._committed += len(seg)
         if in_bloom:
             return
-        if self._committed + self._pending > self._bloom.capacity:
+        if self._committed + self.pending > self._bloom.capacity:
             self._rebuild_bloom()
         else:
             self._bloom.add(seg.hi)
@@ -345,6 +366,6 @@ class PartitionIds:
         self._rebuild_bloom()
 
     def _rebuild_bloom(self) -> None:
-        self._bloom = _Bloom(self._committed + self._pending)
+        self._bloom = _Bloom(self._committed + self.pending)
         for seg in self._segments():
             self._bloom.add(seg.hi)

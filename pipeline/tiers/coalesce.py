@@ -26,7 +26,7 @@ from aiokafka.errors import KafkaError
 from redis.exceptions import RedisError
 
 from pipeline.core import ownership as own
-from pipeline.core.coalescer import Coalescer, DeadLetter
+from pipeline.core.coalescer import Coalescer, DeadLetter, Flush
 from pipeline.core.topology import Topology
 from pipeline.io import incarnation, kafka, redis_client
 from pipeline.io.partition_owners import PartitionOwners
@@ -62,6 +62,9 @@ class CoalesceWorker:
         )
         self._dead: list[DeadLetter] = []
         self._lock = asyncio.Lock()
+        # a closed window's transaction, committing while the loop reads the next window; it holds
+        # the lock until it is done, so a window closes, and ownership moves, only after it
+        self._committing: asyncio.Task[None] | None = None
         self.consumer = kafka.consumer(
             self.kafka,
             self.events_topic,
@@ -98,6 +101,9 @@ class CoalesceWorker:
             member = kafka.member_id(self.consumer)
         finally:
             lag_task.cancel()
+            if self._committing is not None and not self._committing.done():
+                # the loop failed while a window committed: let the transaction end first
+                await asyncio.wait([self._committing], timeout=30)
             await self.consumer.stop()
             await self.producer.stop()
             if member and self.settings.leave_group_on_stop:
@@ -115,6 +121,8 @@ class CoalesceWorker:
             consumer, self.settings.max_poll_records, self.settings.idle_backoff_ms / 1000, self._held
         )
         while not stop.is_set():
+            if self._committing is not None and self._committing.done():
+                self._committed_or_raise()
             if self.ownership.pending and not await self._proceed():
                 await asyncio.sleep(RETRY_EVERY_S)
                 continue
@@ -132,7 +140,7 @@ class CoalesceWorker:
                         self._dead.extend(dead)
             now = time.monotonic()
             if c.due(now):
-                await self.flush()
+                await self._flush_behind()
             if now >= next_progress:
                 next_progress = now + PROGRESS_EVERY_S
                 self.log.info(
@@ -143,17 +151,63 @@ class CoalesceWorker:
                 )
 
     async def flush(self) -> None:
-        """Close the window and commit its partials, dead letters and offsets in one transaction."""
+        """Close the window and commit its partials, dead letters and offsets in one transaction;
+        return once it has committed (or aborted)."""
         async with self._lock:
             await self._flush()
 
     async def _flush(self) -> None:
         """`flush`, the lock held."""
+        self._committed_or_raise()
+        closed = self._close()
+        if closed is not None:
+            await self._commit(*closed)
+
+    async def _flush_behind(self) -> None:
+        """Close the window and commit it in the background while the loop reads the next one.
+
+        The transaction's round trips (deliveries, offsets, commit) leave the loop idle for a good
+        part of each flush; meanwhile the next window fills. Its records come after the closed
+        window's, so if the transaction aborts both are read again from the committed offsets
+        (`Coalescer.aborted` drops everything since the last committed window).
+        """
+        await self._lock.acquire()  # the previous window's commit holds it until it is done
+        try:
+            self._committed_or_raise()
+            closed = self._close()
+        except BaseException:
+            self._lock.release()
+            raise
+        if closed is None:
+            self._lock.release()
+            return
+        self._committing = asyncio.create_task(self._commit_then_release(*closed))
+
+    async def _commit_then_release(self, result: Flush, dead: list[DeadLetter], started: float) -> None:
+        try:
+            await self._commit(result, dead, started)
+        finally:
+            self._lock.release()
+
+    def _committed_or_raise(self) -> None:
+        """Forget the background commit once it is done; what failed it (other than an abort,
+        which it carried out itself) fails the worker."""
+        task = self._committing
+        if task is not None and task.done():
+            self._committing = None
+            task.result()
+
+    def _close(self) -> tuple[Flush, list[DeadLetter], float] | None:
         started = time.perf_counter()
         result = self.coalescer.flush(time.monotonic())
         dead, self._dead = self._dead, []
         if not result.next_offsets:
-            return
+            return None
+        return result, dead, started
+
+    async def _commit(self, result: Flush, dead: list[DeadLetter], started: float) -> None:
+        """Commit a closed window's partials, feed, dead letters, ids and offsets in one transaction
+        (the lock held); an abort rewinds to the committed offsets."""
         offsets = {TopicPartition(self.events_topic, p): o for p, o in result.next_offsets.items()}
         try:
             async with self.producer.transaction():
@@ -192,6 +246,7 @@ class CoalesceWorker:
             obs.TX_ABORTS.labels(*self.labels).inc()
             self.log.warning("transaction aborted; rewinding", error=repr(exc), window=result.window)
             self.coalescer.aborted()
+            self._dead = []  # the next window's, read again with it
             await self._carry_out(self.ownership.handle(own.Aborted()))
             return
         done = time.perf_counter()

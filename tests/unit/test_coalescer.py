@@ -1072,3 +1072,24 @@ def flushed(f: Flush) -> tuple[Any, ...]:
         f.feed,
         f.changelog,
     )
+
+
+def test_the_next_window_is_read_while_a_closed_one_commits() -> None:
+    """The closed window's commit counts only its own ids; an abort drops the next window too and
+    moves the watermark back to where the committed windows left it."""
+    c = Coalescer(ORDER, 1, now=0.0)
+    assert c.add_batch(0, [Rec(0, ev("c", key="k", id="x"), 1_000)]) == []
+    closed = c.flush(1.0)
+    assert closed.watermarks == {0: 1_000}
+    c.add_batch(0, [Rec(1, ev("c", key="k", id="y"), 2_000), Rec(2, ev("c", key="k", id="x"), 3_000)])
+    c.committed(closed)
+    assert (c.ids(0).committed, c.ids(0).pending) == (1, 1)
+    second = c.flush(2.0)
+    assert (second.events, second.duplicates) == (1, 1)
+    c.add_batch(0, [Rec(3, ev("a", key="k", ts=500_000), 4_000)])
+    c.aborted()  # the second window's transaction failed: offsets 1.. are read again
+    assert (c.size, c.pending, c._watermark) == (0, False, {0: 1_000})
+    assert (c.ids(0).committed, c.ids(0).pending) == (1, 0)
+    c.add_batch(0, [Rec(1, ev("c", key="k", id="y"), 2_000), Rec(2, ev("c", key="k", id="x"), 3_000)])
+    again = c.flush(3.0)
+    assert (again.events, again.duplicates, again.next_offsets) == (1, 1, {0: 3})

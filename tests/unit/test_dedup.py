@@ -145,3 +145,21 @@ def test_ids_whose_hashes_share_their_high_bits_are_still_told_apart(
             assert p.committed == len(committed)
     finally:
         dedup.digest = real
+
+
+def test_a_closed_windows_ids_commit_without_the_next_windows() -> None:
+    """Tier 1 reads the next window while a closed one commits: its commit takes only the closed
+    window's ids; an abort drops both; ids of either are repeats meanwhile."""
+    p = PartitionIds(HORIZON_MS)
+    p.seen(ids("a", "b"), 1)
+    p.seal()
+    assert p.seen(ids("a", "c"), 2) == [0]  # "a" is the closed window's
+    assert p.pending == 3
+    p.commit(next_offset=5)
+    assert (p.committed, p.pending) == (2, 1)
+    assert p.seen(ids("c", "b"), 3) == [0, 1]
+    p.seal()
+    p.seen(ids("d"), 4)
+    p.abort()  # the closed window's "c" and the open one's "d" are read again
+    assert (p.committed, p.pending) == (2, 0)
+    assert p.seen(ids("c", "d", "a"), 5) == [2]

@@ -18,16 +18,20 @@ from pipeline.core import coalescer, dedup
 TIER1_EVENTS_PER_WORKER = 75_000.0
 MERGE_CELLS_PER_WORKER = 50_000.0
 # Draining a backlog on the 2-core reference machine, tier 1 + root + broker + Redis together
-# (`pipeline bench cardinality`, docs/BENCHMARKS.md): a cost per event and one per cell, fitted to
-# the run of 2026-11-30 17:30 (one apply per partials partition, counts added in the script).
-DRAIN_US_PER_EVENT = 3.4
-DRAIN_US_PER_CELL = 16.9
-# The root's wall time per cell on those shared cores; when cells arrive faster than that, it falls
-# behind and drains the backlog in a few rounds, each apply taking what arrived during the last
-# (measured: about four rounds at one and two events per key)
-ROOT_US_PER_CELL = 25.0
-ROOT_CATCH_UP_ROUNDS = 4.0
-
+# (`pipeline bench cardinality`, docs/BENCHMARKS.md): a cost per event, one per cell and a fixed
+# latency per backlog (the first window to fill and reach the root, the last to be flushed, committed
+# and applied), fitted to two runs of 2026-11-30 19:26 and 19:28 (partials v2, the apply answering its
+# values in one string): least squares on the relative error of events/s at 1, 2, 10 and 100 events
+# per key, within 11 % of both runs at every ratio (a cost per event and per cell alone left a
+# systematic -10 % at 10 per key, which the commands per cell there inherit)
+DRAIN_US_PER_EVENT = 3.6
+DRAIN_US_PER_CELL = 5.3
+DRAIN_LATENCY_S = 0.59
+# How fast the root applies, as wall time per cell on those shared cores: while it applies one window,
+# eps / per_key * ROOT_US_PER_CELL windows arrive; above one it cannot keep up, and each apply takes
+# what arrived during the last (fitted to the same runs' commands per cell: the root keeps up at 10
+# and 100 events per key, takes about 1.7 windows per apply at two and 2.2 at one)
+ROOT_US_PER_CELL = 32.0
 
 
 def zipf_weights(n: int, s: float) -> list[float]:
@@ -153,19 +157,23 @@ def drain(
     """The high-cardinality case: how fast a backlog drains, and what each cell costs Redis.
 
     Every process (tier 1, the root, the broker, Redis) shares the reference machine's 2 cores,
-    so their costs add up: DRAIN_US_PER_EVENT for each event (fetching, parsing, folding it) and
+    so their costs add up: DRAIN_US_PER_EVENT for each event (fetching, parsing, folding it),
     DRAIN_US_PER_CELL for each cell (a partial's entry, the root's merge and apply, Redis's
-    command). A window holds what arrives in the flush interval (at most `max_cells` cells); the
-    root applies each window on its own when it keeps up, and when cells arrive faster than
-    ROOT_US_PER_CELL lets it apply them, it drains them in about ROOT_CATCH_UP_ROUNDS rounds.
+    command) and DRAIN_LATENCY_S once per backlog. A window holds what arrives in the flush interval
+    (at most `max_cells` cells); the root applies each window on its own when it keeps up, and when
+    cells arrive faster than ROOT_US_PER_CELL lets it apply them, each apply takes the windows that
+    arrived during the last. The cells per apply follow the events/s: an error there comes back
+    inverted in the commands per cell.
     """
+    events = float(keys * per_key)
     per_event_us = DRAIN_US_PER_EVENT + DRAIN_US_PER_CELL / per_key
-    eps = 1e6 / per_event_us
+    eps = events / (events * per_event_us / 1e6 + DRAIN_LATENCY_S)
     cells = float(keys)  # a key's events are together: one cell each (rarely two, cut by a window)
     # a window's cells go to the root partitions by key, each applied on its own (one hash tag)
     arrived = eps * flush_interval_s / per_key  # a window's cells
-    if eps / per_key * ROOT_US_PER_CELL > 1e6:  # the root cannot keep up
-        arrived = max(arrived, cells / ROOT_CATCH_UP_ROUNDS)
+    lag = eps / per_key * ROOT_US_PER_CELL / 1e6  # windows arriving while the root applies one
+    if lag > 1:  # the root cannot keep up: each apply takes what arrived during the last
+        arrived *= lag
     cells_per_apply = min(float(max_cells), arrived, cells) / partials_partitions
     applies = cells / cells_per_apply
     commands = applies * apply_commands(cells_per_apply, channels, 1, leaderboard)

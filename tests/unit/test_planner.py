@@ -81,6 +81,15 @@ def test_a_backlog_drains_faster_the_more_events_share_a_cell() -> None:
     # one event per key: an HMGET and an HSET per 1,000 fields of a hash, far under one command per
     # cell; few cells per apply: the fixed costs show
     assert points[0].redis_commands_per_cell < 0.1 < drain(10_000, 100, channels=50).redis_commands_per_cell
+    # the root applies each window on its own while it keeps up (10 per key: a window's cells over the
+    # 3 root partitions per apply), and falls behind where cells arrive fastest (one per key): each
+    # apply then takes what arrived during the last, more than one window
+    ten, one = points[2], points[0]
+    window_cells = ten.events_per_s * 0.25 / 10
+    assert ten.applies == pytest.approx(ten.cells / (window_cells / 3))
+    assert one.applies < one.cells / (one.events_per_s * 0.25 / 3)
+    # a bigger backlog drains faster: the fixed latency weighs less
+    assert drain(500_000, 1, channels=50).events_per_s > one.events_per_s
 
 
 def test_the_plan_states_a_tier1_workers_memory_bound() -> None:

@@ -20,20 +20,21 @@ MERGE_CELLS_PER_WORKER = 50_000.0
 # Draining a backlog on the 2-core reference machine, tier 1 + root + broker + Redis together
 # (`pipeline bench cardinality`, docs/BENCHMARKS.md): a cost per event, one per cell and a fixed
 # latency per backlog (the first window to fill and reach the root, the last to be flushed, committed
-# and applied), fitted to two runs of 2026-11-30 19:36 and 19:41 (commit c0d5a14: partials v2, the
-# apply answering its values in one string, tier 1 committing in the background): least squares on
-# the relative error of events/s at 1, 2, 10 and 100 events per key, within 21 % of both runs at every
-# ratio. Without the latency term the fit left a systematic error at 10 per key, which the commands
-# per cell there inherit. Two earlier runs (19:26, 19:28, before tier 1's background commit, a quieter
-# machine) drained 30 % faster at one event per key: the machine is shared, the constants are its.
-DRAIN_US_PER_EVENT = 3.5
-DRAIN_US_PER_CELL = 9.6
-DRAIN_LATENCY_S = 0.66
+# and applied), fitted to four runs of the same pipeline code on 2026-11-30 (19:36, 19:41, 19:57,
+# 20:00; partials v2, the apply answering its values in one string, tier 1 committing in the
+# background): least squares on the relative error of events/s at 1, 2, 10 and 100 events per key,
+# within 19 % of each run at every ratio (the runs themselves differ by up to 30 %: the machine is
+# shared). Without the latency term the fit kept an error of one sign at 10 per key, which the
+# commands per cell there inherit. Two earlier runs (19:26, 19:28, before tier 1's background commit)
+# drained 25-29 % faster than this at one event per key.
+DRAIN_US_PER_EVENT = 3.7
+DRAIN_US_PER_CELL = 7.0
+DRAIN_LATENCY_S = 0.81
 # How fast the root applies, as wall time per cell on those shared cores: while it applies one window,
 # eps / per_key * ROOT_US_PER_CELL windows arrive; above one it cannot keep up, and each apply takes
-# what arrived during the last (fitted to the same runs' commands per cell, within 19 %: the root
-# keeps up at 10 and 100 events per key, takes about 1.9 windows per apply at two and 2.2 at one)
-ROOT_US_PER_CELL = 43.0
+# what arrived during the last (fitted to the same runs' commands per cell, centred at one and two
+# events per key, where it merges about 2.3 and 2 windows per apply; it keeps up at 10 and 100)
+ROOT_US_PER_CELL = 44.0
 
 
 def zipf_weights(n: int, s: float) -> list[float]:

@@ -23,10 +23,10 @@ MERGE_CELLS_PER_WORKER = 50_000.0
 # and applied), fitted to four runs of the same pipeline code on 2026-11-30 (19:36, 19:41, 19:57,
 # 20:00; partials v2, the apply answering its values in one string, tier 1 committing in the
 # background): least squares on the relative error of events/s at 1, 2, 10 and 100 events per key,
-# within 19 % of each run at every ratio (the runs themselves differ by up to 30 %: the machine is
+# within 19 % of each run at every ratio (the runs themselves differ by up to 40 %: the machine is
 # shared). Without the latency term the fit kept an error of one sign at 10 per key, which the
-# commands per cell there inherit. Two earlier runs (19:26, 19:28, before tier 1's background commit)
-# drained 25-29 % faster than this at one event per key.
+# commands per cell there inherit. Against two earlier runs (19:26, 19:28, before tier 1's background
+# commit) it is 25-29 % low at one event per key.
 DRAIN_US_PER_EVENT = 3.7
 DRAIN_US_PER_CELL = 7.0
 DRAIN_LATENCY_S = 0.81

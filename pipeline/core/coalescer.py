@@ -138,6 +138,17 @@ def _fold(cells: dict[Cell, Any], cell: Cell, kind: Kind, value: float, user: st
     return 0
 
 
+def _take_back(cells: dict[Cell, Any], indexes: tuple[int, ...], channel: str, key: str) -> None:
+    """Uncount an event counted in place (a repeat of an id): one off each of its all-time cells."""
+    for index in indexes:
+        cell = (index, channel, key, TOTAL)
+        left = cells[cell] - 1
+        if left:
+            cells[cell] = left
+        else:  # no event of the window left in it
+            del cells[cell]
+
+
 def _writer_shape(types: Iterable[str]) -> msgspec.json.Decoder[Any]:
     """A decoder of the events the writers send, of `types`.
 
@@ -367,14 +378,7 @@ class Coalescer:
                 if type(event) is bytes:
                     quick -= 1
                     obj = loads(event)
-                    channel = obj.get("channel") or ""
-                    for index in shortcut[obj["type"]]:
-                        cell = (index, channel, obj["key"], TOTAL)
-                        left = cells[cell] - 1
-                        if left:
-                            cells[cell] = left
-                        else:  # no event of the window left in it
-                            del cells[cell]
+                    _take_back(cells, shortcut[obj["type"]], obj.get("channel") or "", obj["key"])
                 else:
                     with_id[i] = None
             if held:
@@ -445,13 +449,7 @@ class Coalescer:
                     event = events[where[j]]
                     part.duplicates += 1
                     counted -= 1
-                    for index in shortcut[event.type]:
-                        cell = (index, event.channel, event.key, TOTAL)
-                        left = cells[cell] - 1
-                        if left:
-                            cells[cell] = left
-                        else:  # no event of the window left in it
-                            del cells[cell]
+                    _take_back(cells, shortcut[event.type], event.channel, event.key)
         part.events += counted
         self._size += len(cells) - cells_before
         return True

@@ -121,8 +121,7 @@ class CoalesceWorker:
             consumer, self.settings.max_poll_records, self.settings.idle_backoff_ms / 1000, self._held
         )
         while not stop.is_set():
-            if self._committing is not None and self._committing.done():
-                self._committed_or_raise()
+            self._committed_or_raise()
             if self.ownership.pending and not await self._proceed():
                 await asyncio.sleep(RETRY_EVERY_S)
                 continue
